@@ -1,0 +1,1 @@
+"""Esper: morphogenetic training of neural networks."""

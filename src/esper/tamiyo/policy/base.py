@@ -1,0 +1,560 @@
+"""`PolicyBundle`: the abstract base every Tamiyo policy bundle subclasses.
+
+The base owns everything that is the same for every bundle: input normalization
+(`_normalize_inputs`), input checking, masking, sampling, log-probabilities,
+entropy and the shaping of results. A subclass builds a network and implements one
+hook, `_forward`, that maps normalized inputs to logits, values and hidden state.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Self
+
+import torch
+from torch import nn
+
+from esper.tamiyo.policy import categorical
+from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
+from esper.tamiyo.policy.inputs import HiddenState, PolicyInputs
+from esper.tamiyo.policy.layout import HeadLayout, per_head
+from esper.tamiyo.policy.masks import ActionMasks
+from esper.tamiyo.policy.outputs import ActionResult, EvalResult, ForwardResult, NetworkOutput
+from esper.tamiyo.policy.validation import (
+    check_actions,
+    check_features,
+    check_hidden,
+    check_mask,
+    check_positive_int,
+    explain_invalid_values,
+)
+
+__all__ = ["MaskArg", "PolicyBundle"]
+
+MaskArg = ActionMasks | Mapping[str, torch.Tensor | None] | None
+"""What public methods accept as masks: `ActionMasks`, a strict mapping, or `None`."""
+
+
+class PolicyBundle(ABC):
+    """A policy over Tamiyo's eight factored action heads: subclass it to add one.
+
+    A bundle wraps a network (`self.network`, an `nn.Module`) and gives the training
+    code one API whatever the network: `get_action` for rollouts, `evaluate_actions`
+    for PPO updates, `forward` for raw masked logits, `get_value` for bootstrapping.
+    Each public method accepts `[B, F]` (one step) or `[B, T, F]` (a sequence)
+    features, checks and normalizes its inputs once in `_normalize_inputs`, calls the
+    subclass's `_forward` hook, then masks, samples, scores and shapes the results for
+    all heads together.
+
+    Public methods are not to be overridden. A subclass:
+
+    * must implement `_forward(inputs) -> NetworkOutput` (called once by every public
+      method, with `PolicyInputs` whose tensors are `[B, T, ...]`);
+    * passes its network, feature width, action space and, if recurrent, the shapes of
+      its hidden tensors to `super().__init__`;
+    * sets the class flag `is_recurrent = True` if it carries hidden state;
+    * may extend `_normalize_inputs` through `super()` to check more.
+
+    Hidden state is a tuple of tensors, each `[d0, B, ...]` (batch in dimension 1);
+    `initial_hidden` builds zeros from the declared shapes and the base checks every
+    hidden state a caller passes against them.
+
+    Example:
+        A complete stateless bundle:
+
+        >>> from torch import nn
+        >>> from esper.tamiyo.policy import ActionSpace, PolicyBundle, PolicyHeads
+        >>> from esper.tamiyo.policy.outputs import NetworkOutput
+        >>> class TinyNet(nn.Module):
+        ...     def __init__(self, feature_dim: int, space: ActionSpace) -> None:
+        ...         super().__init__()
+        ...         self.torso = nn.Sequential(nn.Linear(feature_dim, 32), nn.ReLU())
+        ...         self.heads = PolicyHeads(32, space)
+        ...     def forward(self, x):
+        ...         return self.heads(self.torso(x))
+        >>> class TinyBundle(PolicyBundle):
+        ...     def __init__(self, feature_dim: int) -> None:
+        ...         space = ActionSpace()
+        ...         super().__init__(TinyNet(feature_dim, space), feature_dim=feature_dim,
+        ...                          action_space=space)
+        ...     def _forward(self, inputs):
+        ...         logits, value = self.network(inputs.features)
+        ...         return NetworkOutput(logits, value, None)
+        >>> bundle = TinyBundle(feature_dim=10)
+        >>> out = bundle.get_action(torch.randn(4, 10), masks=None)
+        >>> out.action["op"].shape
+        torch.Size([4])
+
+    Args:
+        network: The module holding every parameter of the bundle.
+        feature_dim: `F`, the width of the features.
+        action_space: Head sizes.
+        hidden_shapes: For a recurrent bundle, the shape of each hidden tensor without
+            its batch dimension, e.g. `((num_layers, hidden_dim),) * 2` for an LSTM's
+            `(h, c)` of shape `[num_layers, B, hidden_dim]`. `None` when stateless.
+
+    Attributes:
+        is_recurrent: Class flag: the bundle carries hidden state between calls.
+        check_values: Run the checks that need a device sync (NaN/Inf features, a mask
+            row with no valid action, out-of-range or masked actions). On by default;
+            switch off in a tight loop whose inputs are known good. Shape, dtype, key
+            and device checks are always on: they cost no sync.
+        network: The `nn.Module`. Hand it to an optimizer or to
+            `DistributedDataParallel`; move the bundle with `to()`.
+        action_space: Head sizes.
+        feature_dim: `F`.
+    """
+
+    is_recurrent: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        network: nn.Module,
+        *,
+        feature_dim: int,
+        action_space: ActionSpace,
+        hidden_shapes: Sequence[tuple[int, ...]] | None = None,
+    ) -> None:
+        cls_name = type(self).__name__
+        if not isinstance(network, nn.Module):
+            raise TypeError(
+                f"{cls_name}: network must be a torch.nn.Module, got {type(network).__name__}"
+            )
+        check_positive_int(feature_dim, "feature_dim", cls_name)
+        if not isinstance(action_space, ActionSpace):
+            raise TypeError(
+                f"{cls_name}: action_space must be an ActionSpace, "
+                f"got {type(action_space).__name__}"
+            )
+        if self.is_recurrent != (hidden_shapes is not None):
+            raise TypeError(
+                f"{cls_name}: is_recurrent is {self.is_recurrent} but hidden_shapes is "
+                f"{hidden_shapes!r}; a recurrent bundle declares the shapes of its hidden "
+                "tensors, a stateless one passes None"
+            )
+        self.network = network
+        self.feature_dim = feature_dim
+        self.action_space = action_space
+        self.check_values = True
+        self._hidden_shapes = _freeze_shapes(cls_name, hidden_shapes)
+        self._head_sizes = action_space.sizes
+        self._device = _module_device(network)
+        self._dtype = _module_dtype(network)
+        self._layout = HeadLayout(action_space, self._device)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _FINAL_METHODS:
+            if name in cls.__dict__:
+                raise TypeError(
+                    f"{cls.__name__} overrides PolicyBundle.{name}, which is not to be "
+                    f"overridden; implement the hook _forward (and extend "
+                    f"_normalize_inputs through super()) instead"
+                )
+
+    # ------------------------------------------------------------------ the hook
+
+    @abstractmethod
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        """Run the network on normalized inputs. Required; called by every public method.
+
+        Called exactly once per public call, after `_normalize_inputs`, with autograd
+        on (`forward`, `evaluate_actions`) or off (`get_action`, `get_value`). Call the
+        network through `self.network(...)`, so module hooks (and DDP's) fire.
+
+        Args:
+            inputs: Checked inputs, features `[B, T, F]` and hidden state ready to use.
+
+        Returns:
+            Unmasked logits `[B, T, H, A_max]` (build them with `PolicyHeads`), values
+            `[B, T]`, and the new hidden state (`None` when stateless).
+        """
+
+    # ------------------------------------------------------------------ public API
+
+    def get_action(
+        self,
+        features: torch.Tensor,
+        masks: MaskArg,
+        hidden: HiddenState | None = None,
+        *,
+        deterministic: bool = False,
+    ) -> ActionResult:
+        """Choose an action for every head, for a rollout. Do not override.
+
+        Runs without building an autograd graph; everything returned, hidden state
+        included, can be fed to a later `evaluate_actions` under autograd.
+
+        Args:
+            features: `[B, F]` (one step) or `[B, T, F]`.
+            masks: `ActionMasks`, a mapping of every head name to a mask or `None`, or
+                `None` for no masking. Masks are `[B, A_h]` or `[B, 1, A_h]` with
+                `[B, F]` features, `[B, T, A_h]` with `[B, T, F]` (`[B, A_h]` if T is 1).
+            hidden: State from `initial_hidden` or the previous call; `None` starts
+                from zeros. Must be `None` for a stateless bundle.
+            deterministic: Take each head's most likely valid action instead of sampling.
+
+        Returns:
+            Actions and their log-probabilities per head and values, `[B]` for `[B, F]`
+            features and `[B, T]` for `[B, T, F]`, and the new hidden state.
+
+        Raises:
+            TypeError: An argument has the wrong type or dtype.
+            ValueError: An argument has the wrong shape, a wrong key, or bad values.
+        """
+        inputs = self._normalize_inputs(features, masks, hidden)
+        with torch.no_grad():
+            out = self._checked_forward(inputs)
+            _, log_probs = categorical.masked_log_softmax(
+                out.logits, inputs.valid, self._layout.fill
+            )  # [B, T, H, A_max]
+            actions = categorical.sample(log_probs, deterministic=deterministic)  # [B, T, H]
+            chosen = categorical.log_prob_of(log_probs, actions)  # [B, T, H]
+        value = out.value
+        if inputs.single_step:
+            actions, chosen, value = actions.squeeze(1), chosen.squeeze(1), value.squeeze(1)
+        return ActionResult(
+            action=per_head(actions), log_prob=per_head(chosen), value=value, hidden=out.hidden
+        )
+
+    def forward(
+        self, features: torch.Tensor, masks: MaskArg, hidden: HiddenState | None = None
+    ) -> ForwardResult:
+        """Masked logits of every head and values, with autograd. Do not override.
+
+        Args:
+            features: `[B, F]` or `[B, T, F]`.
+            masks: As for `get_action`.
+            hidden: As for `get_action`.
+
+        Returns:
+            Masked logits per head (`[B, A_h]` or `[B, T, A_h]`; invalid actions hold
+            -1e4), values (`[B]` or `[B, T]`) and the new hidden state.
+
+        Raises:
+            TypeError: An argument has the wrong type or dtype.
+            ValueError: An argument has the wrong shape, a wrong key, or bad values.
+        """
+        inputs = self._normalize_inputs(features, masks, hidden)
+        out = self._checked_forward(inputs)
+        masked, _ = categorical.masked_log_softmax(out.logits, inputs.valid, self._layout.fill)
+        value = out.value
+        if inputs.single_step:
+            masked, value = masked.squeeze(1), value.squeeze(1)
+        return ForwardResult(
+            logits=self._layout.split_heads(masked), value=value, hidden=out.hidden
+        )
+
+    def evaluate_actions(
+        self,
+        features: torch.Tensor,
+        actions: Mapping[str, torch.Tensor],
+        masks: MaskArg,
+        hidden: HiddenState | None = None,
+    ) -> EvalResult:
+        """Log-probabilities and entropies of given actions, with autograd. Do not override.
+
+        The PPO update: pass the features, actions and masks a rollout stored, with the
+        hidden state the rollout started the sequence from, and the log-probabilities
+        equal those `get_action` returned.
+
+        Args:
+            features: `[B, F]` or `[B, T, F]`.
+            actions: Every head name to int64 actions, shaped like the masks without
+                their last dimension (`[B]`, `[B, 1]` or `[B, T]`).
+            masks: As for `get_action`; the same masks the actions were taken under.
+            hidden: As for `get_action`.
+
+        Returns:
+            Log-probabilities and normalized entropies per head, values, and the new
+            hidden state; `[B]` for `[B, F]` features and `[B, T]` for `[B, T, F]`.
+
+        Raises:
+            TypeError: An argument has the wrong type or dtype.
+            ValueError: An argument has the wrong shape, a wrong key, or bad values,
+                including an action out of range or masked.
+        """
+        inputs = self._normalize_inputs(features, masks, hidden, actions=actions)
+        assert inputs.action_index is not None  # given actions are always packed
+        out = self._checked_forward(inputs)
+        layout = self._layout
+        masked, log_probs = categorical.masked_log_softmax(out.logits, inputs.valid, layout.fill)
+        chosen = categorical.log_prob_of(log_probs, inputs.action_index)  # [B, T, H]
+        entropy = categorical.normalized_entropy(
+            masked, log_probs, inputs.valid, layout.inv_log_count
+        )  # [B, T, H]
+        value = out.value
+        if inputs.single_step:
+            chosen, entropy, value = chosen.squeeze(1), entropy.squeeze(1), value.squeeze(1)
+        return EvalResult(
+            log_prob=per_head(chosen), entropy=per_head(entropy), value=value, hidden=out.hidden
+        )
+
+    def get_value(self, features: torch.Tensor, hidden: HiddenState | None = None) -> torch.Tensor:
+        """State values only, without an autograd graph, to bootstrap a rollout.
+
+        Do not override.
+
+        Args:
+            features: `[B, F]` or `[B, T, F]`.
+            hidden: As for `get_action`.
+
+        Returns:
+            `[B]` or `[B, T]` values.
+
+        Raises:
+            TypeError: An argument has the wrong type or dtype.
+            ValueError: An argument has the wrong shape or bad values.
+        """
+        inputs = self._normalize_inputs(features, None, hidden)
+        with torch.no_grad():
+            value = self._checked_forward(inputs).value  # [B, T]
+        return value.squeeze(1) if inputs.single_step else value
+
+    def initial_hidden(self, batch_size: int) -> HiddenState | None:
+        """Zero hidden state for `batch_size` new episodes, or `None` when stateless.
+
+        Do not override: declare `hidden_shapes` in `__init__` instead.
+
+        Args:
+            batch_size: `B`, a positive int.
+
+        Returns:
+            A tuple of zero tensors, each `[d0, B, ...]`, on the bundle's device and in
+            its dtype; `None` for a stateless bundle.
+
+        Raises:
+            TypeError: `batch_size` is not an int.
+            ValueError: `batch_size` is not positive.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+            raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size}")
+        if self._hidden_shapes is None:
+            return None
+        zeros: list[torch.Tensor] = []
+        for shape in self._hidden_shapes:
+            zeros.append(
+                torch.zeros(
+                    (shape[0], batch_size, *shape[1:]), device=self._device, dtype=self._dtype
+                )
+            )
+        return tuple(zeros)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the network and the base's tables live."""
+        return self._device
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Self:
+        """Move the network and the base's tables, in place; returns `self`.
+
+        Args:
+            device: Target device, or `None` to stay.
+            dtype: Floating dtype for the network's parameters, or `None` to keep it.
+        """
+        if device is not None:
+            # Canonical form ("cuda" -> "cuda:0"), so it compares equal to tensors' devices.
+            self._device = torch.empty(0, device=device).device
+            self.network.to(device=self._device)
+            self._layout.to(self._device)
+        if dtype is not None:
+            if not dtype.is_floating_point:
+                raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+            self.network.to(dtype=dtype)
+            self._dtype = dtype
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """The network's `state_dict`: the bundle's only state."""
+        return self.network.state_dict()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Any:
+        """Load weights into the network; as `nn.Module.load_state_dict`."""
+        return self.network.load_state_dict(state_dict, strict=strict)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(feature_dim={self.feature_dim}, "
+            f"action_space={self.action_space}, device={self._device})"
+        )
+
+    # ------------------------------------------------------------------ internals
+
+    def _normalize_inputs(
+        self,
+        features: torch.Tensor,
+        masks: MaskArg,
+        hidden: HiddenState | None,
+        actions: Mapping[str, torch.Tensor] | None = None,
+    ) -> PolicyInputs:
+        """Check every argument once and bring it to the `[B, T, ...]` layout.
+
+        Called exactly once by every public method, before the network runs, so a bad
+        argument is refused with a message naming it and nothing has changed. A
+        subclass may extend this through `super()` to check more; it must return what
+        `super()` returns (or a `dataclasses.replace` of it).
+
+        Args:
+            features: `[B, F]` or `[B, T, F]` floating features.
+            masks: `ActionMasks`, a mapping, or `None`.
+            hidden: Hidden state, or `None`.
+            actions: Head name to actions, for `evaluate_actions`.
+
+        Returns:
+            `PolicyInputs` with features `[B, T, F]`, masks `[B, T, A_h]`, the packed
+            validity `[B, T, H, A_max]`, hidden state (zeros if none was given) and,
+            when given, actions `[B, T]` and packed `[B, T, H]`.
+
+        Raises:
+            TypeError: An argument has the wrong type or dtype.
+            ValueError: An argument has the wrong shape, a wrong key, or bad values.
+        """
+        features = check_features(features, self.feature_dim, self._device)
+        single_step = features.dim() == 2
+        if single_step:
+            features = features.unsqueeze(1)  # [B, 1, F]
+        batch, steps = features.shape[0], features.shape[1]
+
+        given, valid = self._pack_masks(masks, batch, steps, single_step)
+        hidden = self._resolve_hidden(hidden, batch)
+        action_index = (
+            None
+            if actions is None
+            else check_actions(actions, batch, steps, single_step, self._device)
+        )  # [B, T, H]
+        if self.check_values:
+            self._check_values(features, valid, action_index, single_step)
+        return PolicyInputs(
+            features=features,
+            valid=valid,
+            hidden=hidden,
+            action_index=action_index,
+            single_step=single_step,
+            given_masks=given,
+        )
+
+    def _pack_masks(
+        self, masks: MaskArg, batch: int, steps: int, single_step: bool
+    ) -> tuple[ActionMasks, torch.Tensor]:
+        """Check masks against the features; return them and their `[B, T, H, A_max]` pack."""
+        if masks is None:
+            return _NO_MASKS, self._layout.all_valid(batch, steps)
+        given = masks if isinstance(masks, ActionMasks) else ActionMasks.from_mapping(masks)
+        flat = True
+        for name, size in zip(HEAD_NAMES, self._head_sizes, strict=True):
+            mask = getattr(given, name)
+            if mask is not None:
+                check_mask(mask, name, size, batch, steps, single_step, self._device)
+                flat = flat and mask.dim() == 2
+        return given, self._layout.pack_masks(given, batch, steps, flat=flat)
+
+    def _resolve_hidden(self, hidden: HiddenState | None, batch: int) -> HiddenState | None:
+        """Check the caller's hidden state, or start from zeros when it gave none."""
+        if self._hidden_shapes is None:
+            if hidden is not None:
+                raise ValueError(
+                    f"hidden must be None: {type(self).__name__} is stateless "
+                    f"(is_recurrent=False), got {type(hidden).__name__}"
+                )
+            return None
+        if hidden is None:
+            return self.initial_hidden(batch)
+        check_hidden(hidden, self._hidden_shapes, batch, self._device)
+        return hidden
+
+    def _check_values(
+        self,
+        features: torch.Tensor,
+        valid: torch.Tensor,
+        action_index: torch.Tensor | None,
+        single_step: bool,
+    ) -> None:
+        """Refuse NaN/Inf features, void mask rows, and out-of-range or masked actions.
+
+        One device sync for all of them; only when one fails does the slow path look
+        for the first offending row to name it.
+        """
+        ok = torch.isfinite(features).all() & valid.any(dim=-1).all()
+        if action_index is not None:
+            ok = ok & _actions_valid(action_index, valid, self._layout.sizes).all()
+        if not bool(ok):
+            explain_invalid_values(features, valid, action_index, self._layout.sizes, single_step)
+
+    def _checked_forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        """Call the hook and check it honoured the layout contract."""
+        logits, value, hidden = self._forward(inputs)
+        batch, steps = inputs.features.shape[0], inputs.features.shape[1]
+        layout = self._layout
+        if logits.shape != (batch, steps, layout.num_heads, layout.padded_size):
+            raise RuntimeError(
+                f"{type(self).__name__}._forward returned logits of shape "
+                f"{tuple(logits.shape)}; expected [B, T, H, A_max] = "
+                f"{(batch, steps, layout.num_heads, layout.padded_size)}. "
+                "End the network with PolicyHeads to get this layout."
+            )
+        if value.shape != (batch, steps):
+            raise RuntimeError(
+                f"{type(self).__name__}._forward returned value of shape "
+                f"{tuple(value.shape)}; expected [B, T] = {(batch, steps)}"
+            )
+        return NetworkOutput(logits, value, hidden)
+
+
+_NO_MASKS = ActionMasks()
+
+_FINAL_METHODS = (
+    "get_action",
+    "forward",
+    "evaluate_actions",
+    "get_value",
+    "initial_hidden",
+    "_checked_forward",
+)
+
+
+def _actions_valid(
+    action_index: torch.Tensor, valid: torch.Tensor, sizes: torch.Tensor
+) -> torch.Tensor:
+    """`[B, T, H]` bool: each action is in its head's range and allowed by the mask."""
+    in_range = (action_index >= 0) & (action_index < sizes)
+    safe = action_index.clamp(0, valid.shape[-1] - 1)
+    return in_range & valid.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for param in module.parameters():
+        return param.device
+    for buffer in module.buffers():
+        return buffer.device
+    return torch.device("cpu")
+
+
+def _module_dtype(module: nn.Module) -> torch.dtype:
+    for tensor in module.parameters():
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.get_default_dtype()
+
+
+def _freeze_shapes(
+    cls_name: str, hidden_shapes: Sequence[tuple[int, ...]] | None
+) -> tuple[tuple[int, ...], ...] | None:
+    if hidden_shapes is None:
+        return None
+    frozen: list[tuple[int, ...]] = []
+    for shape in hidden_shapes:
+        dims = tuple(shape)
+        if len(dims) < 1 or not all(isinstance(d, int) and d >= 1 for d in dims):
+            raise ValueError(
+                f"{cls_name}: each hidden shape needs at least one positive int dimension "
+                f"(the batch goes in dimension 1), got {shape!r}"
+            )
+        frozen.append(dims)
+    if not frozen:
+        raise ValueError(f"{cls_name}: hidden_shapes must declare at least one tensor")
+    return tuple(frozen)

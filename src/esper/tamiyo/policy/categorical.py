@@ -1,0 +1,107 @@
+"""Masked categorical arithmetic for all heads at once, on the padded layout.
+
+These free functions replace one `torch.distributions.Categorical` per head: each
+is a handful of tensor operations over `[B, T, H, A_max]`, whatever the number of
+heads, so a step costs the same few kernel launches for eight heads as for one.
+They hold no Python control flow on tensor values, so `torch.compile` traces them
+whole.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "log_prob_of",
+    "masked_log_softmax",
+    "normalized_entropy",
+    "sample",
+]
+
+
+def masked_log_softmax(
+    logits: torch.Tensor, valid: torch.Tensor, fill: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask logits and normalize them per head.
+
+    Args:
+        logits: `[B, T, H, A_max]` unmasked logits.
+        valid: `[B, T, H, A_max]` bool, True where the action may be taken.
+        fill: `[H, A_max]` value for invalid positions (see `HeadLayout.fill`).
+
+    Returns:
+        `(masked_logits, log_probs)`, both `[B, T, H, A_max]`; invalid positions hold
+        the fill in the first and a log-probability below -9000 in the second, so
+        their probability is exactly 0 in fp32.
+    """
+    masked = torch.where(valid, logits, fill)  # [B, T, H, A_max]
+    return masked, torch.log_softmax(masked, dim=-1)
+
+
+def sample(
+    log_probs: torch.Tensor,
+    *,
+    deterministic: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw one action per head with the Gumbel-max trick, or take the mode.
+
+    `argmax(log_p + g)` with `g = -log(-log(u))`, `u ~ U[0, 1)`, is an exact sample
+    of the categorical. The noise is bounded above by about 17 (`u` below 1 by at
+    least one ulp), so it can never lift a masked action (log-prob below -9000)
+    over a valid one; `u = 0` gives `-inf`, which is never chosen.
+
+    Args:
+        log_probs: `[..., A_max]` normalized log-probabilities.
+        deterministic: Take the most likely action instead of sampling.
+        generator: Random source for the noise; the global one when `None`.
+
+    Returns:
+        `[...]` int64 action indices.
+    """
+    if deterministic:
+        return log_probs.argmax(dim=-1)
+    noise = torch.rand(
+        log_probs.shape, dtype=log_probs.dtype, device=log_probs.device, generator=generator
+    )
+    # log_p + g = log_p - log(-log(u)), computed in place on the noise buffer.
+    return (log_probs - noise.log_().neg_().log_()).argmax(dim=-1)
+
+
+def log_prob_of(log_probs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Log-probability of the given actions.
+
+    Args:
+        log_probs: `[..., A_max]`.
+        actions: `[...]` int64 indices.
+
+    Returns:
+        `[...]` log-probabilities.
+    """
+    return log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+
+
+def normalized_entropy(
+    masked_logits: torch.Tensor,
+    log_probs: torch.Tensor,
+    valid: torch.Tensor,
+    inv_log_count: torch.Tensor,
+) -> torch.Tensor:
+    """Entropy of each head divided by the log of its number of valid actions.
+
+    The result lies in [0, 1] whatever the head's size or mask, so heads of 3 and 13
+    actions weigh alike in an entropy bonus; it is 0 where a single action is valid.
+
+    Args:
+        masked_logits: `[..., A_max]` from `masked_log_softmax`.
+        log_probs: `[..., A_max]` from `masked_log_softmax`.
+        valid: `[..., A_max]` bool.
+        inv_log_count: `[A_max + 1]` table of `1 / log(n)` (0 for `n <= 1`).
+
+    Returns:
+        `[...]` normalized entropies.
+    """
+    # softmax rather than exp(log_probs): exp() of the ~-1e4 entries takes a slow path.
+    probs = torch.softmax(masked_logits, dim=-1)
+    entropy = -(probs * log_probs).sum(dim=-1)  # [...]
+    return entropy * inv_log_count[valid.sum(dim=-1)]

@@ -1,0 +1,102 @@
+"""`PolicyHeads`: all policy heads and the value head as one module, in the padded layout."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from esper.tamiyo.policy.action_space import ActionSpace
+
+__all__ = ["PolicyHeads", "init_orthogonal_"]
+
+_TORSO_GAIN = math.sqrt(2.0)
+_POLICY_GAIN = 0.01
+_VALUE_GAIN = 1.0
+
+
+def init_orthogonal_(linear: nn.Linear, gain: float = _TORSO_GAIN) -> nn.Linear:
+    """Orthogonal weights with `gain` and zero bias, the PPO-standard initialization."""
+    nn.init.orthogonal_(linear.weight, gain=gain)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+    return linear
+
+
+class PolicyHeads(nn.Module):
+    """Eight policy heads and a value head, each `Linear -> ReLU -> Linear`, fused.
+
+    The function is exactly that of nine separate heads `Linear(input_dim, K) -> ReLU
+    -> Linear(K, A_h)` (`K = hidden_dim`, `A_h = 1` for the value), but computed in two
+    kernels whatever the number of heads: one matmul for all first layers, one batched
+    matmul for all output layers. The output is already the padded layout the base
+    expects, so a new bundle ends its network with `PolicyHeads` and is done.
+
+    Parameters:
+        `hidden.weight` `[(H + 1) * K, input_dim]`: block `h` is head `h`'s first layer,
+        block `H` the value head's.
+        `out_weight` `[H + 1, K, A_max]`: `out_weight[h, :, :A_h]` is head `h`'s output
+        layer, transposed; `out_weight[H, :, 0]` the value's. Columns past `A_h` are
+        padding: their logits are always masked by the base, so they receive exactly
+        zero gradient and keep their zero initialization.
+        `out_bias` `[H + 1, 1, A_max]`: laid out like `out_weight`.
+
+    Initialization: first layers orthogonal with gain sqrt(2), policy output layers
+    gain 0.01 (near-uniform initial policy), value output gain 1, biases zero; each
+    head's block is initialized on its own, as a separate `nn.Linear` would be.
+
+    Args:
+        input_dim: Width of the input features, the torso's output.
+        action_space: Head sizes.
+        hidden_dim: `K`, width of each head's hidden layer; `input_dim // 2` by default.
+
+    Shape:
+        Input `[..., input_dim]`; output `(logits [..., H, A_max], value [...])`.
+    """
+
+    def __init__(
+        self, input_dim: int, action_space: ActionSpace, hidden_dim: int | None = None
+    ) -> None:
+        super().__init__()
+        width = hidden_dim if hidden_dim is not None else max(1, input_dim // 2)
+        heads = action_space.num_heads
+        padded = action_space.padded_size
+        self.num_heads = heads
+        self.padded_size = padded
+        self.head_hidden_dim = width
+        self.hidden = nn.Linear(input_dim, (heads + 1) * width)
+        self.out_weight = nn.Parameter(torch.zeros(heads + 1, width, padded))
+        self.out_bias = nn.Parameter(torch.zeros(heads + 1, 1, padded))
+        self._init_weights(input_dim, action_space.sizes)
+
+    @torch.no_grad()
+    def _init_weights(self, input_dim: int, sizes: tuple[int, ...]) -> None:
+        width = self.head_hidden_dim
+        for block, size in enumerate((*sizes, 1)):
+            first = nn.Linear(input_dim, width)
+            init_orthogonal_(first, _TORSO_GAIN)
+            self.hidden.weight[block * width : (block + 1) * width].copy_(first.weight)
+            out = nn.Linear(width, size)
+            init_orthogonal_(out, _VALUE_GAIN if block == self.num_heads else _POLICY_GAIN)
+            self.out_weight[block, :, :size].copy_(out.weight.T)
+        self.hidden.bias.zero_()
+        self.out_bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compute all heads' logits and the value.
+
+        Args:
+            x: `[..., input_dim]`.
+
+        Returns:
+            `(logits, value)`: `[..., H, A_max]` and `[...]`.
+        """
+        lead = x.shape[:-1]
+        blocks = self.num_heads + 1
+        z = torch.relu(self.hidden(x))  # [..., (H+1) * K]
+        z = z.reshape(-1, blocks, self.head_hidden_dim).transpose(0, 1)  # [H+1, N, K]
+        out = torch.baddbmm(self.out_bias, z, self.out_weight).transpose(0, 1)  # [N, H+1, A]
+        logits = out[:, : self.num_heads].reshape(*lead, self.num_heads, self.padded_size)
+        value = out[:, self.num_heads, 0].reshape(lead)
+        return logits, value

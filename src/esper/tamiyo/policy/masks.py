@@ -1,0 +1,108 @@
+"""`ActionMasks`: one boolean mask per action head, in a dataclass rather than eight keywords."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from esper.tamiyo.policy.action_space import HEAD_NAMES
+
+__all__ = ["ActionMasks"]
+
+_VALID_NAMES = ", ".join(HEAD_NAMES)
+
+
+@dataclass(frozen=True, slots=True)
+class ActionMasks:
+    """Which actions of each head are valid at each step.
+
+    Each field is a `torch.bool` tensor whose last dimension is that head's number of
+    actions (`True` = valid), or `None`, meaning every action of the head is valid.
+    Shapes are `[B, A]` for a single step or `[B, T, A]` for a sequence; the bundle
+    checks them against the features it is given.
+
+    The fields follow `HEAD_NAMES` order. Construction checks types and dtypes only:
+    a non-tensor or non-bool mask is refused here, at the place it was made.
+
+    Example:
+        >>> import torch
+        >>> m = ActionMasks(op=torch.tensor([[True, False, True, True, True, True]]))
+        >>> m.slot is None
+        True
+    """
+
+    slot: torch.Tensor | None = None
+    blueprint: torch.Tensor | None = None
+    style: torch.Tensor | None = None
+    tempo: torch.Tensor | None = None
+    alpha_target: torch.Tensor | None = None
+    alpha_speed: torch.Tensor | None = None
+    alpha_curve: torch.Tensor | None = None
+    op: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        for name in HEAD_NAMES:
+            mask = getattr(self, name)
+            if mask is None:
+                continue
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(
+                    f"masks[{name!r}] must be a torch.bool tensor or None, "
+                    f"got {type(mask).__name__}"
+                )
+            if mask.dtype != torch.bool:
+                raise TypeError(
+                    f"masks[{name!r}] must have dtype torch.bool (True = valid action), "
+                    f"got {mask.dtype}; convert it with `.bool()` or `mask != 0`"
+                )
+
+    @classmethod
+    def from_mapping(cls, masks: Mapping[str, torch.Tensor | None]) -> ActionMasks:
+        """Build masks from a mapping of head name to mask, strictly.
+
+        Every head must be present, so that a misspelt or forgotten key can never
+        silently leave a head unmasked: pass `None` explicitly for an unmasked head.
+
+        Args:
+            masks: Head name to a bool tensor or `None`, one entry per head.
+
+        Returns:
+            The equivalent `ActionMasks`.
+
+        Raises:
+            TypeError: `masks` is not a mapping, or a mask is not a bool tensor or `None`.
+            ValueError: a key is not a head name, or a head is missing.
+        """
+        if not isinstance(masks, Mapping):
+            raise TypeError(
+                f"masks must be an ActionMasks, a mapping of head name to mask, or None; "
+                f"got {type(masks).__name__}"
+            )
+        for key in masks:
+            if key not in HEAD_NAMES:
+                raise ValueError(f"masks has unknown head {key!r}; valid heads: {_VALID_NAMES}")
+        for name in HEAD_NAMES:
+            if name not in masks:
+                raise ValueError(
+                    f"masks is missing head {name!r}; pass {name}=None explicitly "
+                    f"if every {name} action is valid"
+                )
+        return cls(
+            slot=masks["slot"],
+            blueprint=masks["blueprint"],
+            style=masks["style"],
+            tempo=masks["tempo"],
+            alpha_target=masks["alpha_target"],
+            alpha_speed=masks["alpha_speed"],
+            alpha_curve=masks["alpha_curve"],
+            op=masks["op"],
+        )
+
+    def as_dict(self) -> dict[str, torch.Tensor | None]:
+        """Head name to mask, in `HEAD_NAMES` order (the inverse of `from_mapping`)."""
+        out: dict[str, torch.Tensor | None] = {}
+        for name in HEAD_NAMES:
+            out[name] = getattr(self, name)
+        return out

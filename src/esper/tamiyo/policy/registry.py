@@ -1,0 +1,85 @@
+"""A name -> class registry of policy bundles, so configs and checkpoints can name them."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from esper.tamiyo.policy.base import PolicyBundle
+
+__all__ = ["create_policy", "get_policy", "list_policies", "register_policy"]
+
+BundleT = TypeVar("BundleT", bound=type[PolicyBundle])
+
+_REGISTRY: dict[str, type[PolicyBundle]] = {}
+
+
+def register_policy(name: str) -> Callable[[BundleT], BundleT]:
+    """Class decorator registering a concrete `PolicyBundle` subclass under `name`.
+
+    Example:
+        >>> @register_policy("my_gru")  # doctest: +SKIP
+        ... class GRUPolicyBundle(PolicyBundle): ...
+
+    Args:
+        name: Registry key, a non-empty string not yet taken.
+
+    Raises:
+        TypeError: `name` is not a string, or the decorated object is not a concrete
+            `PolicyBundle` subclass.
+        ValueError: `name` is empty or taken.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"policy name must be a str, got {type(name).__name__}")
+    if not name:
+        raise ValueError("policy name must not be empty")
+    if name in _REGISTRY:
+        raise ValueError(
+            f"policy name {name!r} is already taken by {_REGISTRY[name].__qualname__}; "
+            "choose another name"
+        )
+
+    def decorator(cls: BundleT) -> BundleT:
+        if not (isinstance(cls, type) and issubclass(cls, PolicyBundle)):
+            raise TypeError(
+                f"register_policy({name!r}) decorates PolicyBundle subclasses, got {cls!r}"
+            )
+        if inspect.isabstract(cls):
+            missing = ", ".join(sorted(cls.__abstractmethods__))
+            raise TypeError(
+                f"register_policy({name!r}): {cls.__qualname__} is abstract; implement {missing}"
+            )
+        if name in _REGISTRY:  # taken between the decorator's creation and its use
+            raise ValueError(f"policy name {name!r} is already taken by {_REGISTRY[name]!r}")
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def get_policy(name: str) -> type[PolicyBundle]:
+    """The class registered under `name`.
+
+    Raises:
+        ValueError: No policy has that name; the message lists the known names.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(list_policies()) or "(none)"
+        raise ValueError(f"unknown policy {name!r}; registered policies: {known}") from None
+
+
+def list_policies() -> list[str]:
+    """Registered names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def create_policy(name: str, **kwargs: Any) -> PolicyBundle:
+    """Build the policy registered under `name` with its constructor's keyword arguments.
+
+    Raises:
+        ValueError: No policy has that name.
+    """
+    return get_policy(name)(**kwargs)

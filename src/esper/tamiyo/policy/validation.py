@@ -1,0 +1,297 @@
+"""Argument checks for `PolicyBundle._normalize_inputs`, with messages that say what to fix.
+
+Each check names the argument, the head where there is one, what was expected and
+what was given. The cheap checks (types, dtypes, shapes, keys, devices) read only
+tensor metadata; the value checks that need a device sync run once per call in the
+base, and `explain_invalid_values` then finds the first offending row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NoReturn
+
+import torch
+
+from esper.tamiyo.policy.action_space import HEAD_NAMES
+
+__all__ = [
+    "check_actions",
+    "check_features",
+    "check_hidden",
+    "check_mask",
+    "check_positive_int",
+    "explain_invalid_values",
+]
+
+_VALID_NAMES = ", ".join(HEAD_NAMES)
+
+
+def _device_error(what: str, got: torch.device, want: torch.device) -> ValueError:
+    return ValueError(
+        f"{what} is on {got} but the bundle is on {want}; move it with .to(bundle.device)"
+    )
+
+
+def check_positive_int(value: object, name: str, owner: str, minimum: int = 1) -> int:
+    """Check a constructor argument is an int of at least `minimum` (bools refused).
+
+    Args:
+        value: The argument.
+        name: Its name, for the message.
+        owner: The class being built, for the message.
+        minimum: Smallest accepted value.
+
+    Returns:
+        `value`, as an int.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{owner}: {name} must be at least {minimum}, got {value}")
+    return value
+
+
+def check_features(features: object, feature_dim: int, device: torch.device) -> torch.Tensor:
+    """Check features are a finite-width floating `[B, F]` or `[B, T, F]` tensor on `device`.
+
+    Returns:
+        `features`, unchanged.
+    """
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(
+            f"features must be a torch.Tensor of shape [B, F] or [B, T, F], "
+            f"got {type(features).__name__}"
+        )
+    if not features.is_floating_point():
+        raise TypeError(
+            f"features must be a floating-point tensor, got dtype {features.dtype}; "
+            "convert it with .float()"
+        )
+    rank = features.dim()
+    if rank not in (2, 3):
+        raise ValueError(
+            f"features must be [B, F] (one step) or [B, T, F] (a sequence), "
+            f"got rank {rank} with shape {tuple(features.shape)}"
+        )
+    if features.shape[-1] != feature_dim:
+        raise ValueError(
+            f"features have width {features.shape[-1]} in their last dimension; "
+            f"this bundle was built for feature_dim={feature_dim}"
+        )
+    if features.shape[0] == 0 or (rank == 3 and features.shape[1] == 0):
+        raise ValueError(f"features have an empty batch or sequence, shape {tuple(features.shape)}")
+    if features.device != device:
+        raise _device_error("features", features.device, device)
+    return features
+
+
+def check_mask(
+    mask: torch.Tensor,
+    head: str,
+    size: int,
+    batch: int,
+    steps: int,
+    single_step: bool,
+    device: torch.device,
+) -> None:
+    """Check one head's mask against the features.
+
+    The mask's type and dtype were checked when its `ActionMasks` was built.
+
+    Args:
+        mask: `[B, A]` (when `T == 1`), `[B, 1, A]` or `[B, T, A]` bool.
+        head: The head's name, for messages.
+        size: `A`, the head's number of actions.
+        batch: `B` of the features.
+        steps: `T` of the features (1 for a single step).
+        single_step: The features were `[B, F]`.
+        device: The bundle's device.
+
+    """
+    name = f"masks[{head!r}]"
+    shape = tuple(mask.shape)
+    rank = len(shape)
+    if rank == 2:
+        if steps != 1:
+            raise ValueError(
+                f"{name} has shape {shape} ([B, A]) but the features are a sequence of "
+                f"T={steps} steps; give it as [B, T, A] = {(batch, steps, size)}"
+            )
+    elif rank != 3:
+        expected = "[B, A] or [B, 1, A]" if single_step else "[B, T, A]"
+        raise ValueError(f"{name} must be {expected}, got rank {rank} with shape {shape}")
+    elif shape[1] != steps:
+        raise ValueError(
+            f"{name} has {shape[1]} steps in dimension 1 but the features have T={steps}; "
+            f"expected {(batch, steps, size)}"
+        )
+    if shape[0] != batch:
+        raise ValueError(f"{name} has batch {shape[0]} but the features have batch {batch}")
+    if shape[-1] != size:
+        raise ValueError(
+            f"{name} has {shape[-1]} actions in its last dimension; head {head!r} has {size}"
+        )
+    if mask.device != device:
+        raise _device_error(name, mask.device, device)
+
+
+def check_hidden(
+    hidden: object,
+    shapes: tuple[tuple[int, ...], ...],
+    batch: int,
+    device: torch.device,
+) -> None:
+    """Check a recurrent state against the bundle's declared hidden shapes.
+
+    Args:
+        hidden: What the caller passed.
+        shapes: Each tensor's shape without the batch dimension (which goes in dim 1).
+        batch: `B` of the features.
+        device: The bundle's device.
+    """
+    count = len(shapes)
+    if not isinstance(hidden, tuple):
+        raise TypeError(
+            f"hidden must be a tuple of {count} tensor(s), as returned by initial_hidden() "
+            f"or get_action(), or None; got {type(hidden).__name__}"
+        )
+    if len(hidden) != count:
+        raise ValueError(f"hidden must hold {count} tensor(s), got {len(hidden)}")
+    for index, (tensor, shape) in enumerate(zip(hidden, shapes, strict=True)):
+        name = f"hidden[{index}]"
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if not tensor.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got dtype {tensor.dtype}")
+        expected = (shape[0], batch, *shape[1:])
+        got = tuple(tensor.shape)
+        if len(got) == len(expected) and got[1] != batch:
+            raise ValueError(
+                f"{name} has batch {got[1]} in dimension 1 but the features have batch "
+                f"{batch}; reset it with initial_hidden({batch}) when the batch changes"
+            )
+        if got != expected:
+            raise ValueError(f"{name} has shape {got}; expected {expected} ([d0, B, ...])")
+        if tensor.device != device:
+            raise _device_error(name, tensor.device, device)
+
+
+def check_actions(
+    actions: object,
+    batch: int,
+    steps: int,
+    single_step: bool,
+    device: torch.device,
+) -> torch.Tensor:
+    """Check actions for every head and pack them.
+
+    Args:
+        actions: Head name to integer tensors `[B]`, `[B, 1]` or `[B, T]`.
+        batch: `B` of the features.
+        steps: `T` of the features.
+        single_step: The features were `[B, F]`.
+        device: The bundle's device.
+
+    Returns:
+        `[B, T, H]` int64 actions in `HEAD_NAMES` order.
+    """
+    if not isinstance(actions, Mapping):
+        raise TypeError(
+            f"actions must be a mapping of head name to tensor (such as "
+            f"ActionResult.action), got {type(actions).__name__}"
+        )
+    for key in actions:
+        if key not in HEAD_NAMES:
+            raise ValueError(f"actions has unknown head {key!r}; valid heads: {_VALID_NAMES}")
+    columns: list[torch.Tensor] = []
+    for head in HEAD_NAMES:
+        if head not in actions:
+            raise ValueError(f"actions is missing head {head!r}; every head needs its action")
+        columns.append(_check_action(actions[head], head, batch, steps, single_step, device))
+    return torch.stack(columns, dim=-1)  # [B, T, H]
+
+
+def _check_action(
+    action: object, head: str, batch: int, steps: int, single_step: bool, device: torch.device
+) -> torch.Tensor:
+    name = f"actions[{head!r}]"
+    if not isinstance(action, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(action).__name__}")
+    if action.is_floating_point() or action.is_complex() or action.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (int64), got dtype {action.dtype}")
+    shape = tuple(action.shape)
+    rank = len(shape)
+    if rank == 1:
+        if steps != 1:
+            raise ValueError(
+                f"{name} has shape {shape} ([B]) but the features are a sequence of "
+                f"T={steps} steps; give it as [B, T] = {(batch, steps)}"
+            )
+    elif rank != 2:
+        expected = "[B] or [B, 1]" if single_step else "[B, T]"
+        raise ValueError(f"{name} must be {expected}, got rank {rank} with shape {shape}")
+    elif shape[1] != steps:
+        raise ValueError(
+            f"{name} has {shape[1]} steps in dimension 1 but the features have T={steps}"
+        )
+    if shape[0] != batch:
+        raise ValueError(f"{name} has batch {shape[0]} but the features have batch {batch}")
+    if action.device != device:
+        raise _device_error(name, action.device, device)
+    action = action.unsqueeze(1) if rank == 1 else action
+    return action if action.dtype == torch.long else action.long()
+
+
+def explain_invalid_values(
+    features: torch.Tensor,
+    valid: torch.Tensor,
+    action_index: torch.Tensor | None,
+    sizes: torch.Tensor,
+    single_step: bool,
+) -> NoReturn:
+    """Raise a `ValueError` describing the first bad value; the slow path of the value check.
+
+    Args:
+        features: `[B, T, F]`.
+        valid: `[B, T, H, A_max]` packed masks.
+        action_index: `[B, T, H]` packed actions, or `None`.
+        sizes: `[H]` head sizes.
+        single_step: The caller gave one step, so rows are named without a step.
+    """
+    bad_rows = (~torch.isfinite(features)).any(dim=-1).nonzero()  # [n, 2]
+    if bad_rows.numel():
+        raise ValueError(f"features contain NaN or Inf at {_where(bad_rows[0], single_step)}")
+    void = (~valid.any(dim=-1)).nonzero()  # [n, 3]
+    if void.numel():
+        head = HEAD_NAMES[int(void[0, 2])]
+        raise ValueError(
+            f"masks[{head!r}] has no valid action at {_where(void[0], single_step)}: "
+            "every row needs at least one True (what should the policy do there?)"
+        )
+    if action_index is not None:
+        out_of_range = ((action_index < 0) | (action_index >= sizes)).nonzero()  # [n, 3]
+        if out_of_range.numel():
+            at = out_of_range[0]
+            head_i = int(at[2])
+            value = int(action_index[int(at[0]), int(at[1]), head_i])
+            raise ValueError(
+                f"actions[{HEAD_NAMES[head_i]!r}] = {value} at {_where(at, single_step)} is "
+                f"out of range: head {HEAD_NAMES[head_i]!r} has {int(sizes[head_i])} actions"
+            )
+        taken = valid.gather(-1, action_index.unsqueeze(-1)).squeeze(-1)  # [B, T, H]
+        masked = (~taken).nonzero()
+        if masked.numel():
+            at = masked[0]
+            head_i = int(at[2])
+            value = int(action_index[int(at[0]), int(at[1]), head_i])
+            raise ValueError(
+                f"actions[{HEAD_NAMES[head_i]!r}] = {value} at {_where(at, single_step)} is "
+                f"masked: masks[{HEAD_NAMES[head_i]!r}] marks it invalid there"
+            )
+    raise AssertionError("explain_invalid_values called on valid inputs")  # pragma: no cover
+
+
+def _where(index: torch.Tensor, single_step: bool) -> str:
+    row = int(index[0])
+    return f"batch row {row}" if single_step else f"batch row {row}, step {int(index[1])}"

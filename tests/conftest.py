@@ -1,0 +1,99 @@
+"""Shared fixtures: small bundles and random masks with a fixed seed."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+from esper.tamiyo.policy import (
+    HEAD_NAMES,
+    ActionMasks,
+    ActionSpace,
+    LSTMPolicyBundle,
+    NetworkOutput,
+    PolicyBundle,
+    PolicyHeads,
+    PolicyInputs,
+)
+
+# Same examples every run: CI must not pass or fail by luck.
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=40)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+FEATURE_DIM = 6
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(1234)
+
+
+def small_lstm(**kwargs: object) -> LSTMPolicyBundle:
+    """An LSTM bundle small enough for fast tests."""
+    options: dict[str, object] = {"hidden_dim": 16, "embed_dim": 12}
+    options.update(kwargs)
+    return LSTMPolicyBundle(FEATURE_DIM, **options)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def bundle() -> LSTMPolicyBundle:
+    return small_lstm()
+
+
+def random_masks(
+    lead: tuple[int, ...],
+    *,
+    space: ActionSpace | None = None,
+    keep: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> ActionMasks:
+    """Random masks of shape `[*lead, A_h]`, at least one valid action per row."""
+    space = space or ActionSpace()
+    masks: dict[str, torch.Tensor | None] = {}
+    for name, size in zip(HEAD_NAMES, space.sizes, strict=True):
+        mask = torch.rand(*lead, size, generator=generator) < keep
+        forced = torch.randint(size, lead, generator=generator)
+        mask.scatter_(-1, forced.unsqueeze(-1), True)
+        masks[name] = mask
+    return ActionMasks.from_mapping(masks)
+
+
+def one_hot_masks(lead: tuple[int, ...], choice: dict[str, int]) -> ActionMasks:
+    """Masks allowing exactly `choice[head]` for every head, shaped `[*lead, A_h]`."""
+    masks: dict[str, torch.Tensor | None] = {}
+    for name, size in zip(HEAD_NAMES, ActionSpace().sizes, strict=True):
+        mask = torch.zeros(*lead, size, dtype=torch.bool)
+        mask[..., choice[name]] = True
+        masks[name] = mask
+    return ActionMasks.from_mapping(masks)
+
+
+class TinyNetwork(torch.nn.Module):
+    """A feed-forward torso and `PolicyHeads`: the smallest real network."""
+
+    def __init__(self, feature_dim: int, space: ActionSpace) -> None:
+        super().__init__()
+        self.torso = torch.nn.Sequential(torch.nn.Linear(feature_dim, 16), torch.nn.Tanh())
+        self.heads = PolicyHeads(16, space)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[B, T, F]` -> logits `[B, T, H, A_max]`, value `[B, T]`."""
+        result: tuple[torch.Tensor, torch.Tensor] = self.heads(self.torso(features))
+        return result
+
+
+class TinyStatelessBundle(PolicyBundle):
+    """A stateless bundle built in a few lines on the base, as a contributor would."""
+
+    def __init__(self, feature_dim: int = FEATURE_DIM, action_space: ActionSpace | None = None):
+        space = action_space or ActionSpace()
+        super().__init__(
+            TinyNetwork(feature_dim, space), feature_dim=feature_dim, action_space=space
+        )
+
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        logits, value = self.network(inputs.features)
+        return NetworkOutput(logits, value, None)

@@ -1,0 +1,107 @@
+"""get_action: masked actions are never taken; a forced choice is taken with log-prob 0."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import FEATURE_DIM, one_hot_masks, random_masks, small_lstm
+from esper.tamiyo.policy import HEAD_NAMES, ActionMasks, LSTMPolicyBundle
+
+CHOICE = {
+    "slot": 2, "blueprint": 11, "style": 0, "tempo": 1,
+    "alpha_target": 2, "alpha_speed": 3, "alpha_curve": 0, "op": 4,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("lead", [(1,), (64,), (4, 9)])
+def test_the_only_valid_action_is_always_taken_with_log_prob_zero(
+    bundle: LSTMPolicyBundle, lead: tuple[int, ...], deterministic: bool
+) -> None:
+    x = torch.randn(*lead, FEATURE_DIM)
+    out = bundle.get_action(x, one_hot_masks(lead, CHOICE), deterministic=deterministic)
+    for name in HEAD_NAMES:
+        assert torch.all(out.action[name] == CHOICE[name]), name
+        assert torch.all(out.log_prob[name] == 0.0), name
+
+
+@pytest.mark.parametrize("batch", [1, 7, 2048])
+def test_a_masked_action_is_never_sampled(bundle: LSTMPolicyBundle, batch: int) -> None:
+    gen = torch.Generator().manual_seed(batch)
+    hidden = bundle.initial_hidden(batch)
+    for _ in range(5 if batch > 1 else 200):
+        masks = random_masks((batch,), keep=0.3, generator=gen)
+        out = bundle.get_action(torch.randn(batch, FEATURE_DIM), masks, hidden)
+        hidden = out.hidden
+        for name in HEAD_NAMES:
+            mask = masks.as_dict()[name]
+            assert mask is not None
+            taken = mask.gather(1, out.action[name].unsqueeze(1))
+            assert bool(taken.all()), f"a masked {name} action was sampled"
+
+
+def test_masked_actions_are_never_sampled_even_against_huge_logits(
+    bundle: LSTMPolicyBundle,
+) -> None:
+    """Masking beats any logit the network can produce, however confident."""
+    with torch.no_grad():
+        bundle.network.heads.out_bias.fill_(0)
+        bundle.network.heads.out_bias[:, :, 0] = 5000.0
+    batch = 512
+    blueprint = torch.ones(batch, 13, dtype=torch.bool)
+    blueprint[:, 0] = False
+    out = bundle.get_action(torch.randn(batch, FEATURE_DIM), ActionMasks(blueprint=blueprint))
+    assert bool((out.action["blueprint"] != 0).all())
+    assert bool((out.action["op"] == 0).all())  # unmasked: the huge logit wins
+
+
+def test_deterministic_takes_the_most_likely_valid_action(bundle: LSTMPolicyBundle) -> None:
+    batch = 16
+    x = torch.randn(batch, FEATURE_DIM)
+    masks = random_masks((batch,))
+    fwd = bundle.forward(x, masks)
+    out = bundle.get_action(x, masks, deterministic=True)
+    for name in HEAD_NAMES:
+        assert torch.equal(out.action[name], fwd.logits[name].argmax(-1))
+
+
+def test_log_probs_are_those_of_the_masked_softmax(bundle: LSTMPolicyBundle) -> None:
+    batch = 32
+    x = torch.randn(batch, FEATURE_DIM)
+    masks = random_masks((batch,))
+    torch.manual_seed(3)
+    out = bundle.get_action(x, masks)
+    fwd = bundle.forward(x, masks)
+    for name in HEAD_NAMES:
+        expected = torch.log_softmax(fwd.logits[name], -1).gather(1, out.action[name].unsqueeze(1))
+        torch.testing.assert_close(out.log_prob[name], expected.squeeze(1))
+        assert bool((out.log_prob[name] <= 0).all())
+
+
+def test_same_seed_same_actions(bundle: LSTMPolicyBundle) -> None:
+    x = torch.randn(8, 3, FEATURE_DIM)
+    masks = random_masks((8, 3))
+    torch.manual_seed(11)
+    first = bundle.get_action(x, masks)
+    torch.manual_seed(11)
+    second = bundle.get_action(x, masks)
+    for name in HEAD_NAMES:
+        assert torch.equal(first.action[name], second.action[name])
+
+
+def test_sampling_follows_the_masked_softmax() -> None:
+    """Empirical frequencies match the policy's probabilities (fixed seed, loose bound)."""
+    bundle = small_lstm()
+    with torch.no_grad():  # make the policy far from uniform
+        bundle.network.heads.out_bias.normal_(0, 1.0)
+    batch = 20000
+    x = torch.randn(1, FEATURE_DIM).expand(batch, FEATURE_DIM)
+    mask = torch.tensor([True, True, False, True, True, False]).expand(batch, 6)
+    masks = ActionMasks(op=mask)
+    out = bundle.get_action(x, masks)
+    probs = torch.softmax(bundle.forward(x[:1], ActionMasks(op=mask[:1])).logits["op"][0], -1)
+    counts = torch.bincount(out.action["op"], minlength=6).float() / batch
+    assert counts[2] == 0
+    assert counts[5] == 0
+    torch.testing.assert_close(counts, probs.detach(), atol=0.015, rtol=0)

@@ -1,0 +1,68 @@
+"""ActionMasks: one field per head, strict construction from a mapping."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from esper.tamiyo.policy import HEAD_NAMES, ActionMasks
+
+
+def _full() -> dict[str, torch.Tensor | None]:
+    return dict.fromkeys(HEAD_NAMES, None)
+
+
+def test_fields_are_exactly_the_heads_in_order() -> None:
+    assert tuple(f.name for f in dataclasses.fields(ActionMasks)) == HEAD_NAMES
+
+
+def test_is_frozen_and_slotted() -> None:
+    masks = ActionMasks()
+    assert not hasattr(masks, "__dict__")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        masks.op = None  # type: ignore[misc]
+
+
+def test_defaults_are_none_meaning_unmasked() -> None:
+    assert all(value is None for value in ActionMasks().as_dict().values())
+
+
+def test_from_mapping_round_trips_through_as_dict() -> None:
+    mapping = _full()
+    mapping["op"] = torch.tensor([[True, False, True, True, False, True]])
+    masks = ActionMasks.from_mapping(mapping)
+    assert masks.op is mapping["op"]
+    assert masks.as_dict() == mapping
+
+
+def test_from_mapping_refuses_an_unknown_key_naming_it_and_the_valid_names() -> None:
+    mapping = _full()
+    mapping["blue_print"] = None
+    with pytest.raises(
+        ValueError, match=r"unknown head 'blue_print'; valid heads: slot, blueprint"
+    ):
+        ActionMasks.from_mapping(mapping)
+
+
+def test_from_mapping_refuses_a_missing_head_naming_it() -> None:
+    mapping = _full()
+    del mapping["alpha_speed"]
+    with pytest.raises(ValueError, match=r"missing head 'alpha_speed'; pass alpha_speed=None"):
+        ActionMasks.from_mapping(mapping)
+
+
+def test_from_mapping_refuses_a_non_mapping() -> None:
+    with pytest.raises(TypeError, match="masks must be an ActionMasks, a mapping"):
+        ActionMasks.from_mapping([None] * 8)  # type: ignore[arg-type]
+
+
+def test_a_non_bool_mask_is_refused_at_construction_naming_the_head() -> None:
+    with pytest.raises(TypeError, match=r"masks\['style'\] must have dtype torch.bool"):
+        ActionMasks(style=torch.ones(2, 4))
+
+
+def test_a_non_tensor_mask_is_refused_at_construction_naming_the_head() -> None:
+    with pytest.raises(TypeError, match=r"masks\['tempo'\] must be a torch.bool tensor or None"):
+        ActionMasks(tempo=[[True, False, True]])  # type: ignore[arg-type]
