@@ -1,0 +1,190 @@
+"""The PolicyBundle contract: one normalization per call, one hook, checked layout."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import FEATURE_DIM, TinyNetwork, TinyStatelessBundle, random_masks, small_lstm
+from esper.tamiyo.policy import (
+    HEAD_NAMES,
+    ActionSpace,
+    MaskArg,
+    NetworkOutput,
+    PolicyBundle,
+    PolicyInputs,
+)
+from esper.tamiyo.policy.inputs import HiddenState
+
+
+class CountingBundle(TinyStatelessBundle):
+    """Counts `_normalize_inputs` and `_forward` calls; extends normalization via super()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.normalized = 0
+        self.forwarded = 0
+        self.seen: list[PolicyInputs] = []
+
+    def _normalize_inputs(
+        self,
+        features: torch.Tensor,
+        masks: MaskArg,
+        hidden: HiddenState | None,
+        actions: Mapping[str, torch.Tensor] | None = None,
+    ) -> PolicyInputs:
+        self.normalized += 1
+        return super()._normalize_inputs(features, masks, hidden, actions)
+
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        self.forwarded += 1
+        self.seen.append(inputs)
+        return super()._forward(inputs)
+
+
+def _call(bundle: PolicyBundle, method: str, lead: tuple[int, ...]) -> Any:
+    x = torch.randn(*lead, FEATURE_DIM)
+    masks = random_masks(lead)
+    actions = {}  # the first valid action of each head
+    for name, mask in masks.as_dict().items():
+        assert mask is not None
+        actions[name] = mask.long().argmax(-1)
+    if method == "evaluate_actions":
+        return bundle.evaluate_actions(x, actions, masks)
+    if method == "get_value":
+        return bundle.get_value(x)
+    return getattr(bundle, method)(x, masks)
+
+
+@pytest.mark.parametrize("method", ["get_action", "forward", "evaluate_actions", "get_value"])
+@pytest.mark.parametrize("lead", [(2,), (2, 3)])
+def test_each_public_method_normalizes_once_then_calls_the_hook_once(
+    method: str, lead: tuple[int, ...]
+) -> None:
+    bundle = CountingBundle()
+    _call(bundle, method, lead)
+    assert bundle.normalized == 1
+    assert bundle.forwarded == 1
+    inputs = bundle.seen[0]
+    batch, steps = lead[0], lead[1] if len(lead) == 2 else 1
+    assert inputs.features.shape == (batch, steps, FEATURE_DIM)
+    assert inputs.single_step == (len(lead) == 1)
+    assert inputs.valid.shape == (batch, steps, 8, 16)
+    for name, size in zip(HEAD_NAMES, ActionSpace().sizes, strict=True):
+        mask = inputs.masks.as_dict()[name]
+        if method == "get_value":
+            assert mask is None
+        else:
+            assert mask is not None
+            assert mask.shape == (batch, steps, size)
+    if method == "evaluate_actions":
+        assert inputs.action_index is not None
+        assert inputs.action_index.shape == (batch, steps, 8)
+        assert inputs.actions is not None
+        assert inputs.actions["op"].shape == (batch, steps)
+    else:
+        assert inputs.actions is None
+
+
+def test_policy_inputs_is_a_frozen_dataclass() -> None:
+    bundle = CountingBundle()
+    _call(bundle, "forward", (2,))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        bundle.seen[0].single_step = False  # type: ignore[misc]
+
+
+def test_the_hook_sees_the_recurrent_state_filled_in() -> None:
+    bundle = small_lstm()
+    inputs = bundle._normalize_inputs(torch.randn(3, FEATURE_DIM), None, None)
+    assert inputs.hidden is not None
+    assert inputs.hidden[0].shape == (1, 3, 16)
+    assert torch.all(inputs.hidden[0] == 0)
+
+
+def test_a_bundle_without_the_hook_cannot_be_built_and_the_error_names_it() -> None:
+    class NoHook(PolicyBundle):
+        pass
+
+    with pytest.raises(TypeError, match=r"Can't instantiate abstract class NoHook.*_forward"):
+        NoHook(TinyNetwork(3, ActionSpace()), feature_dim=3, action_space=ActionSpace())  # type: ignore[abstract]
+
+
+@pytest.mark.parametrize("method", ["get_action", "forward", "evaluate_actions", "initial_hidden"])
+def test_overriding_a_public_method_is_refused_at_class_creation(method: str) -> None:
+    with pytest.raises(TypeError, match=f"Sneaky overrides PolicyBundle.{method}"):
+        type("Sneaky", (TinyStatelessBundle,), {method: lambda self: None})
+
+
+def test_recurrent_flag_and_hidden_shapes_must_agree() -> None:
+    class Confused(TinyStatelessBundle):
+        is_recurrent = True
+
+    with pytest.raises(TypeError, match="Confused: is_recurrent is True but hidden_shapes is None"):
+        Confused()
+
+
+def test_a_hook_returning_the_wrong_layout_is_reported_with_the_expected_shape() -> None:
+    class Flat(TinyStatelessBundle):
+        def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+            logits, value, _ = super()._forward(inputs)
+            return NetworkOutput(logits.flatten(-2), value, None)
+
+    with pytest.raises(RuntimeError, match=r"Flat._forward returned logits of shape \(2, 1, 128\)"):
+        Flat().get_action(torch.randn(2, FEATURE_DIM), None)
+
+    class BadValue(TinyStatelessBundle):
+        def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+            logits, value, _ = super()._forward(inputs)
+            return NetworkOutput(logits, value.unsqueeze(-1), None)
+
+    with pytest.raises(
+        RuntimeError, match=r"BadValue._forward returned value of shape \(2, 1, 1\)"
+    ):
+        BadValue().get_value(torch.randn(2, FEATURE_DIM))
+
+
+def test_constructor_arguments_are_checked() -> None:
+    space = ActionSpace()
+    with pytest.raises(TypeError, match=r"network must be a torch\.nn\.Module"):
+        PolicyBundle.__init__(
+            object.__new__(TinyStatelessBundle),
+            "net",  # type: ignore[arg-type]
+            feature_dim=3,
+            action_space=space,
+        )
+    with pytest.raises(TypeError, match="action_space must be an ActionSpace"):
+        PolicyBundle.__init__(
+            object.__new__(TinyStatelessBundle),
+            TinyNetwork(3, space),
+            feature_dim=3,
+            action_space=(3, 13),  # type: ignore[arg-type]
+        )
+
+
+def test_stateless_bundle_has_no_hidden_state() -> None:
+    bundle = TinyStatelessBundle()
+    assert not bundle.is_recurrent
+    assert bundle.initial_hidden(4) is None
+    assert bundle.get_action(torch.randn(4, FEATURE_DIM), None).hidden is None
+
+
+def test_to_moves_tables_and_dtype() -> None:
+    bundle = small_lstm().to("cpu", dtype=torch.float64)
+    assert bundle.device == torch.device("cpu")
+    hidden = bundle.initial_hidden(2)
+    assert hidden is not None
+    assert hidden[0].dtype == torch.float64
+    out = bundle.get_action(torch.randn(2, FEATURE_DIM, dtype=torch.float64), None, hidden)
+    assert out.value.dtype == torch.float64
+    with pytest.raises(TypeError, match="dtype must be a floating dtype"):
+        bundle.to(dtype=torch.int32)
+
+
+def test_repr_names_the_class_and_sizes() -> None:
+    assert repr(small_lstm()).startswith(
+        "LSTMPolicyBundle(feature_dim=6, action_space=ActionSpace("
+    )

@@ -1,0 +1,90 @@
+"""HeadLayout and the fused categorical arithmetic on the padded layout."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from conftest import random_masks
+from esper.tamiyo.policy import HEAD_NAMES, ActionMasks, ActionSpace, categorical
+from esper.tamiyo.policy.layout import MASKED_LOGIT, PADDING_LOGIT, HeadLayout
+
+SPACE = ActionSpace()
+
+
+def _manual_pack(masks: ActionMasks, lead: tuple[int, ...]) -> torch.Tensor:
+    out = torch.zeros(*lead, len(HEAD_NAMES), SPACE.padded_size, dtype=torch.bool)
+    for head, (name, size) in enumerate(zip(HEAD_NAMES, SPACE.sizes, strict=True)):
+        mask = masks.as_dict()[name]
+        out[..., head, :size] = True if mask is None else mask
+    return out
+
+
+def test_pack_masks_puts_each_head_in_its_row_and_padding_false() -> None:
+    layout = HeadLayout(SPACE)
+    masks = random_masks((4, 3)).as_dict()
+    masks["style"] = None
+    given = ActionMasks.from_mapping(masks)
+    packed = layout.pack_masks(given, 4, 3, flat=False)
+    assert torch.equal(packed, _manual_pack(given, (4, 3)))
+
+
+def test_pack_masks_flat_equals_pack_with_a_time_axis() -> None:
+    layout = HeadLayout(SPACE)
+    flat = random_masks((5,))
+    sequenced = ActionMasks.from_mapping(
+        {n: None if m is None else m.unsqueeze(1) for n, m in flat.as_dict().items()}
+    )
+    assert torch.equal(
+        layout.pack_masks(flat, 5, 1, flat=True), layout.pack_masks(sequenced, 5, 1, flat=False)
+    )
+
+
+def test_all_valid_is_the_structural_mask() -> None:
+    layout = HeadLayout(SPACE)
+    assert torch.equal(layout.all_valid(2, 3), _manual_pack(ActionMasks(), (2, 3)))
+
+
+def test_fill_puts_padding_below_masked_actions() -> None:
+    layout = HeadLayout(SPACE)
+    for head, size in enumerate(SPACE.sizes):
+        assert torch.all(layout.fill[head, :size] == MASKED_LOGIT)
+        assert torch.all(layout.fill[head, size:] == PADDING_LOGIT)
+    assert PADDING_LOGIT < MASKED_LOGIT
+    assert torch.tensor(MASKED_LOGIT, dtype=torch.float16).isfinite()
+    assert torch.tensor(PADDING_LOGIT, dtype=torch.float16).isfinite()
+
+
+def test_inv_log_count_table() -> None:
+    table = HeadLayout(SPACE).inv_log_count
+    assert table[0] == 0
+    assert table[1] == 0
+    for n in range(2, len(table)):
+        assert math.isclose(float(table[n]), 1 / math.log(n), rel_tol=1e-6)
+
+
+def test_split_heads_drops_padding() -> None:
+    layout = HeadLayout(SPACE)
+    padded = torch.randn(2, 3, len(HEAD_NAMES), SPACE.padded_size)
+    parts = layout.split_heads(padded)
+    for head, (name, size) in enumerate(zip(HEAD_NAMES, SPACE.sizes, strict=True)):
+        assert torch.equal(parts[name], padded[:, :, head, :size])
+
+
+def test_gumbel_noise_can_never_lift_a_masked_action() -> None:
+    """Even noise drawn at the extreme ends of [0, 1) keeps masked actions out."""
+    log_probs = torch.log_softmax(torch.tensor([[MASKED_LOGIT, 0.0]]), -1)
+    gen = torch.Generator().manual_seed(0)
+    draws = categorical.sample(log_probs.expand(200000, 2), generator=gen)
+    assert bool((draws == 1).all())
+    # The largest possible noise, u = 1 - 2**-24, is about 16.6: far below 1e4.
+    u = torch.tensor(1 - 2**-24)
+    assert float(-torch.log(-torch.log(u))) < 17
+
+
+def test_sample_with_a_generator_is_reproducible() -> None:
+    log_probs = torch.log_softmax(torch.randn(64, 8, 16), -1)
+    a = categorical.sample(log_probs, generator=torch.Generator().manual_seed(5))
+    b = categorical.sample(log_probs, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)

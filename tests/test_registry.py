@@ -1,0 +1,98 @@
+"""The registry: names to concrete bundle classes, with clear refusals."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from conftest import FEATURE_DIM, TinyStatelessBundle
+from esper.tamiyo.policy import (
+    LSTMPolicyBundle,
+    NetworkOutput,
+    PolicyBundle,
+    PolicyInputs,
+    create_policy,
+    get_policy,
+    list_policies,
+    register_policy,
+    registry,
+)
+
+
+@pytest.fixture(autouse=True)
+def _restore_registry() -> Iterator[None]:
+    saved = dict(registry._REGISTRY)
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)
+
+
+def test_lstm_is_registered() -> None:
+    assert "lstm" in list_policies()
+    assert get_policy("lstm") is LSTMPolicyBundle
+
+
+def test_create_policy_builds_with_keyword_arguments() -> None:
+    bundle = create_policy("lstm", feature_dim=FEATURE_DIM, hidden_dim=8)
+    assert isinstance(bundle, LSTMPolicyBundle)
+    assert bundle.hidden_dim == 8
+
+
+def test_register_returns_the_class_and_lists_it_sorted() -> None:
+    decorated = register_policy("aaa_tiny")(TinyStatelessBundle)
+    assert decorated is TinyStatelessBundle
+    assert list_policies() == sorted(list_policies())
+    assert get_policy("aaa_tiny") is TinyStatelessBundle
+
+
+def test_a_taken_name_is_refused() -> None:
+    with pytest.raises(ValueError, match="policy name 'lstm' is already taken by LSTMPolicyBundle"):
+        register_policy("lstm")(TinyStatelessBundle)
+
+
+def test_an_unknown_name_lists_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown policy 'lstn'; registered policies: .*lstm"):
+        get_policy("lstn")
+    with pytest.raises(ValueError, match="unknown policy 'gru'"):
+        create_policy("gru", feature_dim=3)
+
+
+def test_registering_a_non_bundle_is_a_type_error() -> None:
+    class NotABundle:
+        pass
+
+    with pytest.raises(TypeError, match="decorates PolicyBundle subclasses"):
+        register_policy("nope")(NotABundle)  # type: ignore[type-var]
+    with pytest.raises(TypeError, match="decorates PolicyBundle subclasses"):
+        register_policy("nope")(LSTMPolicyBundle(FEATURE_DIM))  # type: ignore[type-var]
+    assert "nope" not in list_policies()
+
+
+def test_registering_an_abstract_bundle_is_a_type_error_naming_the_missing_hook() -> None:
+    class Half(PolicyBundle):
+        pass
+
+    with pytest.raises(TypeError, match="Half is abstract; implement _forward"):
+        register_policy("half")(Half)
+    with pytest.raises(TypeError, match="PolicyBundle is abstract; implement _forward"):
+        register_policy("base")(PolicyBundle)
+    assert "half" not in list_policies()
+
+
+def test_bad_names_are_refused() -> None:
+    with pytest.raises(ValueError, match="must not be empty"):
+        register_policy("")
+    with pytest.raises(TypeError, match="policy name must be a str"):
+        register_policy(3)  # type: ignore[arg-type]
+
+
+def test_a_registered_subclass_works_end_to_end() -> None:
+    @register_policy("tiny_e2e")
+    class Tiny(TinyStatelessBundle):
+        def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+            return super()._forward(inputs)
+
+    bundle = create_policy("tiny_e2e", feature_dim=4)
+    assert bundle.get_action(torch.randn(2, 4), None).value.shape == (2,)
