@@ -206,9 +206,8 @@ class PolicyBundle(ABC):
         inputs = self._normalize_inputs(features, masks, hidden)
         with torch.no_grad():
             out = self._checked_forward(inputs)
-            _, log_probs = categorical.masked_log_softmax(
-                out.logits, inputs.valid, self._layout.fill
-            )  # [B, T, H, A_max]
+            masked = categorical.mask_logits(out.logits, inputs.valid, self._layout.fill)
+            log_probs = masked.log_softmax(dim=-1)  # [B, T, H, A_max]
             actions = categorical.sample(log_probs, deterministic=deterministic)  # [B, T, H]
             chosen = categorical.log_prob_of(log_probs, actions)  # [B, T, H]
         value = out.value
@@ -238,7 +237,7 @@ class PolicyBundle(ABC):
         """
         inputs = self._normalize_inputs(features, masks, hidden)
         out = self._checked_forward(inputs)
-        masked, _ = categorical.masked_log_softmax(out.logits, inputs.valid, self._layout.fill)
+        masked = categorical.mask_logits(out.logits, inputs.valid, self._layout.fill)
         value = out.value
         if inputs.single_step:
             masked, value = masked.squeeze(1), value.squeeze(1)
@@ -279,7 +278,8 @@ class PolicyBundle(ABC):
         assert inputs.action_index is not None  # given actions are always packed
         out = self._checked_forward(inputs)
         layout = self._layout
-        masked, log_probs = categorical.masked_log_softmax(out.logits, inputs.valid, layout.fill)
+        masked = categorical.mask_logits(out.logits, inputs.valid, layout.fill)
+        log_probs = masked.log_softmax(dim=-1)  # [B, T, H, A_max]
         chosen = categorical.log_prob_of(log_probs, inputs.action_index)  # [B, T, H]
         entropy = categorical.normalized_entropy(
             masked, log_probs, inputs.valid, layout.inv_log_count

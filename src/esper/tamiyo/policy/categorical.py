@@ -13,29 +13,26 @@ import torch
 
 __all__ = [
     "log_prob_of",
-    "masked_log_softmax",
+    "mask_logits",
     "normalized_entropy",
     "sample",
 ]
 
 
-def masked_log_softmax(
-    logits: torch.Tensor, valid: torch.Tensor, fill: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask logits and normalize them per head.
+def mask_logits(logits: torch.Tensor, valid: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """Replace the logits of invalid actions and padding columns by their fill values.
 
     Args:
         logits: `[B, T, H, A_max]` unmasked logits.
         valid: `[B, T, H, A_max]` bool, True where the action may be taken.
-        fill: `[H, A_max]` value for invalid positions (see `HeadLayout.fill`).
+        fill: `[H, A_max]` value for invalid positions (see `HeadLayout.fill`): -1e4 on
+            a head's own columns, lower on padding.
 
     Returns:
-        `(masked_logits, log_probs)`, both `[B, T, H, A_max]`; invalid positions hold
-        the fill in the first and a log-probability below -9000 in the second, so
-        their probability is exactly 0 in fp32.
+        `[B, T, H, A_max]` masked logits. After `log_softmax` an invalid position holds a
+        log-probability below -9000, so its probability is exactly 0 in fp32.
     """
-    masked = torch.where(valid, logits, fill)  # [B, T, H, A_max]
-    return masked, torch.log_softmax(masked, dim=-1)
+    return torch.where(valid, logits, fill)
 
 
 def sample(
@@ -93,8 +90,8 @@ def normalized_entropy(
     actions weigh alike in an entropy bonus; it is 0 where a single action is valid.
 
     Args:
-        masked_logits: `[..., A_max]` from `masked_log_softmax`.
-        log_probs: `[..., A_max]` from `masked_log_softmax`.
+        masked_logits: `[..., A_max]` from `mask_logits`.
+        log_probs: `[..., A_max]`, their `log_softmax`.
         valid: `[..., A_max]` bool.
         inv_log_count: `[A_max + 1]` table of `1 / log(n)` (0 for `n <= 1`).
 
