@@ -1,0 +1,63 @@
+"""Property-based checks over batch sizes, sequence lengths and random masks."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import FEATURE_DIM, random_masks, small_lstm
+from esper.tamiyo.policy import HEAD_NAMES, ActionMasks
+
+BUNDLE = small_lstm()  # read-only in these tests: built once, not per example
+
+
+@st.composite
+def batches(draw: st.DrawFn) -> tuple[torch.Tensor, ActionMasks, int]:
+    """Features `[B, T, F]`, masks `[B, T, A]` with a valid action in every row, a seed."""
+    batch = draw(st.integers(1, 9))
+    steps = draw(st.integers(1, 6))
+    keep = draw(st.floats(0.05, 1.0))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, steps, FEATURE_DIM, generator=gen)
+    return features, random_masks((batch, steps), keep=keep, generator=gen), seed
+
+
+@given(batches())
+def test_sampled_actions_are_valid_and_scores_are_in_range(
+    case: tuple[torch.Tensor, ActionMasks, int],
+) -> None:
+    features, masks, seed = case
+    torch.manual_seed(seed)
+    out = BUNDLE.get_action(features, masks)
+    ev = BUNDLE.evaluate_actions(features, out.action, masks)
+    for name in HEAD_NAMES:
+        mask = masks.as_dict()[name]
+        assert mask is not None
+        assert bool(mask.gather(-1, out.action[name].unsqueeze(-1)).all())
+        assert bool((out.log_prob[name] <= 0).all())
+        torch.testing.assert_close(ev.log_prob[name], out.log_prob[name])
+        entropy = ev.entropy[name]
+        assert bool(((entropy >= 0) & (entropy <= 1 + 1e-5)).all())
+        single = mask.sum(-1) == 1
+        assert bool((entropy[single] == 0).all())
+        assert bool((out.log_prob[name][single] == 0).all())
+
+
+@given(batches())
+def test_stepping_through_a_sequence_equals_the_sequence_call(
+    case: tuple[torch.Tensor, ActionMasks, int],
+) -> None:
+    features, masks, _ = case
+    whole = BUNDLE.forward(features, masks)
+    hidden = BUNDLE.initial_hidden(features.shape[0])
+    for t in range(features.shape[1]):
+        step_masks = ActionMasks.from_mapping(
+            {n: None if m is None else m[:, t] for n, m in masks.as_dict().items()}
+        )
+        out = BUNDLE.forward(features[:, t], step_masks, hidden)
+        hidden = out.hidden
+        torch.testing.assert_close(out.value, whole.value[:, t])
+        for name in HEAD_NAMES:
+            torch.testing.assert_close(out.logits[name], whole.logits[name][:, t])
