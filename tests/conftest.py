@@ -49,11 +49,18 @@ def random_masks(
     space: ActionSpace | None = None,
     keep: float = 0.5,
     generator: torch.Generator | None = None,
+    unmasked: tuple[str, ...] = (),
 ) -> ActionMasks:
-    """Random masks of shape `[*lead, A_h]`, at least one valid action per row."""
+    """Random masks of shape `[*lead, A_h]`, at least one valid action per row.
+
+    Heads named in `unmasked` get `None` (every action valid).
+    """
     space = space or ActionSpace()
     masks: dict[str, torch.Tensor | None] = {}
     for name, size in zip(HEAD_NAMES, space.sizes, strict=True):
+        if name in unmasked:
+            masks[name] = None
+            continue
         mask = torch.rand(*lead, size, generator=generator) < keep
         forced = torch.randint(size, lead, generator=generator)
         mask.scatter_(-1, forced.unsqueeze(-1), True)

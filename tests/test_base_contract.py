@@ -147,6 +147,19 @@ def test_a_hook_returning_the_wrong_layout_is_reported_with_the_expected_shape()
         BadValue().get_value(torch.randn(2, FEATURE_DIM))
 
 
+def test_a_hook_returning_a_pair_is_reported() -> None:
+    class Pair(TinyStatelessBundle):
+        def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+            logits, value, _ = super()._forward(inputs)
+            return (logits, value)  # type: ignore[return-value]
+
+    with pytest.raises(
+        TypeError,
+        match=r"Pair\._forward must return NetworkOutput\(logits, value, hidden\), got tuple",
+    ):
+        Pair().forward(torch.randn(2, FEATURE_DIM), None)
+
+
 def test_constructor_arguments_are_checked() -> None:
     space = ActionSpace()
     with pytest.raises(TypeError, match=r"network must be a torch\.nn\.Module"):
@@ -180,7 +193,7 @@ def test_to_moves_tables_and_dtype() -> None:
     assert hidden[0].dtype == torch.float64
     out = bundle.get_action(torch.randn(2, FEATURE_DIM, dtype=torch.float64), None, hidden)
     assert out.value.dtype == torch.float64
-    with pytest.raises(TypeError, match="dtype must be a floating dtype"):
+    with pytest.raises(TypeError, match=r"dtype must be a floating torch\.dtype, got torch\.int32"):
         bundle.to(dtype=torch.int32)
 
 

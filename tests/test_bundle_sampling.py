@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FEATURE_DIM, one_hot_masks, random_masks, small_lstm
-from esper.tamiyo.policy import HEAD_NAMES, ActionMasks, LSTMPolicyBundle
+from conftest import FEATURE_DIM, TinyStatelessBundle, one_hot_masks, random_masks, small_lstm
+from esper.tamiyo.policy import (
+    HEAD_NAMES,
+    ActionMasks,
+    LSTMPolicyBundle,
+    NetworkOutput,
+    PolicyInputs,
+)
 
 CHOICE = {
     "slot": 2, "blueprint": 11, "style": 0, "tempo": 1,
@@ -105,3 +111,23 @@ def test_sampling_follows_the_masked_softmax() -> None:
     assert counts[2] == 0
     assert counts[5] == 0
     torch.testing.assert_close(counts, probs.detach(), atol=0.015, rtol=0)
+
+
+@pytest.mark.parametrize("shift", [-2e4, -1e6])
+def test_masked_actions_are_never_sampled_from_a_network_with_drifted_logits(shift: float) -> None:
+    """Valid logits far below the -1e4 fill still beat it: they are clamped at -1000."""
+
+    class Drifted(TinyStatelessBundle):
+        def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+            logits, value, _ = super()._forward(inputs)
+            return NetworkOutput(logits + shift, value, None)
+
+    bundle = Drifted()
+    batch = 1000
+    op = torch.ones(batch, 6, dtype=torch.bool)
+    op[:, 0] = False
+    out = bundle.get_action(torch.randn(batch, FEATURE_DIM), ActionMasks(op=op))
+    assert bool((out.action["op"] != 0).all())
+    assert bool((out.action["blueprint"] < 13).all())
+    ev = bundle.evaluate_actions(torch.randn(batch, FEATURE_DIM), out.action, ActionMasks(op=op))
+    assert bool(torch.isfinite(ev.log_prob["op"]).all())

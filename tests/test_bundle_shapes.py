@@ -161,3 +161,34 @@ def test_masks_none_and_all_none_masks_are_the_same(bundle: LSTMPolicyBundle) ->
     b = bundle.forward(x, ActionMasks())
     for name in HEAD_NAMES:
         assert torch.equal(a.logits[name], b.logits[name])
+
+
+@pytest.mark.parametrize("lead", [(3,), (3, 1), (3, 4)])
+def test_masks_with_every_head_none_equal_no_masks(
+    bundle: LSTMPolicyBundle, lead: tuple[int, ...]
+) -> None:
+    """ActionMasks() and an all-None mapping mean "no masking", for steps and sequences."""
+    x = torch.randn(*lead, FEATURE_DIM)
+    reference = bundle.forward(x, None)
+    actions = bundle.get_action(x, None).action
+    ev_reference = bundle.evaluate_actions(x, actions, None)
+    for masks in (ActionMasks(), dict.fromkeys(HEAD_NAMES)):
+        out = bundle.forward(x, masks)
+        ev = bundle.evaluate_actions(x, actions, masks)
+        assert bundle.get_action(x, masks).value.shape == lead
+        for name in HEAD_NAMES:
+            assert torch.equal(out.logits[name], reference.logits[name])
+            assert torch.equal(ev.log_prob[name], ev_reference.log_prob[name])
+
+
+@pytest.mark.parametrize("lead", [(2,), (2, 5)])
+def test_some_heads_unmasked_in_sequences(bundle: LSTMPolicyBundle, lead: tuple[int, ...]) -> None:
+    x = torch.randn(*lead, FEATURE_DIM)
+    masks = random_masks(lead, unmasked=("style", "op"))
+    out = bundle.forward(x, masks)
+    unmasked = bundle.forward(x, None)
+    assert torch.equal(out.logits["op"], unmasked.logits["op"])
+    assert torch.equal(out.logits["style"], unmasked.logits["style"])
+    slot = masks.slot
+    assert slot is not None
+    assert torch.all(out.logits["slot"][~slot] == -1e4)

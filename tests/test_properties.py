@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import FEATURE_DIM, random_masks, small_lstm
-from esper.tamiyo.policy import HEAD_NAMES, ActionMasks
+from esper.tamiyo.policy import HEAD_NAMES, ActionMasks, ActionSpace
 
 BUNDLE = small_lstm()  # read-only in these tests: built once, not per example
 
@@ -19,9 +19,11 @@ def batches(draw: st.DrawFn) -> tuple[torch.Tensor, ActionMasks, int]:
     steps = draw(st.integers(1, 6))
     keep = draw(st.floats(0.05, 1.0))
     seed = draw(st.integers(0, 2**31 - 1))
+    unmasked = tuple(draw(st.sets(st.sampled_from(HEAD_NAMES), max_size=len(HEAD_NAMES))))
     gen = torch.Generator().manual_seed(seed)
     features = torch.randn(batch, steps, FEATURE_DIM, generator=gen)
-    return features, random_masks((batch, steps), keep=keep, generator=gen), seed
+    masks = random_masks((batch, steps), keep=keep, generator=gen, unmasked=unmasked)
+    return features, masks, seed
 
 
 @given(batches())
@@ -32,9 +34,9 @@ def test_sampled_actions_are_valid_and_scores_are_in_range(
     torch.manual_seed(seed)
     out = BUNDLE.get_action(features, masks)
     ev = BUNDLE.evaluate_actions(features, out.action, masks)
-    for name in HEAD_NAMES:
-        mask = masks.as_dict()[name]
-        assert mask is not None
+    for name, size in zip(HEAD_NAMES, ActionSpace().sizes, strict=True):
+        given = masks.as_dict()[name]
+        mask = torch.ones(*features.shape[:2], size, dtype=torch.bool) if given is None else given
         assert bool(mask.gather(-1, out.action[name].unsqueeze(-1)).all())
         assert bool((out.log_prob[name] <= 0).all())
         torch.testing.assert_close(ev.log_prob[name], out.log_prob[name])

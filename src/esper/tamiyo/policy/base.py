@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Self
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from esper.tamiyo.policy import categorical
 from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
@@ -22,11 +23,13 @@ from esper.tamiyo.policy.layout import HeadLayout, per_head
 from esper.tamiyo.policy.masks import ActionMasks
 from esper.tamiyo.policy.outputs import ActionResult, EvalResult, ForwardResult, NetworkOutput
 from esper.tamiyo.policy.validation import (
+    check_action_space,
     check_actions,
     check_features,
     check_hidden,
     check_mask,
     check_positive_int,
+    check_state_dict,
     explain_invalid_values,
 )
 
@@ -122,11 +125,7 @@ class PolicyBundle(ABC):
                 f"{cls_name}: network must be a torch.nn.Module, got {type(network).__name__}"
             )
         check_positive_int(feature_dim, "feature_dim", cls_name)
-        if not isinstance(action_space, ActionSpace):
-            raise TypeError(
-                f"{cls_name}: action_space must be an ActionSpace, "
-                f"got {type(action_space).__name__}"
-            )
+        check_action_space(action_space, cls_name)
         if self.is_recurrent != (hidden_shapes is not None):
             raise TypeError(
                 f"{cls_name}: is_recurrent is {self.is_recurrent} but hidden_shapes is "
@@ -348,23 +347,45 @@ class PolicyBundle(ABC):
         """Where the network and the base's tables live."""
         return self._device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the network's parameters; features and hidden state match it."""
+        return self._dtype
+
     def to(
-        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        self,
+        device: torch.device | str | torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
     ) -> Self:
         """Move the network and the base's tables, in place; returns `self`.
 
+        As `nn.Module.to`: `bundle.to("cuda")`, `bundle.to(torch.float64)`,
+        `bundle.to("cuda", torch.bfloat16)`. Move a bundle with this method, not through
+        `bundle.network`, so that the base's tables and its record of the device and
+        dtype (which its input checks compare against) move too.
+
         Args:
-            device: Target device, or `None` to stay.
+            device: Target device, or a floating dtype, or `None` to stay.
             dtype: Floating dtype for the network's parameters, or `None` to keep it.
+
+        Raises:
+            TypeError: `dtype` is not a floating `torch.dtype`, or both arguments are dtypes.
+            RuntimeError: `device` is not a device torch knows; nothing has moved.
         """
-        if device is not None:
-            # Canonical form ("cuda" -> "cuda:0"), so it compares equal to tensors' devices.
-            self._device = torch.empty(0, device=device).device
-            self.network.to(device=self._device)
-            self._layout.to(self._device)
+        if isinstance(device, torch.dtype):
+            if dtype is not None:
+                raise TypeError(f"to() got two dtypes: {device} and {dtype}")
+            device, dtype = None, device
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        # Canonical form ("cuda" -> "cuda:0") so it compares equal to tensors' devices;
+        # resolving it first also refuses a bad device before anything moves.
+        target = None if device is None else torch.empty(0, device=device).device
+        if target is not None:
+            self.network.to(device=target)
+            self._layout.to(target)
+            self._device = target
         if dtype is not None:
-            if not dtype.is_floating_point:
-                raise TypeError(f"dtype must be a floating dtype, got {dtype}")
             self.network.to(dtype=dtype)
             self._dtype = dtype
         return self
@@ -373,9 +394,28 @@ class PolicyBundle(ABC):
         """The network's `state_dict`: the bundle's only state."""
         return self.network.state_dict()
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Any:
-        """Load weights into the network; as `nn.Module.load_state_dict`."""
-        return self.network.load_state_dict(state_dict, strict=strict)
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True
+    ) -> _IncompatibleKeys:
+        """Load weights into the network, all or nothing.
+
+        Unlike `nn.Module.load_state_dict`, which copies tensors module by module and
+        may stop half way, every key, shape and recorded head size is checked first: a
+        refused checkpoint leaves the bundle exactly as it was.
+
+        Args:
+            state_dict: From `state_dict()` of a bundle of the same class and config.
+            strict: Require exactly the same keys (as `nn.Module.load_state_dict`).
+
+        Returns:
+            The missing and unexpected keys (both empty when `strict`).
+
+        Raises:
+            ValueError: Keys, shapes or head sizes do not match this bundle.
+        """
+        check_state_dict(self.network.state_dict(), state_dict, type(self).__name__, strict)
+        result: _IncompatibleKeys = self.network.load_state_dict(state_dict, strict=strict)
+        return result
 
     def __repr__(self) -> str:
         return (
@@ -414,21 +454,22 @@ class PolicyBundle(ABC):
             TypeError: An argument has the wrong type or dtype.
             ValueError: An argument has the wrong shape, a wrong key, or bad values.
         """
-        features = check_features(features, self.feature_dim, self._device)
+        dtype = self._expected_dtype()
+        features = check_features(features, self.feature_dim, self._device, dtype)
         single_step = features.dim() == 2
         if single_step:
             features = features.unsqueeze(1)  # [B, 1, F]
         batch, steps = features.shape[0], features.shape[1]
 
         given, valid = self._pack_masks(masks, batch, steps, single_step)
-        hidden = self._resolve_hidden(hidden, batch)
+        hidden = self._resolve_hidden(hidden, batch, dtype)
         action_index = (
             None
             if actions is None
             else check_actions(actions, batch, steps, single_step, self._device)
         )  # [B, T, H]
         if self.check_values:
-            self._check_values(features, valid, action_index, single_step)
+            self._check_values(features, valid, action_index, single_step, masks is not None)
         return PolicyInputs(
             features=features,
             valid=valid,
@@ -445,15 +486,28 @@ class PolicyBundle(ABC):
         if masks is None:
             return _NO_MASKS, self._layout.all_valid(batch, steps)
         given = masks if isinstance(masks, ActionMasks) else ActionMasks.from_mapping(masks)
-        flat = True
+        any_given = False
+        flat = steps == 1
         for name, size in zip(HEAD_NAMES, self._head_sizes, strict=True):
             mask = getattr(given, name)
             if mask is not None:
                 check_mask(mask, name, size, batch, steps, single_step, self._device)
+                any_given = True
                 flat = flat and mask.dim() == 2
+        if not any_given:
+            return given, self._layout.all_valid(batch, steps)
         return given, self._layout.pack_masks(given, batch, steps, flat=flat)
 
-    def _resolve_hidden(self, hidden: HiddenState | None, batch: int) -> HiddenState | None:
+    def _expected_dtype(self) -> torch.dtype | None:
+        """The dtype inputs must have, or `None` under autocast (which mixes dtypes)."""
+        device_type = self._device.type
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            return None
+        return self._dtype
+
+    def _resolve_hidden(
+        self, hidden: HiddenState | None, batch: int, dtype: torch.dtype | None
+    ) -> HiddenState | None:
         """Check the caller's hidden state, or start from zeros when it gave none."""
         if self._hidden_shapes is None:
             if hidden is not None:
@@ -464,7 +518,7 @@ class PolicyBundle(ABC):
             return None
         if hidden is None:
             return self.initial_hidden(batch)
-        check_hidden(hidden, self._hidden_shapes, batch, self._device)
+        check_hidden(hidden, self._hidden_shapes, batch, self._device, dtype)
         return hidden
 
     def _check_values(
@@ -473,13 +527,17 @@ class PolicyBundle(ABC):
         valid: torch.Tensor,
         action_index: torch.Tensor | None,
         single_step: bool,
+        masked: bool,
     ) -> None:
         """Refuse NaN/Inf features, void mask rows, and out-of-range or masked actions.
 
         One device sync for all of them; only when one fails does the slow path look
-        for the first offending row to name it.
+        for the first offending row to name it. Without masks there is no void row to
+        look for.
         """
-        ok = torch.isfinite(features).all() & valid.any(dim=-1).all()
+        ok = torch.isfinite(features).all()
+        if masked:
+            ok = ok & valid.any(dim=-1).all()
         if action_index is not None:
             ok = ok & _actions_valid(action_index, valid, self._layout.sizes).all()
         if not bool(ok):
@@ -487,7 +545,13 @@ class PolicyBundle(ABC):
 
     def _checked_forward(self, inputs: PolicyInputs) -> NetworkOutput:
         """Call the hook and check it honoured the layout contract."""
-        logits, value, hidden = self._forward(inputs)
+        out = self._forward(inputs)
+        if not (isinstance(out, tuple) and len(out) == 3):
+            raise TypeError(
+                f"{type(self).__name__}._forward must return NetworkOutput(logits, value, "
+                f"hidden), got {type(out).__name__}"
+            )
+        logits, value, hidden = out
         batch, steps = inputs.features.shape[0], inputs.features.shape[1]
         layout = self._layout
         if logits.shape != (batch, steps, layout.num_heads, layout.padded_size):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from esper.tamiyo.policy.layout import MIN_LOGIT
+
 __all__ = [
     "log_prob_of",
     "mask_logits",
@@ -22,6 +24,10 @@ __all__ = [
 def mask_logits(logits: torch.Tensor, valid: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
     """Replace the logits of invalid actions and padding columns by their fill values.
 
+    Valid logits are clamped from below at `MIN_LOGIT` (-1000), so the fill stays 9000
+    below every valid action whatever the network outputs: a masked action keeps
+    probability exactly 0 even from a network whose logits have drifted to -1e5.
+
     Args:
         logits: `[B, T, H, A_max]` unmasked logits.
         valid: `[B, T, H, A_max]` bool, True where the action may be taken.
@@ -32,7 +38,7 @@ def mask_logits(logits: torch.Tensor, valid: torch.Tensor, fill: torch.Tensor) -
         `[B, T, H, A_max]` masked logits. After `log_softmax` an invalid position holds a
         log-probability below -9000, so its probability is exactly 0 in fp32.
     """
-    return torch.where(valid, logits, fill)
+    return torch.where(valid, logits.clamp(min=MIN_LOGIT), fill)
 
 
 def sample(

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from esper.tamiyo.policy.action_space import ActionSpace
+from esper.tamiyo.policy.validation import check_action_space
 
 __all__ = ["PolicyHeads", "init_orthogonal_"]
 
@@ -59,12 +60,14 @@ class PolicyHeads(nn.Module):
         self, input_dim: int, action_space: ActionSpace, hidden_dim: int | None = None
     ) -> None:
         super().__init__()
+        check_action_space(action_space, type(self).__name__)
         width = hidden_dim if hidden_dim is not None else max(1, input_dim // 2)
         heads = action_space.num_heads
         padded = action_space.padded_size
         self.num_heads = heads
         self.padded_size = padded
         self.head_hidden_dim = width
+        self.action_sizes = action_space.sizes
         self.hidden = nn.Linear(input_dim, (heads + 1) * width)
         self.out_weight = nn.Parameter(torch.zeros(heads + 1, width, padded))
         self.out_bias = nn.Parameter(torch.zeros(heads + 1, 1, padded))
@@ -82,6 +85,23 @@ class PolicyHeads(nn.Module):
             self.out_weight[block, :, :size].copy_(out.weight.T)
         self.hidden.bias.zero_()
         self.out_bias.zero_()
+
+    def get_extra_state(self) -> dict[str, tuple[int, ...]]:
+        """Saved in the `state_dict`: the head sizes the padded weights are laid out for.
+
+        Different action spaces can share the padded weight shapes (3 and 5 slots both
+        pad to 16), so the shapes alone cannot tell a checkpoint was made for another.
+        """
+        return {"action_sizes": self.action_sizes}
+
+    def set_extra_state(self, state: dict[str, tuple[int, ...]]) -> None:
+        """Refuse a checkpoint made for other head sizes."""
+        sizes = tuple(state["action_sizes"])
+        if sizes != self.action_sizes:
+            raise ValueError(
+                f"PolicyHeads: the checkpoint was made for head sizes {sizes}, "
+                f"these heads have {self.action_sizes}"
+            )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Compute all heads' logits and the value.

@@ -17,7 +17,7 @@ HiddenState = tuple[torch.Tensor, ...]
 in `torch.nn.LSTM`); `(h, c)` for an LSTM. Stateless bundles use `None`."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # == on tensors has no truth value: identity
 class PolicyInputs:
     """Inputs after normalization: always batched and sequenced, checked and packed.
 

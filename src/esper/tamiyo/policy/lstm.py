@@ -61,8 +61,9 @@ class LSTMPolicyNetwork(nn.Module):
             if name.startswith("weight"):
                 nn.init.orthogonal_(param)
             else:
-                # Gate order is (input, forget, cell, output): a forget bias of 1 keeps
-                # memory flowing early in training.
+                # Gate order is (input, forget, cell, output). Both bias vectors (b_ih
+                # and b_hh) get 1 on the forget slice, so the gate's bias is 2: memory
+                # flows early in training.
                 param.zero_()
                 param[hidden_dim : 2 * hidden_dim].fill_(1.0)
 
@@ -90,7 +91,10 @@ class LSTMPolicyNetwork(nn.Module):
     def _single_step(
         self, x: torch.Tensor, hidden: HiddenState
     ) -> tuple[torch.Tensor, HiddenState]:
-        """`nn.LSTM` for T == 1 through `torch.lstm_cell`, with the same weights."""
+        """`nn.LSTM` for T == 1 through `torch.lstm_cell`, with the same weights.
+
+        Valid for the LSTM this module builds: unidirectional, no dropout, no projection.
+        """
         h_all, c_all = hidden[0], hidden[1]  # [L, B, D]
         step = x[:, 0]  # [B, E]
         weights: list[list[nn.Parameter]] = self.lstm.all_weights

@@ -14,7 +14,7 @@ __all__ = ["ActionMasks"]
 _VALID_NAMES = ", ".join(HEAD_NAMES)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # == on tensors has no truth value: identity
 class ActionMasks:
     """Which actions of each head are valid at each step.
 

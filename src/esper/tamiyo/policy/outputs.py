@@ -29,7 +29,7 @@ class NetworkOutput(NamedTuple):
     hidden: HiddenState | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # == on tensors has no truth value: identity
 class ActionResult:
     """Result of `PolicyBundle.get_action`. Tensors carry no autograd graph.
 
@@ -49,7 +49,7 @@ class ActionResult:
     hidden: HiddenState | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # == on tensors has no truth value: identity
 class ForwardResult:
     """Result of `PolicyBundle.forward`, with autograd.
 
@@ -65,7 +65,7 @@ class ForwardResult:
     hidden: HiddenState | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # == on tensors has no truth value: identity
 class EvalResult:
     """Result of `PolicyBundle.evaluate_actions`, with autograd, for a PPO update.
 

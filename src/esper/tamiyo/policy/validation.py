@@ -13,14 +13,16 @@ from typing import NoReturn
 
 import torch
 
-from esper.tamiyo.policy.action_space import HEAD_NAMES
+from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
 
 __all__ = [
+    "check_action_space",
     "check_actions",
     "check_features",
     "check_hidden",
     "check_mask",
     "check_positive_int",
+    "check_state_dict",
     "explain_invalid_values",
 ]
 
@@ -52,8 +54,31 @@ def check_positive_int(value: object, name: str, owner: str, minimum: int = 1) -
     return value
 
 
-def check_features(features: object, feature_dim: int, device: torch.device) -> torch.Tensor:
-    """Check features are a finite-width floating `[B, F]` or `[B, T, F]` tensor on `device`.
+def _dtype_error(what: str, got: torch.dtype, want: torch.dtype) -> TypeError:
+    return TypeError(
+        f"{what} has dtype {got} but the bundle's parameters are {want}; convert it with "
+        f".to(bundle.dtype), or run under torch.autocast to mix precisions"
+    )
+
+
+def check_action_space(action_space: object, owner: str) -> None:
+    """Check a constructor's `action_space` argument is an `ActionSpace`."""
+    if not isinstance(action_space, ActionSpace):
+        raise TypeError(
+            f"{owner}: action_space must be an ActionSpace, got {type(action_space).__name__}"
+        )
+
+
+def check_features(
+    features: object, feature_dim: int, device: torch.device, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """Check features are a floating `[B, F]` or `[B, T, F]` tensor the network can take.
+
+    Args:
+        features: What the caller passed.
+        feature_dim: `F`.
+        device: The bundle's device.
+        dtype: The dtype features must have, or `None` under autocast.
 
     Returns:
         `features`, unchanged.
@@ -83,6 +108,8 @@ def check_features(features: object, feature_dim: int, device: torch.device) -> 
         raise ValueError(f"features have an empty batch or sequence, shape {tuple(features.shape)}")
     if features.device != device:
         raise _device_error("features", features.device, device)
+    if dtype is not None and features.dtype != dtype:
+        raise _dtype_error("features", features.dtype, dtype)
     return features
 
 
@@ -141,6 +168,7 @@ def check_hidden(
     shapes: tuple[tuple[int, ...], ...],
     batch: int,
     device: torch.device,
+    dtype: torch.dtype | None,
 ) -> None:
     """Check a recurrent state against the bundle's declared hidden shapes.
 
@@ -149,6 +177,7 @@ def check_hidden(
         shapes: Each tensor's shape without the batch dimension (which goes in dim 1).
         batch: `B` of the features.
         device: The bundle's device.
+        dtype: The dtype the state must have, or `None` under autocast.
     """
     count = len(shapes)
     if not isinstance(hidden, tuple):
@@ -175,6 +204,8 @@ def check_hidden(
             raise ValueError(f"{name} has shape {got}; expected {expected} ([d0, B, ...])")
         if tensor.device != device:
             raise _device_error(name, tensor.device, device)
+        if dtype is not None and tensor.dtype != dtype:
+            raise _dtype_error(name, tensor.dtype, dtype)
 
 
 def check_actions(
@@ -241,6 +272,41 @@ def _check_action(
         raise _device_error(name, action.device, device)
     action = action.unsqueeze(1) if rank == 1 else action
     return action if action.dtype == torch.long else action.long()
+
+
+def check_state_dict(own: Mapping[str, object], incoming: object, owner: str, strict: bool) -> None:
+    """Check a checkpoint fits a network before any tensor is copied.
+
+    Args:
+        own: The network's current `state_dict()`.
+        incoming: The `state_dict` to load.
+        owner: The bundle class, for messages.
+        strict: Require exactly the same keys.
+    """
+    if not isinstance(incoming, Mapping):
+        raise TypeError(f"{owner}: state_dict must be a mapping, got {type(incoming).__name__}")
+    if strict:
+        missing = [key for key in own if key not in incoming]
+        unexpected = [key for key in incoming if key not in own]
+        if missing or unexpected:
+            raise ValueError(
+                f"{owner}: the state_dict does not fit this bundle: missing keys "
+                f"{missing[:5]}, unexpected keys {unexpected[:5]}; was it saved from "
+                "another bundle class or config?"
+            )
+    for key, value in incoming.items():
+        mine = own.get(key)
+        if isinstance(mine, torch.Tensor) and isinstance(value, torch.Tensor):
+            if mine.shape != value.shape:
+                raise ValueError(
+                    f"{owner}: state_dict[{key!r}] has shape {tuple(value.shape)} but this "
+                    f"bundle's has {tuple(mine.shape)}; it was saved with another config"
+                )
+        elif key.endswith("_extra_state") and mine is not None and mine != value:
+            raise ValueError(
+                f"{owner}: state_dict[{key!r}] is {value!r} but this bundle's is {mine!r}; "
+                "it was saved with another config"
+            )
 
 
 def explain_invalid_values(
