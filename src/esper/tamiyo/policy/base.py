@@ -535,7 +535,9 @@ class PolicyBundle(ABC):
         for the first offending row to name it. Without masks there is no void row to
         look for.
         """
-        ok = torch.isfinite(features).all()
+        # x - x is exactly 0 for finite x and NaN for NaN or ±Inf: the same test as
+        # isfinite(x), in two kernels instead of four.
+        ok = features.sub(features).eq(0).all()
         if masked:
             ok = ok & valid.any(dim=-1).all()
         if action_index is not None:
