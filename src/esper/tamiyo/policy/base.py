@@ -67,8 +67,7 @@ class PolicyBundle(ABC):
         A complete stateless bundle:
 
         >>> from torch import nn
-        >>> from esper.tamiyo.policy import ActionSpace, PolicyBundle, PolicyHeads
-        >>> from esper.tamiyo.policy.outputs import NetworkOutput
+        >>> from esper.tamiyo.policy import ActionSpace, NetworkOutput, PolicyBundle, PolicyHeads
         >>> class TinyNet(nn.Module):
         ...     def __init__(self, feature_dim: int, space: ActionSpace) -> None:
         ...         super().__init__()
@@ -204,16 +203,11 @@ class PolicyBundle(ABC):
         """
         inputs = self._normalize_inputs(features, masks, hidden)
         with torch.no_grad():
-            out = self._checked_forward(inputs)
-            masked = categorical.mask_logits(out.logits, inputs.valid, self._layout.fill)
-            log_probs = masked.log_softmax(dim=-1)  # [B, T, H, A_max]
-            actions = categorical.sample(log_probs, deterministic=deterministic)  # [B, T, H]
-            chosen = categorical.log_prob_of(log_probs, actions)  # [B, T, H]
-        value = out.value
+            actions, chosen, value, new_hidden = self._act(inputs, deterministic)
         if inputs.single_step:
             actions, chosen, value = actions.squeeze(1), chosen.squeeze(1), value.squeeze(1)
         return ActionResult(
-            action=per_head(actions), log_prob=per_head(chosen), value=value, hidden=out.hidden
+            action=per_head(actions), log_prob=per_head(chosen), value=value, hidden=new_hidden
         )
 
     def forward(
@@ -274,20 +268,11 @@ class PolicyBundle(ABC):
                 including an action out of range or masked.
         """
         inputs = self._normalize_inputs(features, masks, hidden, actions=actions)
-        assert inputs.action_index is not None  # given actions are always packed
-        out = self._checked_forward(inputs)
-        layout = self._layout
-        masked = categorical.mask_logits(out.logits, inputs.valid, layout.fill)
-        log_probs = masked.log_softmax(dim=-1)  # [B, T, H, A_max]
-        chosen = categorical.log_prob_of(log_probs, inputs.action_index)  # [B, T, H]
-        entropy = categorical.normalized_entropy(
-            masked, log_probs, inputs.valid, layout.inv_log_count
-        )  # [B, T, H]
-        value = out.value
+        chosen, entropy, value, new_hidden = self._evaluate(inputs)
         if inputs.single_step:
             chosen, entropy, value = chosen.squeeze(1), entropy.squeeze(1), value.squeeze(1)
         return EvalResult(
-            log_prob=per_head(chosen), entropy=per_head(entropy), value=value, hidden=out.hidden
+            log_prob=per_head(chosen), entropy=per_head(entropy), value=value, hidden=new_hidden
         )
 
     def get_value(self, features: torch.Tensor, hidden: HiddenState | None = None) -> torch.Tensor:
@@ -545,6 +530,45 @@ class PolicyBundle(ABC):
         if not bool(ok):
             explain_invalid_values(features, valid, action_index, self._layout.sizes, single_step)
 
+    # The compute paths: the hook, then masking, sampling and scoring of all heads on
+    # the padded layout. Tensors in, tensors out, no checks: what `torch.compile` would
+    # wrap, with `_normalize_inputs` and the shaping of results left outside.
+
+    def _act(
+        self, inputs: PolicyInputs, deterministic: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, HiddenState | None]:
+        """Sample (or take the mode of) every head: `(actions, log_probs, value, hidden)`.
+
+        Returns:
+            Actions and their log-probabilities `[B, T, H]`, values `[B, T]`, hidden.
+        """
+        out = self._checked_forward(inputs)
+        masked = categorical.mask_logits(out.logits, inputs.valid, self._layout.fill)
+        log_probs = masked.log_softmax(dim=-1)  # [B, T, H, A_max]
+        actions = categorical.sample(log_probs, deterministic=deterministic)  # [B, T, H]
+        chosen = categorical.log_prob_of(log_probs, actions)  # [B, T, H]
+        return actions, chosen, out.value, out.hidden
+
+    def _evaluate(
+        self, inputs: PolicyInputs
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, HiddenState | None]:
+        """Score the given actions: `(log_probs, entropies, value, hidden)`.
+
+        Returns:
+            Log-probabilities and normalized entropies `[B, T, H]`, values `[B, T]`,
+            hidden.
+        """
+        assert inputs.action_index is not None  # evaluate_actions always packs actions
+        out = self._checked_forward(inputs)
+        layout = self._layout
+        masked = categorical.mask_logits(out.logits, inputs.valid, layout.fill)
+        log_probs = masked.log_softmax(dim=-1)  # [B, T, H, A_max]
+        chosen = categorical.log_prob_of(log_probs, inputs.action_index)  # [B, T, H]
+        entropy = categorical.normalized_entropy(
+            masked, log_probs, inputs.valid, layout.inv_log_count
+        )  # [B, T, H]
+        return chosen, entropy, out.value, out.hidden
+
     def _checked_forward(self, inputs: PolicyInputs) -> NetworkOutput:
         """Call the hook and check it honoured the layout contract."""
         out = self._forward(inputs)
@@ -579,6 +603,8 @@ _FINAL_METHODS = (
     "evaluate_actions",
     "get_value",
     "initial_hidden",
+    "_act",
+    "_evaluate",
     "_checked_forward",
 )
 
