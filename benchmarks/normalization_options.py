@@ -366,34 +366,14 @@ def _run_closure_def(case: Case) -> Runner:
     return run
 
 
-def _run_closure(case: Case) -> Runner:
+def _run_keyword_masks(normalize: Callable[..., object], case: Case) -> Runner:
+    """Runner for options 1 and 2, which take the eight masks as keyword arguments."""
     features = case.features
     slot, blueprint, style, tempo, alpha_target, alpha_speed, alpha_curve, op = case.masks
 
     def run(n: int) -> None:
         for _ in range(n):
-            normalize_closure(
-                features,
-                slot=slot,
-                blueprint=blueprint,
-                style=style,
-                tempo=tempo,
-                alpha_target=alpha_target,
-                alpha_speed=alpha_speed,
-                alpha_curve=alpha_curve,
-                op=op,
-            )
-
-    return run
-
-
-def _run_module_helper(case: Case) -> Runner:
-    features = case.features
-    slot, blueprint, style, tempo, alpha_target, alpha_speed, alpha_curve, op = case.masks
-
-    def run(n: int) -> None:
-        for _ in range(n):
-            normalize_module_helper(
+            normalize(
                 features,
                 slot=slot,
                 blueprint=blueprint,
@@ -446,8 +426,8 @@ def _make_runners(
     """Option key to its runner on `case`, in `OPTION_LABELS` order."""
     return {
         "closure_def": _run_closure_def(case),
-        "closure": _run_closure(case),
-        "module_helper": _run_module_helper(case),
+        "closure": _run_keyword_masks(normalize_closure, case),
+        "module_helper": _run_keyword_masks(normalize_module_helper, case),
         "protocol_free_fn": _run_protocol_free_fn(case),
         "abstract_base_checked": _run_abstract_base(checked, case),
         "abstract_base_unchecked": _run_abstract_base(unchecked, case),
