@@ -207,7 +207,7 @@ CASES = [
          ValueError, r"actions has unknown head 'opp'; valid heads"),
     Case("actions float", "evaluate_actions",
          lambda: {"features": _x2(), "actions": _with(_actions(), style=torch.zeros(B)), "masks": None},
-         TypeError, r"actions\['style'\] must be an integer tensor \(int64\), got dtype torch.float32"),
+         TypeError, r"actions\['style'\] must be an integer tensor \(int64, as get_action returns\), got dtype torch.float32"),
     Case("actions bool", "evaluate_actions",
          lambda: {"features": _x2(), "masks": None,
                   "actions": _with(_actions(), style=torch.zeros(B, dtype=torch.bool))},

@@ -160,3 +160,13 @@ def test_masks_as_action_masks_in_evaluate(bundle: LSTMPolicyBundle) -> None:
         ActionMasks(op=torch.tensor([[True, False, False, False, False, False]] * 2)),
     )
     assert torch.all(ev.log_prob["op"] == 0)
+
+
+def test_other_integer_action_dtypes_are_converted(bundle: LSTMPolicyBundle) -> None:
+    x = torch.randn(4, FEATURE_DIM)
+    masks = random_masks((4,))
+    acted = bundle.get_action(x, masks)
+    as_int32 = {name: a.to(torch.int32) for name, a in acted.action.items()}
+    ev = bundle.evaluate_actions(x, as_int32, masks)
+    for name in HEAD_NAMES:
+        torch.testing.assert_close(ev.log_prob[name], acted.log_prob[name])

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from conftest import FEATURE_DIM, random_masks, small_lstm
-from esper.tamiyo.policy import HEAD_NAMES, ActionSpace, LSTMPolicyBundle
+from esper.tamiyo.policy import HEAD_NAMES, ActionMasks, ActionSpace, LSTMPolicyBundle
 
 
 def test_default_architecture() -> None:
@@ -103,19 +103,23 @@ def test_rollout_steps_equal_the_update_sequence() -> None:
     """What PPO sees: a rollout of single steps is replayed exactly as one sequence."""
     bundle = small_lstm(num_layers=2)
     batch, steps = 3, 6
-    masks = random_masks((batch, steps))
+    gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, steps, FEATURE_DIM)
     start = bundle.initial_hidden(batch)
     hidden = start
     log_probs = []
     actions = []
+    step_masks = []
     for t in range(steps):
-        step_masks = {n: None if m is None else m[:, t] for n, m in masks.as_dict().items()}
-        out = bundle.get_action(x[:, t], step_masks, hidden)
+        # Masks change per step; some steps leave some heads unmasked.
+        unmasked = ("style", "tempo") if t % 2 else ()
+        step_masks.append(random_masks((batch,), generator=gen, unmasked=unmasked))
+        out = bundle.get_action(x[:, t], step_masks[-1], hidden)
         hidden = out.hidden
         log_probs.append(out.log_prob)
         actions.append(out.action)
     stacked = {n: torch.stack([a[n] for a in actions], 1) for n in HEAD_NAMES}
+    masks = ActionMasks.stack(step_masks)  # [B, T, A_h]
     ev = bundle.evaluate_actions(x, stacked, masks, start)
     for name in HEAD_NAMES:
         expected = torch.stack([lp[name] for lp in log_probs], 1)

@@ -66,3 +66,27 @@ def test_a_non_bool_mask_is_refused_at_construction_naming_the_head() -> None:
 def test_a_non_tensor_mask_is_refused_at_construction_naming_the_head() -> None:
     with pytest.raises(TypeError, match=r"masks\['tempo'\] must be a torch.bool tensor or None"):
         ActionMasks(tempo=[[True, False, True]])  # type: ignore[arg-type]
+
+
+def test_stack_builds_sequence_masks_filling_unmasked_steps() -> None:
+    op_a = torch.tensor([[True, False, True, True, True, True]] * 2)
+    op_b = torch.tensor([[False, True, True, True, True, True]] * 2)
+    steps = [ActionMasks(op=op_a), ActionMasks(), ActionMasks(op=op_b)]
+    stacked = ActionMasks.stack(steps)
+    assert stacked.slot is None
+    assert stacked.op is not None
+    assert stacked.op.shape == (2, 3, 6)
+    assert torch.equal(stacked.op[:, 0], op_a)
+    assert bool(stacked.op[:, 1].all())
+    assert torch.equal(stacked.op[:, 2], op_b)
+
+
+def test_stack_refuses_no_steps_and_mismatched_shapes() -> None:
+    with pytest.raises(ValueError, match="needs at least one step"):
+        ActionMasks.stack([])
+    steps = [
+        ActionMasks(style=torch.ones(2, 4, dtype=torch.bool)),
+        ActionMasks(style=torch.ones(3, 4, dtype=torch.bool)),
+    ]
+    with pytest.raises(ValueError, match=r"masks\['style'\] has shape \(3, 4\) at step 1"):
+        ActionMasks.stack(steps)

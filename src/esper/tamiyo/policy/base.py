@@ -66,21 +66,23 @@ class PolicyBundle(ABC):
     Example:
         A complete stateless bundle:
 
+        >>> import torch
         >>> from torch import nn
-        >>> from esper.tamiyo.policy import ActionSpace, NetworkOutput, PolicyBundle, PolicyHeads
+        >>> from esper.tamiyo.policy import (
+        ...     ActionSpace, NetworkOutput, PolicyBundle, PolicyHeads, PolicyInputs)
         >>> class TinyNet(nn.Module):
         ...     def __init__(self, feature_dim: int, space: ActionSpace) -> None:
         ...         super().__init__()
         ...         self.torso = nn.Sequential(nn.Linear(feature_dim, 32), nn.ReLU())
         ...         self.heads = PolicyHeads(32, space)
-        ...     def forward(self, x):
-        ...         return self.heads(self.torso(x))
+        ...     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ...         return self.heads(self.torso(x))  # [B, T, H, A_max], [B, T]
         >>> class TinyBundle(PolicyBundle):
         ...     def __init__(self, feature_dim: int) -> None:
         ...         space = ActionSpace()
         ...         super().__init__(TinyNet(feature_dim, space), feature_dim=feature_dim,
         ...                          action_space=space)
-        ...     def _forward(self, inputs):
+        ...     def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
         ...         logits, value = self.network(inputs.features)
         ...         return NetworkOutput(logits, value, None)
         >>> bundle = TinyBundle(feature_dim=10)
@@ -253,7 +255,8 @@ class PolicyBundle(ABC):
 
         Args:
             features: `[B, F]` or `[B, T, F]`.
-            actions: Every head name to int64 actions, shaped like the masks without
+            actions: Every head name to integer actions (int64 as `get_action` gives
+                them; other integer dtypes are converted), shaped like the masks without
                 their last dimension (`[B]`, `[B, 1]` or `[B, T]`).
             masks: As for `get_action`; the same masks the actions were taken under.
             hidden: As for `get_action`.

@@ -80,6 +80,7 @@ def run_demo(
         f"Masked rollouts: {steps} steps, batch {batch}, feature_dim {feature_dim}, "
         f"seed {seed}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)\n"
     )
+    print("First steps of environment 0 (log_prob: summed over the eight heads):")
     header = "".join(f"{h:>13s}" for h in HEAD_NAMES)
     print(f"  {'policy':<8}{'step':>5s}{header}{'log_prob':>10s}{'value':>9s}")
     summary: list[str] = []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +99,54 @@ class ActionMasks:
             alpha_curve=masks["alpha_curve"],
             op=masks["op"],
         )
+
+    @classmethod
+    def stack(cls, steps: Sequence[ActionMasks], dim: int = 1) -> ActionMasks:
+        """Stack the masks of consecutive steps into sequence masks, for a PPO update.
+
+        A head that is `None` at some steps and masked at others gets all-True rows
+        at the `None` steps; a head `None` at every step stays `None`.
+
+        Args:
+            steps: One `ActionMasks` per step, each head `[B, A_h]` or `None`.
+            dim: Where the new time axis goes: 1 gives `[B, T, A_h]`.
+
+        Returns:
+            The stacked masks.
+
+        Raises:
+            ValueError: `steps` is empty, or a head's masks differ in shape between steps.
+
+        Example:
+            >>> import torch
+            >>> step = ActionMasks(op=torch.ones(4, 6, dtype=torch.bool))
+            >>> ActionMasks.stack([step, ActionMasks(), step]).op.shape
+            torch.Size([4, 3, 6])
+        """
+        if not steps:
+            raise ValueError("ActionMasks.stack needs at least one step")
+        stacked: list[torch.Tensor | None] = []
+        for name in HEAD_NAMES:
+            template: torch.Tensor | None = None
+            for step in steps:
+                template = getattr(step, name)
+                if template is not None:
+                    break
+            if template is None:
+                stacked.append(None)
+                continue
+            full = torch.ones_like(template)
+            columns: list[torch.Tensor] = []
+            for index, step in enumerate(steps):
+                mask = getattr(step, name)
+                if mask is not None and mask.shape != template.shape:
+                    raise ValueError(
+                        f"masks[{name!r}] has shape {tuple(mask.shape)} at step {index} but "
+                        f"{tuple(template.shape)} at an earlier step"
+                    )
+                columns.append(full if mask is None else mask)
+            stacked.append(torch.stack(columns, dim=dim))
+        return cls(*stacked)
 
     def as_dict(self) -> dict[str, torch.Tensor | None]:
         """Head name to mask, in `HEAD_NAMES` order (the inverse of `from_mapping`)."""

@@ -150,7 +150,7 @@ def check_mask(
         raise ValueError(f"{name} must be {expected}, got rank {rank} with shape {shape}")
     elif shape[1] != steps:
         raise ValueError(
-            f"{name} has {shape[1]} steps in dimension 1 but the features have T={steps}; "
+            f"{name} has {_steps(shape[1])} in dimension 1 but the features have T={steps}; "
             f"expected {(batch, steps, size)}"
         )
     if shape[0] != batch:
@@ -250,7 +250,10 @@ def _check_action(
     if not isinstance(action, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(action).__name__}")
     if action.is_floating_point() or action.is_complex() or action.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor (int64), got dtype {action.dtype}")
+        raise TypeError(
+            f"{name} must be an integer tensor (int64, as get_action returns), "
+            f"got dtype {action.dtype}"
+        )
     shape = tuple(action.shape)
     rank = len(shape)
     if rank == 1:
@@ -264,7 +267,7 @@ def _check_action(
         raise ValueError(f"{name} must be {expected}, got rank {rank} with shape {shape}")
     elif shape[1] != steps:
         raise ValueError(
-            f"{name} has {shape[1]} steps in dimension 1 but the features have T={steps}"
+            f"{name} has {_steps(shape[1])} in dimension 1 but the features have T={steps}"
         )
     if shape[0] != batch:
         raise ValueError(f"{name} has batch {shape[0]} but the features have batch {batch}")
@@ -356,6 +359,10 @@ def explain_invalid_values(
                 f"masked: masks[{HEAD_NAMES[head_i]!r}] marks it invalid there"
             )
     raise AssertionError("explain_invalid_values called on valid inputs")  # pragma: no cover
+
+
+def _steps(count: int) -> str:
+    return "1 step" if count == 1 else f"{count} steps"
 
 
 def _where(index: torch.Tensor, single_step: bool) -> str:
