@@ -11,6 +11,7 @@ from esper.tamiyo.policy import (
     ActionMasks,
     LSTMPolicyBundle,
     NetworkOutput,
+    PolicyHeads,
     PolicyInputs,
 )
 
@@ -113,9 +114,9 @@ def test_sampling_follows_the_masked_softmax() -> None:
     torch.testing.assert_close(counts, probs.detach(), atol=0.015, rtol=0)
 
 
-@pytest.mark.parametrize("shift", [-2e4, -1e6])
+@pytest.mark.parametrize("shift", [-2e4, -1e6, 1e6])
 def test_masked_actions_are_never_sampled_from_a_network_with_drifted_logits(shift: float) -> None:
-    """Valid logits far below the -1e4 fill still beat it: they are clamped at -1000."""
+    """Valid logits far from 0 still beat the -1e4 fill: each head is shifted first."""
 
     class Drifted(TinyStatelessBundle):
         def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
@@ -131,3 +132,10 @@ def test_masked_actions_are_never_sampled_from_a_network_with_drifted_logits(shi
     assert bool((out.action["blueprint"] < 13).all())
     ev = bundle.evaluate_actions(torch.randn(batch, FEATURE_DIM), out.action, ActionMasks(op=op))
     assert bool(torch.isfinite(ev.log_prob["op"]).all())
+    # The policy still learns: drifted logits keep their gradient.
+    torch.autograd.backward(ev.log_prob["op"].sum() + ev.entropy["blueprint"].sum())
+    heads = bundle.network.heads
+    assert isinstance(heads, PolicyHeads)
+    grad = heads.out_bias.grad
+    assert grad is not None
+    assert bool(grad.abs().sum() > 0)

@@ -140,12 +140,16 @@ def test_mapping_gives_exactly_what_the_equal_action_masks_give(
     unmasked = bundle.forward(x, None, hidden)
     for name in HEAD_NAMES:
         assert torch.equal(a.logits[name], b.logits[name])
-    # The masks really mask: invalid entries differ from the unmasked logits.
+    # The masks really mask: invalid entries are filled, valid ones keep their
+    # differences (each row is shifted so its best valid logit is 0).
     for name in HEAD_NAMES:
         mask = masks.as_dict()[name]
         assert mask is not None
         assert torch.all(a.logits[name][~mask] == -1e4)
-        assert torch.equal(a.logits[name][mask], unmasked.logits[name][mask])
+        raw = unmasked.logits[name]
+        top = raw.masked_fill(~mask, float("-inf")).amax(-1, keepdim=True)
+        torch.testing.assert_close(a.logits[name][mask], (raw - top)[mask])
+        assert torch.all(a.logits[name].amax(-1) == 0)
     torch.manual_seed(7)
     act_a = bundle.get_action(x, masks, hidden)
     torch.manual_seed(7)

@@ -68,3 +68,19 @@ def test_missing_and_unexpected_keys_are_named() -> None:
 def test_state_dict_records_the_head_sizes() -> None:
     state = LSTMPolicyBundle(FEATURE_DIM, action_space=ActionSpace(slot=4)).state_dict()
     assert state["heads._extra_state"] == {"action_sizes": (4, 13, 4, 3, 3, 4, 3, 6)}
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [(None, "must be a tensor with data, got NoneType"), ("meta", "got a meta tensor")],
+)
+def test_a_key_without_tensor_data_is_refused_before_anything_changes(
+    value: object, match: str
+) -> None:
+    target = small_lstm()
+    state = dict(small_lstm().state_dict())
+    state["lstm_norm.weight"] = torch.empty(16, device="meta") if value == "meta" else value
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(state)
+    assert _unchanged(target, before)

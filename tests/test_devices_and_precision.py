@@ -86,3 +86,14 @@ def test_bfloat16_bundle_runs_end_to_end() -> None:
     for name in HEAD_NAMES:
         assert bool(torch.isfinite(ev.log_prob[name]).all())
         torch.testing.assert_close(ev.log_prob[name], acted.log_prob[name])
+
+
+def test_under_autocast_float64_is_still_refused_before_the_network_runs() -> None:
+    """Autocast mixes float32 and bfloat16; it never casts float64, so that stays an error."""
+    bundle = small_lstm()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bundle.get_action(torch.randn(2, FEATURE_DIM, dtype=torch.bfloat16), None)
+        with pytest.raises(
+            TypeError, match=r"under autocast the bundle takes torch\.float32, torch\.bfloat16"
+        ):
+            bundle.get_action(torch.randn(2, FEATURE_DIM, dtype=torch.float64), None)

@@ -88,5 +88,32 @@ def test_stack_refuses_no_steps_and_mismatched_shapes() -> None:
         ActionMasks(style=torch.ones(2, 4, dtype=torch.bool)),
         ActionMasks(style=torch.ones(3, 4, dtype=torch.bool)),
     ]
-    with pytest.raises(ValueError, match=r"masks\['style'\] has shape \(3, 4\) at step 1"):
+    with pytest.raises(ValueError, match=r"masks\['style'\] is \(3, 4\) on cpu at step 1"):
         ActionMasks.stack(steps)
+
+
+def test_stack_reads_any_iterable_once() -> None:
+    """A generator must give the same result as a list (it can only be read once)."""
+    op = torch.tensor([[True, False, True, True, True, True]])
+    style = torch.tensor([[True, True, False, True]])
+    steps = [ActionMasks(op=op, style=style), ActionMasks(op=op)]
+    from_list = ActionMasks.stack(steps)
+    from_generator = ActionMasks.stack(step for step in steps)
+    for name in ("op", "style"):
+        a, b = from_list.as_dict()[name], from_generator.as_dict()[name]
+        assert a is not None
+        assert b is not None
+        assert torch.equal(a, b)
+
+
+def test_stack_accepts_single_step_masks_with_a_time_axis_and_refuses_others() -> None:
+    op = torch.ones(2, 1, 6, dtype=torch.bool)
+    stacked = ActionMasks.stack([ActionMasks(op=op)] * 3)
+    assert stacked.op is not None
+    assert stacked.op.shape == (2, 3, 6)
+    with pytest.raises(ValueError, match=r"masks\['op'\] at step 0 has shape \(2, 4, 6\)"):
+        ActionMasks.stack([ActionMasks(op=torch.ones(2, 4, 6, dtype=torch.bool))])
+    with pytest.raises(
+        TypeError, match=r"ActionMasks\.stack takes ActionMasks, got dict at step 0"
+    ):
+        ActionMasks.stack([{"op": None}])  # type: ignore[list-item]

@@ -103,7 +103,8 @@ class PolicyBundle(ABC):
         check_values: Run the checks that need a device sync (NaN/Inf features, a mask
             row with no valid action, out-of-range or masked actions). On by default;
             switch off in a tight loop whose inputs are known good. Shape, dtype, key
-            and device checks are always on: they cost no sync.
+            and device checks are always on: they cost no sync. Under autocast the
+            dtype check accepts float32 and the autocast dtype as well.
         network: The `nn.Module`. Hand it to an optimizer or to
             `DistributedDataParallel`; move the bundle with `to()`.
         action_space: Head sizes.
@@ -223,8 +224,9 @@ class PolicyBundle(ABC):
             hidden: As for `get_action`.
 
         Returns:
-            Masked logits per head (`[B, A_h]` or `[B, T, A_h]`; invalid actions hold
-            -1e4), values (`[B]` or `[B, T]`) and the new hidden state.
+            Masked logits per head (`[B, A_h]` or `[B, T, A_h]`): each row shifted so
+            its largest valid logit is 0 (softmax and argmax are unchanged), invalid
+            actions at -1e4; values (`[B]` or `[B, T]`) and the new hidden state.
 
         Raises:
             TypeError: An argument has the wrong type or dtype.
@@ -358,7 +360,8 @@ class PolicyBundle(ABC):
 
         Raises:
             TypeError: `dtype` is not a floating `torch.dtype`, or both arguments are dtypes.
-            RuntimeError: `device` is not a device torch knows; nothing has moved.
+            RuntimeError: `device` is not one torch can use here (torch's own error;
+                for "cuda" on a CPU build an AssertionError); nothing has moved.
         """
         if isinstance(device, torch.dtype):
             if dtype is not None:
@@ -442,15 +445,15 @@ class PolicyBundle(ABC):
             TypeError: An argument has the wrong type or dtype.
             ValueError: An argument has the wrong shape, a wrong key, or bad values.
         """
-        dtype = self._expected_dtype()
-        features = check_features(features, self.feature_dim, self._device, dtype)
+        dtypes = self._allowed_dtypes()
+        features = check_features(features, self.feature_dim, self._device, dtypes)
         single_step = features.dim() == 2
         if single_step:
             features = features.unsqueeze(1)  # [B, 1, F]
         batch, steps = features.shape[0], features.shape[1]
 
         given, valid = self._pack_masks(masks, batch, steps, single_step)
-        hidden = self._resolve_hidden(hidden, batch, dtype)
+        hidden = self._resolve_hidden(hidden, batch, dtypes)
         action_index = (
             None
             if actions is None
@@ -486,15 +489,19 @@ class PolicyBundle(ABC):
             return given, self._layout.all_valid(batch, steps)
         return given, self._layout.pack_masks(given, batch, steps, flat=flat)
 
-    def _expected_dtype(self) -> torch.dtype | None:
-        """The dtype inputs must have, or `None` under autocast (which mixes dtypes)."""
+    def _allowed_dtypes(self) -> tuple[torch.dtype, ...]:
+        """Dtypes features and hidden state may have.
+
+        The parameters' dtype; under autocast also float32 and the autocast dtype, the
+        dtypes autocast itself mixes.
+        """
         device_type = self._device.type
         if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-            return None
-        return self._dtype
+            return (self._dtype, torch.float32, torch.get_autocast_dtype(device_type))
+        return (self._dtype,)
 
     def _resolve_hidden(
-        self, hidden: HiddenState | None, batch: int, dtype: torch.dtype | None
+        self, hidden: HiddenState | None, batch: int, dtypes: tuple[torch.dtype, ...]
     ) -> HiddenState | None:
         """Check the caller's hidden state, or start from zeros when it gave none."""
         if self._hidden_shapes is None:
@@ -506,7 +513,7 @@ class PolicyBundle(ABC):
             return None
         if hidden is None:
             return self.initial_hidden(batch)
-        check_hidden(hidden, self._hidden_shapes, batch, self._device, dtype)
+        check_hidden(hidden, self._hidden_shapes, batch, self._device, dtypes)
         return hidden
 
     def _check_values(

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from esper.tamiyo.policy.layout import MIN_LOGIT
-
 __all__ = [
     "log_prob_of",
     "mask_logits",
@@ -22,23 +20,27 @@ __all__ = [
 
 
 def mask_logits(logits: torch.Tensor, valid: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-    """Replace the logits of invalid actions and padding columns by their fill values.
+    """Mask logits, after shifting each head so its largest valid logit is 0.
 
-    Valid logits are clamped from below at `MIN_LOGIT` (-1000), so the fill stays 9000
-    below every valid action whatever the network outputs: a masked action keeps
-    probability exactly 0 even from a network whose logits have drifted to -1e5.
+    Softmax, log-probabilities, argmax and their gradients are unchanged by a shift of
+    a whole row; the shift makes masking independent of the network's scale: invalid
+    actions (-1e4) and padding (-3e4) sit at least 1e4 below the best valid action
+    whatever the logits are, so a masked action keeps probability exactly 0 even from a
+    network whose logits have drifted to -1e6. The shift is detached: it carries no
+    gradient, and needs none.
 
     Args:
         logits: `[B, T, H, A_max]` unmasked logits.
         valid: `[B, T, H, A_max]` bool, True where the action may be taken.
-        fill: `[H, A_max]` value for invalid positions (see `HeadLayout.fill`): -1e4 on
-            a head's own columns, lower on padding.
+        fill: `[H, A_max]` value for invalid positions (see `HeadLayout.fill`).
 
     Returns:
-        `[B, T, H, A_max]` masked logits. After `log_softmax` an invalid position holds a
-        log-probability below -9000, so its probability is exactly 0 in fp32.
+        `[B, T, H, A_max]` masked logits, each head's largest valid one 0. After
+        `log_softmax` an invalid position holds a log-probability below -9000, so its
+        probability is exactly 0 in fp32.
     """
-    return torch.where(valid, logits.clamp(min=MIN_LOGIT), fill)
+    top = torch.where(valid, logits, -torch.inf).amax(dim=-1, keepdim=True)  # [B, T, H, 1]
+    return torch.where(valid, logits - top.detach(), fill)
 
 
 def sample(

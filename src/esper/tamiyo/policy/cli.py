@@ -127,7 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `esper-policy`; returns the exit code."""
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        return run_demo(args.steps, args.batch, args.feature_dim, args.seed, args.threads)
+        threads = torch.get_num_threads()
+        try:
+            return run_demo(args.steps, args.batch, args.feature_dim, args.seed, args.threads)
+        finally:
+            torch.set_num_threads(threads)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse refuses others
 
 

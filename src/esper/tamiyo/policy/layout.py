@@ -19,16 +19,11 @@ import torch
 from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
 from esper.tamiyo.policy.masks import ActionMasks
 
-__all__ = ["MASKED_LOGIT", "MIN_LOGIT", "PADDING_LOGIT", "HeadLayout"]
+__all__ = ["MASKED_LOGIT", "PADDING_LOGIT", "HeadLayout"]
 
 MASKED_LOGIT: Final = -1e4
 """Logit given to an invalid action: exp() of it underflows to exactly 0 in fp32, and
 it stays finite in fp16 and bf16, where -inf would turn into NaN in softmax backward."""
-
-MIN_LOGIT: Final = -1e3
-"""Valid logits are clamped from below here, 9000 above `MASKED_LOGIT`, so that no
-network output, however far it drifts, can make a masked action likely. It changes
-nothing a sane network produces: a logit 1000 below another has probability e^-1000."""
 
 PADDING_LOGIT: Final = -3e4
 """Logit given to a padding column, below `MASKED_LOGIT`, so that even with value

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -101,21 +101,23 @@ class ActionMasks:
         )
 
     @classmethod
-    def stack(cls, steps: Sequence[ActionMasks], dim: int = 1) -> ActionMasks:
+    def stack(cls, steps: Iterable[ActionMasks]) -> ActionMasks:
         """Stack the masks of consecutive steps into sequence masks, for a PPO update.
 
         A head that is `None` at some steps and masked at others gets all-True rows
         at the `None` steps; a head `None` at every step stays `None`.
 
         Args:
-            steps: One `ActionMasks` per step, each head `[B, A_h]` or `None`.
-            dim: Where the new time axis goes: 1 gives `[B, T, A_h]`.
+            steps: One `ActionMasks` per step, in order, each head `[B, A_h]`,
+                `[B, 1, A_h]` or `None` (any iterable; it is read once).
 
         Returns:
-            The stacked masks.
+            Masks whose heads are `[B, T, A_h]` (or `None`).
 
         Raises:
-            ValueError: `steps` is empty, or a head's masks differ in shape between steps.
+            TypeError: An element is not an `ActionMasks`.
+            ValueError: `steps` is empty, or a head's masks differ in shape or device
+                between steps.
 
         Example:
             >>> import torch
@@ -123,29 +125,41 @@ class ActionMasks:
             >>> ActionMasks.stack([step, ActionMasks(), step]).op.shape
             torch.Size([4, 3, 6])
         """
-        if not steps:
+        frozen = tuple(steps)
+        if not frozen:
             raise ValueError("ActionMasks.stack needs at least one step")
+        for index, step in enumerate(frozen):
+            if not isinstance(step, ActionMasks):
+                raise TypeError(
+                    f"ActionMasks.stack takes ActionMasks, got {type(step).__name__} at "
+                    f"step {index}; convert a mapping with ActionMasks.from_mapping"
+                )
         stacked: list[torch.Tensor | None] = []
         for name in HEAD_NAMES:
+            columns: list[torch.Tensor | None] = []
             template: torch.Tensor | None = None
-            for step in steps:
-                template = getattr(step, name)
-                if template is not None:
-                    break
+            for index, step in enumerate(frozen):
+                mask = _as_step_mask(getattr(step, name), name, index)
+                if mask is not None and template is None:
+                    template = mask
+                elif (
+                    mask is not None
+                    and template is not None
+                    and (mask.shape != template.shape or mask.device != template.device)
+                ):
+                    raise ValueError(
+                        f"masks[{name!r}] is {tuple(mask.shape)} on {mask.device} at step "
+                        f"{index} but {tuple(template.shape)} on {template.device} earlier"
+                    )
+                columns.append(mask)
             if template is None:
                 stacked.append(None)
                 continue
             full = torch.ones_like(template)
-            columns: list[torch.Tensor] = []
-            for index, step in enumerate(steps):
-                mask = getattr(step, name)
-                if mask is not None and mask.shape != template.shape:
-                    raise ValueError(
-                        f"masks[{name!r}] has shape {tuple(mask.shape)} at step {index} but "
-                        f"{tuple(template.shape)} at an earlier step"
-                    )
-                columns.append(full if mask is None else mask)
-            stacked.append(torch.stack(columns, dim=dim))
+            dense: list[torch.Tensor] = []
+            for mask in columns:
+                dense.append(full if mask is None else mask)
+            stacked.append(torch.stack(dense, dim=1))  # [B, T, A_h]
         return cls(*stacked)
 
     def as_dict(self) -> dict[str, torch.Tensor | None]:
@@ -154,3 +168,15 @@ class ActionMasks:
         for name in HEAD_NAMES:
             out[name] = getattr(self, name)
         return out
+
+
+def _as_step_mask(mask: torch.Tensor | None, head: str, index: int) -> torch.Tensor | None:
+    """One step's mask as `[B, A]`: `[B, 1, A]` is squeezed, other ranks refused."""
+    if mask is None or mask.dim() == 2:
+        return mask
+    if mask.dim() == 3 and mask.shape[1] == 1:
+        return mask.squeeze(1)
+    raise ValueError(
+        f"masks[{head!r}] at step {index} has shape {tuple(mask.shape)}; "
+        "ActionMasks.stack takes one step's masks, [B, A] or [B, 1, A]"
+    )

@@ -54,8 +54,9 @@ class ForwardResult:
     """Result of `PolicyBundle.forward`, with autograd.
 
     Attributes:
-        logits: Head name to masked logits, `[B, A_h]` or `[B, T, A_h]`; invalid
-            actions hold `MASKED_LOGIT` (-1e4).
+        logits: Head name to masked logits, `[B, A_h]` or `[B, T, A_h]`, each row
+            shifted so its largest valid logit is 0; invalid actions hold
+            `MASKED_LOGIT` (-1e4).
         value: State-value estimates, `[B]` or `[B, T]`.
         hidden: Recurrent state after the last step, or `None` when stateless.
     """

@@ -54,10 +54,16 @@ def check_positive_int(value: object, name: str, owner: str, minimum: int = 1) -
     return value
 
 
-def _dtype_error(what: str, got: torch.dtype, want: torch.dtype) -> TypeError:
+def _dtype_error(what: str, got: torch.dtype, allowed: tuple[torch.dtype, ...]) -> TypeError:
+    if len(allowed) == 1:
+        return TypeError(
+            f"{what} has dtype {got} but the bundle's parameters are {allowed[0]}; convert "
+            "it with .to(bundle.dtype), or run under torch.autocast to mix precisions"
+        )
+    names = ", ".join(str(dtype) for dtype in dict.fromkeys(allowed))
     return TypeError(
-        f"{what} has dtype {got} but the bundle's parameters are {want}; convert it with "
-        f".to(bundle.dtype), or run under torch.autocast to mix precisions"
+        f"{what} has dtype {got}; under autocast the bundle takes {names}; convert it "
+        "with .to(bundle.dtype)"
     )
 
 
@@ -70,7 +76,7 @@ def check_action_space(action_space: object, owner: str) -> None:
 
 
 def check_features(
-    features: object, feature_dim: int, device: torch.device, dtype: torch.dtype | None
+    features: object, feature_dim: int, device: torch.device, dtypes: tuple[torch.dtype, ...]
 ) -> torch.Tensor:
     """Check features are a floating `[B, F]` or `[B, T, F]` tensor the network can take.
 
@@ -78,7 +84,7 @@ def check_features(
         features: What the caller passed.
         feature_dim: `F`.
         device: The bundle's device.
-        dtype: The dtype features must have, or `None` under autocast.
+        dtypes: The dtypes features may have (see `PolicyBundle._allowed_dtypes`).
 
     Returns:
         `features`, unchanged.
@@ -108,8 +114,8 @@ def check_features(
         raise ValueError(f"features have an empty batch or sequence, shape {tuple(features.shape)}")
     if features.device != device:
         raise _device_error("features", features.device, device)
-    if dtype is not None and features.dtype != dtype:
-        raise _dtype_error("features", features.dtype, dtype)
+    if features.dtype not in dtypes:
+        raise _dtype_error("features", features.dtype, dtypes)
     return features
 
 
@@ -168,7 +174,7 @@ def check_hidden(
     shapes: tuple[tuple[int, ...], ...],
     batch: int,
     device: torch.device,
-    dtype: torch.dtype | None,
+    dtypes: tuple[torch.dtype, ...],
 ) -> None:
     """Check a recurrent state against the bundle's declared hidden shapes.
 
@@ -177,7 +183,7 @@ def check_hidden(
         shapes: Each tensor's shape without the batch dimension (which goes in dim 1).
         batch: `B` of the features.
         device: The bundle's device.
-        dtype: The dtype the state must have, or `None` under autocast.
+        dtypes: The dtypes the state may have.
     """
     count = len(shapes)
     if not isinstance(hidden, tuple):
@@ -204,8 +210,8 @@ def check_hidden(
             raise ValueError(f"{name} has shape {got}; expected {expected} ([d0, B, ...])")
         if tensor.device != device:
             raise _device_error(name, tensor.device, device)
-        if dtype is not None and tensor.dtype != dtype:
-            raise _dtype_error(name, tensor.dtype, dtype)
+        if tensor.dtype not in dtypes:
+            raise _dtype_error(name, tensor.dtype, dtypes)
 
 
 def check_actions(
@@ -299,7 +305,12 @@ def check_state_dict(own: Mapping[str, object], incoming: object, owner: str, st
             )
     for key, value in incoming.items():
         mine = own.get(key)
-        if isinstance(mine, torch.Tensor) and isinstance(value, torch.Tensor):
+        if isinstance(mine, torch.Tensor):
+            if not isinstance(value, torch.Tensor) or value.is_meta:
+                raise ValueError(
+                    f"{owner}: state_dict[{key!r}] must be a tensor with data, got "
+                    f"{'a meta tensor' if isinstance(value, torch.Tensor) else type(value).__name__}"
+                )
             if mine.shape != value.shape:
                 raise ValueError(
                     f"{owner}: state_dict[{key!r}] has shape {tuple(value.shape)} but this "
