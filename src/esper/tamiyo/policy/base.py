@@ -141,6 +141,7 @@ class PolicyBundle(ABC):
         self._hidden_shapes = _freeze_shapes(cls_name, hidden_shapes)
         self._head_sizes = action_space.sizes
         self._device = _module_device(network)
+        self._autocast_type = _autocast_type(self._device)
         self._dtype = _module_dtype(network)
         self._layout = HeadLayout(action_space, self._device)
 
@@ -376,6 +377,7 @@ class PolicyBundle(ABC):
             self.network.to(device=target)
             self._layout.to(target)
             self._device = target
+            self._autocast_type = _autocast_type(target)
         if dtype is not None:
             self.network.to(dtype=dtype)
             self._dtype = dtype
@@ -495,8 +497,8 @@ class PolicyBundle(ABC):
         The parameters' dtype; under autocast also float32 and the autocast dtype, the
         dtypes autocast itself mixes.
         """
-        device_type = self._device.type
-        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        device_type = self._autocast_type
+        if device_type is not None and torch.is_autocast_enabled(device_type):
             return (self._dtype, torch.float32, torch.get_autocast_dtype(device_type))
         return (self._dtype,)
 
@@ -626,6 +628,11 @@ def _actions_valid(
     in_range = (action_index >= 0) & (action_index < sizes)
     safe = action_index.clamp(0, valid.shape[-1] - 1)
     return in_range & valid.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+
+
+def _autocast_type(device: torch.device) -> str | None:
+    """`device.type` if autocast exists for it (asking about others raises), else `None`."""
+    return device.type if torch.amp.is_autocast_available(device.type) else None
 
 
 def _module_device(module: nn.Module) -> torch.device:
