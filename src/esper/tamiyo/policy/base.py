@@ -92,7 +92,8 @@ class PolicyBundle(ABC):
 
     Args:
         network: The module holding every parameter of the bundle.
-        feature_dim: `F`, the width of the features.
+        feature_dim: `F`, the width of the features; `None` for a bundle that ignores
+            its features (such as `UniformPolicyBundle`), which then takes any width.
         action_space: Head sizes.
         hidden_shapes: For a recurrent bundle, the shape of each hidden tensor without
             its batch dimension, e.g. `((num_layers, hidden_dim),) * 2` for an LSTM's
@@ -108,7 +109,7 @@ class PolicyBundle(ABC):
         network: The `nn.Module`. Hand it to an optimizer or to
             `DistributedDataParallel`; move the bundle with `to()`.
         action_space: Head sizes.
-        feature_dim: `F`.
+        feature_dim: `F`, or `None` when any width is accepted.
     """
 
     is_recurrent: ClassVar[bool] = False
@@ -117,7 +118,7 @@ class PolicyBundle(ABC):
         self,
         network: nn.Module,
         *,
-        feature_dim: int,
+        feature_dim: int | None,
         action_space: ActionSpace,
         hidden_shapes: Sequence[tuple[int, ...]] | None = None,
     ) -> None:
@@ -126,7 +127,8 @@ class PolicyBundle(ABC):
             raise TypeError(
                 f"{cls_name}: network must be a torch.nn.Module, got {type(network).__name__}"
             )
-        check_positive_int(feature_dim, "feature_dim", cls_name)
+        if feature_dim is not None:
+            check_positive_int(feature_dim, "feature_dim", cls_name)
         check_action_space(action_space, cls_name)
         if self.is_recurrent != (hidden_shapes is not None):
             raise TypeError(

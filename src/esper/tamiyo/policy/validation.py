@@ -76,13 +76,16 @@ def check_action_space(action_space: object, owner: str) -> None:
 
 
 def check_features(
-    features: object, feature_dim: int, device: torch.device, dtypes: tuple[torch.dtype, ...]
+    features: object,
+    feature_dim: int | None,
+    device: torch.device,
+    dtypes: tuple[torch.dtype, ...],
 ) -> torch.Tensor:
     """Check features are a floating `[B, F]` or `[B, T, F]` tensor the network can take.
 
     Args:
         features: What the caller passed.
-        feature_dim: `F`.
+        feature_dim: `F`, or `None` to accept any width.
         device: The bundle's device.
         dtypes: The dtypes features may have (see `PolicyBundle._allowed_dtypes`).
 
@@ -105,7 +108,7 @@ def check_features(
             f"features must be [B, F] (one step) or [B, T, F] (a sequence), "
             f"got rank {rank} with shape {tuple(features.shape)}"
         )
-    if features.shape[-1] != feature_dim:
+    if feature_dim is not None and features.shape[-1] != feature_dim:
         raise ValueError(
             f"features have width {features.shape[-1]} in their last dimension; "
             f"this bundle was built for feature_dim={feature_dim}"
