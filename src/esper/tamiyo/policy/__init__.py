@@ -3,7 +3,7 @@
 A policy bundle turns features describing a training run into one action per head
 (`HEAD_NAMES`), under boolean action masks. `PolicyBundle` owns input normalization,
 checking, masking, sampling, log-probabilities and entropy; a bundle such as
-`LSTMPolicyBundle` supplies the network. Bundles register by name (`register_policy`)
+`LSTMPolicyBundle`, `MLPPolicyBundle` or `UniformPolicyBundle` supplies the network. Bundles register by name (`register_policy`)
 so that configs can build them (`create_policy`).
 
 Example:
@@ -23,8 +23,10 @@ from esper.tamiyo.policy.inputs import HiddenState, PolicyInputs
 from esper.tamiyo.policy.layout import MASKED_LOGIT
 from esper.tamiyo.policy.lstm import LSTMPolicyBundle
 from esper.tamiyo.policy.masks import ActionMasks
+from esper.tamiyo.policy.mlp import MLPPolicyBundle
 from esper.tamiyo.policy.outputs import ActionResult, EvalResult, ForwardResult, NetworkOutput
 from esper.tamiyo.policy.registry import create_policy, get_policy, list_policies, register_policy
+from esper.tamiyo.policy.uniform import UniformPolicyBundle
 
 __all__ = [
     "HEAD_NAMES",
@@ -36,11 +38,13 @@ __all__ = [
     "ForwardResult",
     "HiddenState",
     "LSTMPolicyBundle",
+    "MLPPolicyBundle",
     "MaskArg",
     "NetworkOutput",
     "PolicyBundle",
     "PolicyHeads",
     "PolicyInputs",
+    "UniformPolicyBundle",
     "create_policy",
     "get_policy",
     "list_policies",
