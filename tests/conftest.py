@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ from esper.tamiyo.policy import (
     PolicyBundle,
     PolicyHeads,
     PolicyInputs,
+    registry,
 )
 
 # Same examples every run: CI must not pass or fail by luck.
@@ -24,6 +29,7 @@ settings.register_profile("ci", derandomize=True, deadline=None, max_examples=40
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 FEATURE_DIM = 6
+GUIDE_EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "gru_bundle.py"
 
 
 @pytest.fixture(autouse=True)
@@ -41,31 +47,6 @@ def small_lstm(**kwargs: object) -> LSTMPolicyBundle:
 @pytest.fixture
 def bundle() -> LSTMPolicyBundle:
     return small_lstm()
-
-
-def random_masks(
-    lead: tuple[int, ...],
-    *,
-    space: ActionSpace | None = None,
-    keep: float = 0.5,
-    generator: torch.Generator | None = None,
-    unmasked: tuple[str, ...] = (),
-) -> ActionMasks:
-    """Random masks of shape `[*lead, A_h]`, at least one valid action per row.
-
-    Heads named in `unmasked` get `None` (every action valid).
-    """
-    space = space or ActionSpace()
-    masks: dict[str, torch.Tensor | None] = {}
-    for name, size in zip(HEAD_NAMES, space.sizes, strict=True):
-        if name in unmasked:
-            masks[name] = None
-            continue
-        mask = torch.rand(*lead, size, generator=generator) < keep
-        forced = torch.randint(size, lead, generator=generator)
-        mask.scatter_(-1, forced.unsqueeze(-1), True)
-        masks[name] = mask
-    return ActionMasks.from_mapping(masks)
 
 
 def one_hot_masks(lead: tuple[int, ...], choice: dict[str, int]) -> ActionMasks:
@@ -104,3 +85,25 @@ class TinyStatelessBundle(PolicyBundle):
     def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
         logits, value = self.network(inputs.features)
         return NetworkOutput(logits, value, None)
+
+
+def load_guide_example(*, keep_registration: bool = False) -> ModuleType:
+    """Import the guide's worked example afresh, as `gru_bundle`.
+
+    Its `@register_policy("gru")` runs on import; the registry is restored afterwards
+    unless `keep_registration`, so that no test sees another test's registrations.
+    """
+    saved = dict(registry._REGISTRY)
+    registry._REGISTRY.pop("gru", None)
+    spec = importlib.util.spec_from_file_location("gru_bundle", GUIDE_EXAMPLE)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gru_bundle"] = module  # inspect.getsource finds classes through it
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if not keep_registration:
+            registry._REGISTRY.clear()
+            registry._REGISTRY.update(saved)
+    return module

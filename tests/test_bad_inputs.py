@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import FEATURE_DIM, TinyStatelessBundle, random_masks, small_lstm
+from conftest import FEATURE_DIM, TinyStatelessBundle, small_lstm
 from esper.tamiyo.policy import HEAD_NAMES, ActionMasks, PolicyBundle
+from esper.tamiyo.policy.testing import random_masks
 
 B, T = 3, 4
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import FEATURE_DIM, TinyNetwork, TinyStatelessBundle, random_masks, small_lstm
+from conftest import FEATURE_DIM, TinyNetwork, TinyStatelessBundle, small_lstm
 from esper.tamiyo.policy import (
     HEAD_NAMES,
     ActionSpace,
@@ -19,6 +19,7 @@ from esper.tamiyo.policy import (
     PolicyInputs,
 )
 from esper.tamiyo.policy.inputs import HiddenState
+from esper.tamiyo.policy.testing import random_masks
 
 
 class CountingBundle(TinyStatelessBundle):

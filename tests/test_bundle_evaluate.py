@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from conftest import FEATURE_DIM, one_hot_masks, random_masks, small_lstm
+from conftest import FEATURE_DIM, one_hot_masks, small_lstm
 from esper.tamiyo.policy import HEAD_NAMES, ActionMasks, LSTMPolicyBundle
+from esper.tamiyo.policy.testing import random_masks
 
 
 def test_get_action_builds_no_graph(bundle: LSTMPolicyBundle) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FEATURE_DIM, TinyStatelessBundle, one_hot_masks, random_masks, small_lstm
+from conftest import FEATURE_DIM, TinyStatelessBundle, one_hot_masks, small_lstm
 from esper.tamiyo.policy import (
     HEAD_NAMES,
     ActionMasks,
@@ -14,6 +14,7 @@ from esper.tamiyo.policy import (
     PolicyHeads,
     PolicyInputs,
 )
+from esper.tamiyo.policy.testing import random_masks
 
 CHOICE = {
     "slot": 2, "blueprint": 11, "style": 0, "tempo": 1,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FEATURE_DIM, random_masks
+from conftest import FEATURE_DIM
 from esper.tamiyo.policy import HEAD_NAMES, ActionMasks, ActionSpace, LSTMPolicyBundle
+from esper.tamiyo.policy.testing import random_masks
 
 SIZES = dict(zip(HEAD_NAMES, ActionSpace().sizes, strict=True))
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FEATURE_DIM, random_masks, small_lstm
+from conftest import FEATURE_DIM, small_lstm
 from esper.tamiyo.policy import HEAD_NAMES
+from esper.tamiyo.policy.testing import random_masks
 
 
 def test_to_meta_moves_the_network_and_the_base_tables() -> None:

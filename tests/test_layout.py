@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from conftest import random_masks
 from esper.tamiyo.policy import HEAD_NAMES, ActionMasks, ActionSpace, categorical
 from esper.tamiyo.policy.layout import MASKED_LOGIT, PADDING_LOGIT, HeadLayout
+from esper.tamiyo.policy.testing import random_masks
 
 SPACE = ActionSpace()
 

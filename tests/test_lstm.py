@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import FEATURE_DIM, random_masks, small_lstm
+from conftest import FEATURE_DIM, small_lstm
 from esper.tamiyo.policy import HEAD_NAMES, ActionMasks, ActionSpace, LSTMPolicyBundle
+from esper.tamiyo.policy.testing import random_masks
 
 
 def test_default_architecture() -> None:

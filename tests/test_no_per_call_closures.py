@@ -8,27 +8,16 @@ this test keeps every class of the package, bundles first, free of them.
 
 from __future__ import annotations
 
-import ast
 import importlib
 import inspect
 import pkgutil
-import textwrap
 
 import pytest
 
 import esper.tamiyo.policy as package
 from conftest import TinyStatelessBundle
 from esper.tamiyo.policy import PolicyBundle, get_policy, list_policies
-
-_FUNCTION_BUILDERS = (
-    ast.FunctionDef,
-    ast.AsyncFunctionDef,
-    ast.Lambda,
-    ast.GeneratorExp,
-    ast.ListComp,
-    ast.SetComp,
-    ast.DictComp,
-)
+from esper.tamiyo.policy.testing import function_objects_built_per_call
 
 
 def _package_classes() -> list[type]:
@@ -41,21 +30,6 @@ def _package_classes() -> list[type]:
             if obj.__module__ == module.__name__:
                 classes.append(obj)
     return classes
-
-
-def function_objects_built_per_call(cls: type) -> list[str]:
-    """Every nested function, lambda, generator or comprehension inside `cls`'s methods."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    class_def = tree.body[0]
-    assert isinstance(class_def, ast.ClassDef)
-    found: list[str] = []
-    for method in class_def.body:
-        if not isinstance(method, ast.FunctionDef | ast.AsyncFunctionDef):
-            continue
-        for node in ast.walk(method):
-            if node is not method and isinstance(node, _FUNCTION_BUILDERS):
-                found.append(f"{cls.__name__}.{method.name}: {type(node).__name__}")
-    return found
 
 
 CLASSES = _package_classes()

@@ -6,8 +6,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import FEATURE_DIM, random_masks, small_lstm
+from conftest import FEATURE_DIM, small_lstm
 from esper.tamiyo.policy import HEAD_NAMES, ActionMasks, ActionSpace
+from esper.tamiyo.policy.testing import random_masks
 
 BUNDLE = small_lstm()  # read-only in these tests: built once, not per example
 

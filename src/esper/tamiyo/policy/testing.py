@@ -1,0 +1,999 @@
+"""The conformance kit: run the whole `PolicyBundle` contract on a bundle in one call.
+
+What Gymnasium's `check_env` is for environments, `check_bundle` is for policy
+bundles. Give it a factory, `factory(feature_dim) -> bundle`, and it checks every
+clause below on fresh bundles, then raises one `AssertionError` listing each clause
+that failed, in a sentence that says what to fix:
+
+* **builds**: the factory returns a fresh `PolicyBundle` for the width it is given;
+* **shapes**: `[B, F]` inputs give `[B]` results and `[B, T, F]` give `[B, T]`, for
+  every public method and every head;
+* **masks as mapping or dataclass**: `ActionMasks` and a mapping give the same outputs;
+* **masks respected**: no masked action is ever sampled or taken as the mode, and a
+  masked action has probability 0;
+* **reproducible under a seed**: `torch.manual_seed` fixes the sampled actions;
+* **rollout and update agree**: the log-probs and values `get_action` returned step by
+  step are what `evaluate_actions` computes over the whole sequence, so PPO's ratio
+  starts at 1;
+* **rows independent**: each batch row's outputs do not depend on the other rows;
+* **gradients**: `evaluate_actions` gives a finite gradient to every trainable
+  parameter, and `get_action` builds no autograd graph;
+* **network called as a module**: the hook calls `self.network(...)`, so module hooks
+  (and `DistributedDataParallel`'s) fire;
+* **hidden state round trip**: a recurrent bundle's state has the declared shapes,
+  feeds back in, and matters; a stateless one refuses a state;
+* **state_dict round trip**: weights saved and loaded with `weights_only=True` give
+  identical outputs;
+* **float64**: after `to(torch.float64)` the bundle computes in float64;
+* **bad inputs refused**: bad features, masks, actions and hidden states raise
+  `ValueError` or `TypeError` before the network runs, and change nothing;
+* **no per-call closures**: no function object (nested `def`, `lambda`, comprehension,
+  generator) is built on each call in the bundle's code: the finding this project
+  started from (B10-PT-06).
+
+Example:
+    >>> from esper.tamiyo.policy import MLPPolicyBundle
+    >>> from esper.tamiyo.policy.testing import check_bundle
+    >>> report = check_bundle(lambda dim: MLPPolicyBundle(dim, hidden_dim=16))
+    >>> report.passed, len(report.results)
+    (True, 14)
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import io
+import math
+import sys
+import sysconfig
+import textwrap
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import CodeType, FrameType
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
+from esper.tamiyo.policy.base import PolicyBundle
+from esper.tamiyo.policy.inputs import HiddenState
+from esper.tamiyo.policy.layout import MASKED_LOGIT
+from esper.tamiyo.policy.masks import ActionMasks
+
+__all__ = [
+    "BundleFactory",
+    "ClauseResult",
+    "ConformanceReport",
+    "check_bundle",
+    "function_objects_built_per_call",
+    "random_masks",
+    "run_checks",
+]
+
+BundleFactory = Callable[[int], PolicyBundle]
+"""Builds a fresh bundle for a feature width: `factory(feature_dim) -> bundle`."""
+
+_BATCH = 3
+_STEPS = 4
+_SAMPLED_ROWS = 256
+_ATOL = 1e-5
+
+
+@dataclass(frozen=True, slots=True)
+class ClauseResult:
+    """The outcome of one clause of the contract.
+
+    Attributes:
+        clause: The clause's name, e.g. `"masks respected"`.
+        passed: Whether the bundle satisfied it.
+        detail: For a failure, what went wrong and what to fix; for a pass, a note
+            (such as `"no trainable parameters"`) or `""`.
+    """
+
+    clause: str
+    passed: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ConformanceReport:
+    """Every clause's outcome for one bundle.
+
+    Attributes:
+        subject: The bundle's class name (or the factory's, if it built nothing).
+        results: One `ClauseResult` per clause, in the order they ran.
+    """
+
+    subject: str
+    results: tuple[ClauseResult, ...]
+
+    @property
+    def passed(self) -> bool:
+        """Whether every clause passed."""
+        return not self.failures
+
+    @property
+    def failures(self) -> tuple[ClauseResult, ...]:
+        """The clauses that failed."""
+        failed: list[ClauseResult] = []
+        for result in self.results:
+            if not result.passed:
+                failed.append(result)
+        return tuple(failed)
+
+    def format(self) -> str:
+        """One line per clause, `PASS` or `FAIL`, with the detail after a colon."""
+        lines = [f"Conformance of {self.subject}:"]
+        for result in self.results:
+            status = "PASS" if result.passed else "FAIL"
+            detail = f": {result.detail}" if result.detail else ""
+            lines.append(f"  {status}  {result.clause}{detail}")
+        verdict = "all clauses pass" if self.passed else f"{len(self.failures)} failed"
+        lines.append(f"{len(self.results)} clauses, {verdict}.")
+        return "\n".join(lines)
+
+
+def check_bundle(
+    factory: BundleFactory, *, feature_dim: int = 7, seed: int = 0
+) -> ConformanceReport:
+    """Run the whole contract on bundles from `factory`; raise if any clause fails.
+
+    Args:
+        factory: `factory(feature_dim)` returns a fresh bundle, e.g. the class itself
+            or `lambda dim: MyBundle(dim, hidden_dim=32)`.
+        feature_dim: The feature width to build bundles with.
+        seed: Seeds weights, inputs and sampling, so a run is reproducible. The
+            caller's global random state is restored afterwards.
+
+    Returns:
+        The report, when every clause passed.
+
+    Raises:
+        AssertionError: One or more clauses failed; the message lists each of them.
+    """
+    report = run_checks(factory, feature_dim=feature_dim, seed=seed)
+    if not report.passed:
+        lines = [
+            f"{report.subject} fails {len(report.failures)} of {len(report.results)} "
+            "conformance clauses:"
+        ]
+        for failure in report.failures:
+            lines.append(f"- {failure.clause}: {failure.detail}")
+        raise AssertionError("\n".join(lines))
+    return report
+
+
+def run_checks(factory: BundleFactory, *, feature_dim: int = 7, seed: int = 0) -> ConformanceReport:
+    """Run every clause and report each outcome, without raising on failures.
+
+    Args:
+        factory: As for `check_bundle`.
+        feature_dim: As for `check_bundle`.
+        seed: As for `check_bundle`.
+
+    Returns:
+        One result per clause. When the factory does not build a bundle, every later
+        clause fails as not run.
+
+    Raises:
+        TypeError: `factory` is not callable or `feature_dim` is not a positive int.
+    """
+    if not callable(factory):
+        raise TypeError(f"factory must be callable, got {type(factory).__name__}")
+    if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
+        raise TypeError(f"feature_dim must be a positive int, got {feature_dim!r}")
+    subject = _Subject(factory, feature_dim, seed)
+    results: list[ClauseResult] = []
+    name = getattr(factory, "__qualname__", type(factory).__name__)
+    with torch.random.fork_rng(devices=[]):
+        built = _run_clause("builds", _check_builds, subject)
+        results.append(built)
+        if built.passed:
+            name = type(subject.build()).__name__
+        for clause, check in _CLAUSES:
+            if built.passed:
+                results.append(_run_clause(clause, check, subject))
+            else:
+                results.append(ClauseResult(clause, False, "not run: the factory built no bundle"))
+    return ConformanceReport(name, tuple(results))
+
+
+def random_masks(
+    lead: tuple[int, ...],
+    *,
+    space: ActionSpace | None = None,
+    keep: float = 0.5,
+    generator: torch.Generator | None = None,
+    unmasked: Sequence[str] = (),
+) -> ActionMasks:
+    """Random masks `[*lead, A_h]` with at least one valid action in every row.
+
+    Args:
+        lead: Leading shape, `(B,)` for one step or `(B, T)` for a sequence.
+        space: Head sizes; `ActionSpace()` by default.
+        keep: Probability that each action is valid.
+        generator: Random source; the global one by default.
+        unmasked: Heads that get `None` (every action valid).
+
+    Returns:
+        The masks, on the CPU.
+    """
+    space = space or ActionSpace()
+    masks: dict[str, torch.Tensor | None] = {}
+    for name, size in zip(HEAD_NAMES, space.sizes, strict=True):
+        if name in unmasked:
+            masks[name] = None
+            continue
+        mask = torch.rand(*lead, size, generator=generator) < keep
+        forced = torch.randint(size, lead, generator=generator)
+        mask.scatter_(-1, forced.unsqueeze(-1), True)  # never a void row
+        masks[name] = mask
+    return ActionMasks.from_mapping(masks)
+
+
+def function_objects_built_per_call(cls: type, methods: Sequence[str] | None = None) -> list[str]:
+    """Nested functions, lambdas, generators and comprehensions inside a class's methods.
+
+    Each of these creates a new function object every time the method runs (on Python
+    3.11 list, set and dict comprehensions too). Read from the source, so a nested
+    function that is defined but never called is found as well.
+
+    Args:
+        cls: A class whose source `inspect` can read.
+        methods: Only these methods; every method when `None`.
+
+    Returns:
+        `"Class.method: NodeType"` for each one found.
+
+    Raises:
+        OSError: The source of `cls` is not available.
+    """
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    class_def = tree.body[0]
+    if not isinstance(class_def, ast.ClassDef):
+        raise OSError(f"the source of {cls.__qualname__} does not start with its class")
+    found: list[str] = []
+    for method in class_def.body:
+        if not isinstance(method, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        if methods is not None and method.name not in methods:
+            continue
+        for node in ast.walk(method):
+            if node is not method and isinstance(node, _FUNCTION_BUILDERS):
+                found.append(f"{cls.__name__}.{method.name}: {type(node).__name__}")
+    return found
+
+
+# ---------------------------------------------------------------------- machinery
+
+
+_FUNCTION_BUILDERS = (
+    ast.FunctionDef,
+    ast.AsyncFunctionDef,
+    ast.Lambda,
+    ast.GeneratorExp,
+    ast.ListComp,
+    ast.SetComp,
+    ast.DictComp,
+)
+
+
+class _ClauseError(AssertionError):
+    """A clause's finding: its message is the sentence reported to the contributor."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Subject:
+    """The factory under test, with the width and seed to build bundles with."""
+
+    factory: BundleFactory
+    feature_dim: int
+    seed: int
+
+    def build(self, offset: int = 0) -> PolicyBundle:
+        """A fresh bundle, its weights seeded by `seed + offset`."""
+        torch.manual_seed(self.seed + offset)
+        bundle = self.factory(self.feature_dim)
+        if not isinstance(bundle, PolicyBundle):
+            raise _ClauseError(
+                f"factory({self.feature_dim}) returned {type(bundle).__name__}, not a "
+                "PolicyBundle; return an instance of your PolicyBundle subclass"
+            )
+        return bundle
+
+    def generator(self) -> torch.Generator:
+        """A random source for inputs, seeded like the bundles."""
+        return torch.Generator().manual_seed(self.seed)
+
+
+class _Inputs(NamedTuple):
+    features: torch.Tensor  # [B, F] or [B, T, F]
+    masks: ActionMasks  # [B, A_h] or [B, T, A_h]
+
+
+_Check = Callable[[_Subject], str]
+
+
+def _run_clause(name: str, check: _Check, subject: _Subject) -> ClauseResult:
+    try:
+        note = check(subject)
+    except _ClauseError as failure:
+        return ClauseResult(name, False, str(failure))
+    except Exception as error:  # any crash is a failed clause, reported
+        return ClauseResult(name, False, f"raised {type(error).__name__}: {error}")
+    return ClauseResult(name, True, note)
+
+
+def _inputs(
+    bundle: PolicyBundle, generator: torch.Generator, lead: tuple[int, ...], width: int
+) -> _Inputs:
+    features = torch.randn(*lead, width, generator=generator).to(bundle.device, bundle.dtype)
+    masks = random_masks(lead, space=bundle.action_space, generator=generator)
+    return _Inputs(features, _masks_to(masks, bundle.device))
+
+
+def _masks_to(masks: ActionMasks, device: torch.device) -> ActionMasks:
+    moved: dict[str, torch.Tensor | None] = {}
+    for name, mask in masks.as_dict().items():
+        moved[name] = None if mask is None else mask.to(device)
+    return ActionMasks.from_mapping(moved)
+
+
+def _rows(masks: ActionMasks, rows: slice) -> ActionMasks:
+    picked: dict[str, torch.Tensor | None] = {}
+    for name, mask in masks.as_dict().items():
+        picked[name] = None if mask is None else mask[rows]
+    return ActionMasks.from_mapping(picked)
+
+
+def _expect_shape(what: str, tensor: object, shape: tuple[int, ...]) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise _ClauseError(f"{what} is {type(tensor).__name__}, not a tensor")
+    if tuple(tensor.shape) != shape:
+        raise _ClauseError(f"{what} has shape {tuple(tensor.shape)}; expected {shape}")
+
+
+def _max_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().double() - b.detach().double()).abs().max())
+
+
+def _expect_close(what: str, got: torch.Tensor, want: torch.Tensor, why: str) -> None:
+    gap = _max_gap(got, want)
+    if not gap <= _ATOL:  # also catches NaN
+        raise _ClauseError(f"{what} differ by up to {gap:.3g} (tolerance {_ATOL:g}): {why}")
+
+
+def _expect_hidden(bundle: PolicyBundle, hidden: object, batch: int, where: str) -> None:
+    """The hidden state a method returned has the layout `initial_hidden` declares."""
+    reference = bundle.initial_hidden(batch)
+    if reference is None:
+        if hidden is not None:
+            raise _ClauseError(
+                f"{where} returned a hidden state from a stateless bundle; return None "
+                "from _forward, or declare hidden_shapes and is_recurrent = True"
+            )
+        return
+    if not isinstance(hidden, tuple) or len(hidden) != len(reference):
+        raise _ClauseError(
+            f"{where} returned hidden state {type(hidden).__name__} of "
+            f"{len(hidden) if isinstance(hidden, tuple) else '?'} tensors; initial_hidden "
+            f"gives a tuple of {len(reference)}: return the state in the declared layout"
+        )
+    for index, (got, want) in enumerate(zip(hidden, reference, strict=True)):
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise _ClauseError(
+                f"{where} returned hidden[{index}] of shape {shape}; initial_hidden({batch}) "
+                f"has {tuple(want.shape)}: keep the batch in dimension 1, as declared"
+            )
+        if got.dtype != want.dtype or got.device != want.device:
+            raise _ClauseError(
+                f"{where} returned hidden[{index}] as {got.dtype} on {got.device}; the "
+                f"bundle's state is {want.dtype} on {want.device}"
+            )
+
+
+def _network_calls(network: nn.Module) -> tuple[list[int], Any]:
+    """Count calls of `network` through a forward pre-hook: `(counter, handle)`."""
+    counter = [0]
+    handle = network.register_forward_pre_hook(_CallCounter(counter))
+    return counter, handle
+
+
+class _CallCounter:
+    """A forward pre-hook that counts the calls of its module."""
+
+    def __init__(self, counter: list[int]) -> None:
+        self.counter = counter
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.counter[0] += 1
+
+
+def _trainable(bundle: PolicyBundle) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in bundle.network.named_parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------------- clauses
+
+
+def _check_builds(subject: _Subject) -> str:
+    first = subject.build()
+    second = subject.build(offset=1)
+    if first is second:
+        raise _ClauseError("the factory returned the same bundle twice; build a new one")
+    if first.feature_dim not in (subject.feature_dim, None):
+        raise _ClauseError(
+            f"factory({subject.feature_dim}) built a bundle with feature_dim="
+            f"{first.feature_dim}; pass the width the factory is given to the bundle"
+        )
+    shared = {id(p) for p in first.network.parameters()} & {
+        id(p) for p in second.network.parameters()
+    }
+    if shared:
+        raise _ClauseError(
+            f"two bundles from the factory share {len(shared)} parameter tensor(s); "
+            "each call must build a fresh network"
+        )
+    if first.is_recurrent != (first.initial_hidden(1) is not None):
+        raise _ClauseError(
+            f"is_recurrent is {first.is_recurrent} but initial_hidden(1) returns "
+            f"{first.initial_hidden(1)!r}"
+        )
+    return ""
+
+
+def _check_shapes(subject: _Subject) -> str:
+    bundle = subject.build()
+    gen = subject.generator()
+    sizes = bundle.action_space.sizes
+    for lead in ((_BATCH,), (_BATCH, _STEPS)):
+        call = "[B, F]" if len(lead) == 1 else "[B, T, F]"
+        x, masks = _inputs(bundle, gen, lead, subject.feature_dim)
+        act = bundle.get_action(x, masks)
+        fwd = bundle.forward(x, masks)
+        ev = bundle.evaluate_actions(x, act.action, masks)
+        value = bundle.get_value(x)
+        for name, size in zip(HEAD_NAMES, sizes, strict=True):
+            _expect_shape(f"get_action({call}).action[{name!r}]", act.action[name], lead)
+            if act.action[name].dtype != torch.int64:
+                raise _ClauseError(f"get_action({call}).action[{name!r}] is not int64")
+            _expect_shape(f"get_action({call}).log_prob[{name!r}]", act.log_prob[name], lead)
+            _expect_shape(f"forward({call}).logits[{name!r}]", fwd.logits[name], (*lead, size))
+            _expect_shape(f"evaluate_actions({call}).log_prob[{name!r}]", ev.log_prob[name], lead)
+            _expect_shape(f"evaluate_actions({call}).entropy[{name!r}]", ev.entropy[name], lead)
+        for where, tensor in (
+            ("get_action", act.value),
+            ("forward", fwd.value),
+            ("evaluate_actions", ev.value),
+            ("get_value", value),
+        ):
+            _expect_shape(f"{where}({call}).value", tensor, lead)
+        for where, hidden in (
+            ("get_action", act.hidden),
+            ("forward", fwd.hidden),
+            ("evaluate_actions", ev.hidden),
+        ):
+            _expect_hidden(bundle, hidden, _BATCH, f"{where}({call})")
+    return ""
+
+
+def _check_mask_forms(subject: _Subject) -> str:
+    bundle = subject.build()
+    x, masks = _inputs(bundle, subject.generator(), (_BATCH, _STEPS), subject.feature_dim)
+    partial = ActionMasks.from_mapping({**masks.as_dict(), "style": None, "op": None})
+    for label, given in (("all heads", masks), ("some heads None", partial)):
+        from_dataclass = bundle.forward(x, given)
+        from_mapping = bundle.forward(x, given.as_dict())
+        for name in HEAD_NAMES:
+            if not torch.equal(from_dataclass.logits[name], from_mapping.logits[name]):
+                raise _ClauseError(
+                    f"masks given as ActionMasks and as a mapping ({label}) give different "
+                    f"logits for head {name!r}; do not read the caller's masks, read "
+                    "inputs.valid or inputs.masks"
+                )
+    return ""
+
+
+def _check_masks_respected(subject: _Subject) -> str:
+    bundle = subject.build()
+    gen = subject.generator()
+    x, masks = _inputs(bundle, gen, (_SAMPLED_ROWS,), subject.feature_dim)
+    sampled = bundle.get_action(x, masks, deterministic=False)
+    mode = bundle.get_action(x, masks, deterministic=True)
+    logits = bundle.forward(x, masks).logits
+    for name in HEAD_NAMES:
+        mask = getattr(masks, name)
+        assert mask is not None  # random_masks masks every head
+        for label, taken in (
+            ("sampled", sampled.action[name]),
+            ("deterministic", mode.action[name]),
+        ):
+            allowed = mask.gather(-1, taken.unsqueeze(-1)).squeeze(-1)
+            if not bool(allowed.all()):
+                row = int((~allowed).nonzero()[0, 0])
+                raise _ClauseError(
+                    f"get_action ({label}) took masked action {int(taken[row])} of head "
+                    f"{name!r} in row {row}; leave masking to the base"
+                )
+        if not bool((logits[name][~mask] == MASKED_LOGIT).all()):
+            raise _ClauseError(
+                f"forward gives masked actions of head {name!r} a logit other than {MASKED_LOGIT:g}"
+            )
+        best = logits[name].argmax(dim=-1)
+        if not torch.equal(best, mode.action[name]):
+            raise _ClauseError(
+                f"get_action(deterministic=True) for head {name!r} is not the argmax of "
+                "forward's logits on the same inputs"
+            )
+    return ""
+
+
+def _check_reproducible(subject: _Subject) -> str:
+    bundle = subject.build()
+    x, masks = _inputs(bundle, subject.generator(), (_SAMPLED_ROWS,), subject.feature_dim)
+    runs: list[dict[str, torch.Tensor]] = []
+    for _ in range(2):
+        torch.manual_seed(subject.seed + 17)
+        runs.append(bundle.get_action(x, masks).action)
+    for name in HEAD_NAMES:
+        if not torch.equal(runs[0][name], runs[1][name]):
+            raise _ClauseError(
+                f"two get_action calls after torch.manual_seed({subject.seed + 17}) sampled "
+                f"different {name!r} actions; draw randomness from torch's generator"
+            )
+    return ""
+
+
+def _check_rollout_matches_update(subject: _Subject) -> str:
+    bundle = subject.build()
+    gen = subject.generator()
+    start = bundle.initial_hidden(_BATCH)
+    hidden = start
+    steps: list[tuple[_Inputs, Any]] = []
+    for _ in range(_STEPS):
+        step_inputs = _inputs(bundle, gen, (_BATCH,), subject.feature_dim)
+        result = bundle.get_action(step_inputs.features, step_inputs.masks, hidden)
+        steps.append((step_inputs, result))
+        hidden = result.hidden
+    features = torch.stack([s[0].features for s in steps], dim=1)  # [B, T, F]
+    masks = ActionMasks.stack([s[0].masks for s in steps])  # [B, T, A_h]
+    actions = {h: torch.stack([s[1].action[h] for s in steps], dim=1) for h in HEAD_NAMES}
+    replay = bundle.evaluate_actions(features, actions, masks, start)
+    why = (
+        "the rollout's log-probs must be reproduced by the PPO update, so a [B, T, F] "
+        "sequence must give what T single steps threading the hidden state gave"
+    )
+    for name in HEAD_NAMES:
+        rollout = torch.stack([s[1].log_prob[name] for s in steps], dim=1)  # [B, T]
+        _expect_close(
+            f"evaluate_actions log-probs of head {name!r} and get_action's",
+            replay.log_prob[name],
+            rollout,
+            why,
+        )
+    rollout_value = torch.stack([s[1].value for s in steps], dim=1)  # [B, T]
+    _expect_close("evaluate_actions values and get_action's", replay.value, rollout_value, why)
+    if hidden is not None:
+        assert replay.hidden is not None  # _expect_hidden in "shapes" checks the layout
+        for index, (got, want) in enumerate(zip(replay.hidden, hidden, strict=True)):
+            _expect_close(
+                f"the final hidden[{index}] of the sequence and of the steps", got, want, why
+            )
+    first = steps[0][1]
+    one = bundle.evaluate_actions(steps[0][0].features, first.action, steps[0][0].masks, start)
+    for name in HEAD_NAMES:
+        _expect_close(
+            f"single-step evaluate_actions log-probs of head {name!r} and get_action's",
+            one.log_prob[name],
+            first.log_prob[name],
+            "evaluate_actions must score what get_action sampled",
+        )
+    return ""
+
+
+def _check_rows_independent(subject: _Subject) -> str:
+    bundle = subject.build()
+    x, masks = _inputs(bundle, subject.generator(), (_BATCH, _STEPS), subject.feature_dim)
+    together = bundle.forward(x, masks)
+    why = "one environment's decision must not depend on the others in the batch"
+    for row in range(_BATCH):
+        alone = bundle.forward(x[row : row + 1], _rows(masks, slice(row, row + 1)))
+        _expect_close(
+            f"row {row}'s values alone and in the batch",
+            alone.value,
+            together.value[row : row + 1],
+            why,
+        )
+        for name in HEAD_NAMES:
+            _expect_close(
+                f"row {row}'s {name!r} logits alone and in the batch",
+                alone.logits[name],
+                together.logits[name][row : row + 1],
+                why,
+            )
+    return ""
+
+
+def _check_gradients(subject: _Subject) -> str:
+    bundle = subject.build()
+    x, masks = _inputs(bundle, subject.generator(), (_BATCH, _STEPS), subject.feature_dim)
+    act = bundle.get_action(x, masks)
+    for label, tensor in (("value", act.value), ("log_prob['op']", act.log_prob["op"])):
+        if tensor.requires_grad:
+            raise _ClauseError(
+                f"get_action's {label} requires grad: rollouts must not build an autograd graph"
+            )
+    params = _trainable(bundle)
+    if not params:
+        return "no trainable parameters"
+    ev = bundle.evaluate_actions(x, act.action, masks)
+    loss = ev.value.square().mean()
+    for name in HEAD_NAMES:
+        loss = loss - ev.log_prob[name].mean() - 0.01 * ev.entropy[name].mean()
+    if not loss.requires_grad:
+        raise _ClauseError("evaluate_actions' outputs do not require grad: keep autograd on")
+    bundle.network.zero_grad(set_to_none=True)
+    torch.autograd.backward(loss)
+    for name, param in params:
+        if param.grad is None:
+            raise _ClauseError(
+                f"parameter {name!r} gets no gradient from evaluate_actions; use it in "
+                "_forward or set requires_grad=False"
+            )
+        if not bool(torch.isfinite(param.grad).all()):
+            raise _ClauseError(f"parameter {name!r} gets a non-finite gradient")
+    bundle.network.zero_grad(set_to_none=True)
+    return ""
+
+
+def _check_network_called(subject: _Subject) -> str:
+    bundle = subject.build()
+    if not _trainable(bundle):
+        return "no trainable parameters: nothing to synchronize"
+    x, masks = _inputs(bundle, subject.generator(), (_BATCH,), subject.feature_dim)
+    act = bundle.get_action(x, masks)
+    counter, handle = _network_calls(bundle.network)
+    try:
+        bundle.evaluate_actions(x, act.action, masks)
+    finally:
+        handle.remove()
+    if counter[0] == 0:
+        raise _ClauseError(
+            "evaluate_actions never called bundle.network(...); call the network as a "
+            "module from _forward so its hooks, and DistributedDataParallel's, fire"
+        )
+    return ""
+
+
+def _check_hidden_round_trip(subject: _Subject) -> str:
+    bundle = subject.build()
+    gen = subject.generator()
+    x, masks = _inputs(bundle, gen, (_BATCH,), subject.feature_dim)
+    start = bundle.initial_hidden(_BATCH)
+    if start is None:
+        refused = False
+        try:
+            bundle.get_action(x, masks, (torch.zeros(1, _BATCH, 4, dtype=bundle.dtype),))
+        except ValueError:
+            refused = True
+        if not refused:
+            raise _ClauseError("a stateless bundle accepted a hidden state; it must refuse it")
+        return "stateless: refuses a hidden state"
+    for index, tensor in enumerate(start):
+        if tensor.shape[1] != _BATCH or bool(tensor.ne(0).any()):
+            raise _ClauseError(
+                f"initial_hidden({_BATCH})[{index}] is not zeros with the batch in dimension 1"
+            )
+    with_none = bundle.forward(x, masks, None)
+    with_zeros = bundle.forward(x, masks, start)
+    _expect_close(
+        "outputs from hidden=None and from initial_hidden",
+        with_none.value,
+        with_zeros.value,
+        "hidden=None must mean initial_hidden",
+    )
+    hidden: HiddenState | None = start
+    for _ in range(3):
+        step = _inputs(bundle, gen, (_BATCH,), subject.feature_dim)
+        result = bundle.get_action(step.features, step.masks, hidden)
+        _expect_hidden(bundle, result.hidden, _BATCH, "get_action")
+        assert result.hidden is not None
+        for index, tensor in enumerate(result.hidden):
+            if tensor.requires_grad:
+                raise _ClauseError(f"get_action returned hidden[{index}] requiring grad")
+        hidden = result.hidden
+    carried = bundle.forward(x, masks, hidden)
+    if _max_gap(carried.value, with_zeros.value) == 0.0:
+        raise _ClauseError(
+            "outputs are the same from a carried hidden state as from zeros: the hook "
+            "ignores inputs.hidden"
+        )
+    bundle.evaluate_actions(x, bundle.get_action(x, masks, hidden).action, masks, hidden)
+    return ""
+
+
+def _check_state_dict(subject: _Subject) -> str:
+    source = subject.build()
+    target = subject.build(offset=1)
+    buffer = io.BytesIO()
+    torch.save(source.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    target.load_state_dict(state)
+    if list(target.state_dict()) != list(source.state_dict()):
+        raise _ClauseError("state_dict keys change after a load")
+    x, masks = _inputs(source, subject.generator(), (_BATCH, _STEPS), subject.feature_dim)
+    want = source.forward(x, masks)
+    got = target.forward(x, masks)
+    if not torch.equal(got.value, want.value):
+        raise _ClauseError(
+            "a bundle loaded from another's state_dict gives different values; keep all "
+            "state in the network's parameters and buffers"
+        )
+    for name in HEAD_NAMES:
+        if not torch.equal(got.logits[name], want.logits[name]):
+            raise _ClauseError(
+                f"a bundle loaded from another's state_dict gives different {name!r} logits"
+            )
+    return "" if state else "empty state_dict"
+
+
+def _check_float64(subject: _Subject) -> str:
+    bundle = subject.build().to(torch.float64)
+    if bundle.dtype != torch.float64:
+        raise _ClauseError(f"after to(torch.float64) the bundle's dtype is {bundle.dtype}")
+    x, masks = _inputs(bundle, subject.generator(), (_BATCH, _STEPS), subject.feature_dim)
+    out = bundle.forward(x, masks)
+    if out.value.dtype != torch.float64:
+        raise _ClauseError(
+            f"after to(torch.float64) forward returns {out.value.dtype} values; create "
+            "tensors in _forward with the features' dtype, not a fixed one"
+        )
+    _expect_hidden(bundle, out.hidden, _BATCH, "forward in float64")
+    act = bundle.get_action(x, masks)
+    bundle.evaluate_actions(x, act.action, masks)
+    return ""
+
+
+class _BadCall(NamedTuple):
+    what: str
+    method: str
+    args: tuple[Any, ...]
+
+
+def _bad_calls(bundle: PolicyBundle, subject: _Subject) -> list[_BadCall]:
+    x, masks = _inputs(bundle, subject.generator(), (_BATCH,), subject.feature_dim)
+    m = masks.as_dict()
+    actions = bundle.get_action(x, masks).action
+    slot = m["slot"]
+    assert slot is not None
+    void = slot.clone()
+    void[1] = False
+    nan = x.clone()
+    nan[2, 0] = math.nan
+    masked_slot = (~slot).int().argmax(dim=-1)  # a masked slot where the row has one
+    has_masked = (~slot).any(dim=-1)
+    calls = [
+        _BadCall("integer features", "get_action", (x.long(), masks)),
+        _BadCall("features of rank 4", "get_action", (x[None, None], masks)),
+        _BadCall("NaN in the features", "get_action", (nan, masks)),
+        _BadCall("an unknown mask key", "get_action", (x, {**m, "slots": slot})),
+        _BadCall("a missing mask key", "forward", (x, {k: v for k, v in m.items() if k != "op"})),
+        _BadCall(
+            "a mask one action too wide",
+            "get_action",
+            (x, {**m, "slot": slot[:, [0, *range(slot.shape[1])]]}),
+        ),
+        _BadCall("a float mask", "get_action", (x, {**m, "slot": slot.float()})),
+        _BadCall("a mask for another batch size", "forward", (x, {**m, "slot": slot[:-1]})),
+        _BadCall("a mask row with no valid action", "get_action", (x, {**m, "slot": void})),
+        _BadCall(
+            "a missing action head",
+            "evaluate_actions",
+            (x, {k: v for k, v in actions.items() if k != "op"}, masks),
+        ),
+        _BadCall(
+            "an action out of range",
+            "evaluate_actions",
+            (x, {**actions, "op": actions["op"] + 100}, masks),
+        ),
+        _BadCall(
+            "float actions",
+            "evaluate_actions",
+            (x, {**actions, "op": actions["op"].float()}, masks),
+        ),
+        _BadCall("get_value of integer features", "get_value", (x.long(),)),
+        _BadCall("a batch size of 0 for initial_hidden", "initial_hidden", (0,)),
+    ]
+    if bool(has_masked.any()):
+        row = int(has_masked.int().argmax())
+        bad = actions["slot"].clone()
+        bad[row] = masked_slot[row]
+        calls.append(
+            _BadCall("a masked action", "evaluate_actions", (x, {**actions, "slot": bad}, masks))
+        )
+    if bundle.feature_dim is not None:
+        wide = torch.cat([x, x[:, :1]], dim=-1)
+        calls.append(_BadCall("features one column too wide", "get_action", (wide, masks)))
+    start = bundle.initial_hidden(_BATCH)
+    if start is None:
+        state = (torch.zeros(1, _BATCH, 4, dtype=bundle.dtype),)
+        calls.append(
+            _BadCall("a hidden state for a stateless bundle", "get_action", (x, masks, state))
+        )
+    else:
+        calls.append(
+            _BadCall(
+                "a hidden state for another batch size",
+                "get_action",
+                (x, masks, bundle.initial_hidden(_BATCH + 1)),
+            )
+        )
+        if len(start) > 1:
+            calls.append(
+                _BadCall("a hidden state missing a tensor", "forward", (x, masks, start[:-1]))
+            )
+        wrong = tuple(
+            t.to(torch.float16 if bundle.dtype != torch.float16 else torch.float32) for t in start
+        )
+        calls.append(_BadCall("a hidden state of another dtype", "get_action", (x, masks, wrong)))
+    return calls
+
+
+def _check_bad_inputs(subject: _Subject) -> str:
+    bundle = subject.build()
+    calls = _bad_calls(bundle, subject)
+    x, masks = _inputs(bundle, subject.generator(), (_BATCH,), subject.feature_dim)
+    before = bundle.forward(x, masks)
+    counter, handle = _network_calls(bundle.network)
+    try:
+        for call in calls:
+            counter[0] = 0
+            try:
+                getattr(bundle, call.method)(*call.args)
+            except (ValueError, TypeError):
+                pass
+            except Exception as error:  # the wrong kind of refusal, reported
+                raise _ClauseError(
+                    f"{call.method} refused {call.what} with {type(error).__name__} "
+                    f"({error}); it must raise ValueError or TypeError naming the argument"
+                ) from None
+            else:
+                raise _ClauseError(f"{call.method} accepted {call.what}; it must refuse it")
+            if counter[0]:
+                raise _ClauseError(
+                    f"{call.method} ran the network before refusing {call.what}; check in "
+                    "_normalize_inputs, before the hook"
+                )
+    finally:
+        handle.remove()
+    after = bundle.forward(x, masks)
+    if not torch.equal(before.value, after.value):
+        raise _ClauseError("the bundle gives different outputs after refusing bad inputs")
+    return f"{len(calls)} bad inputs refused"
+
+
+def _check_no_closures(subject: _Subject) -> str:
+    bundle = subject.build()
+    x, masks = _inputs(bundle, subject.generator(), (_BATCH, _STEPS), subject.feature_dim)
+    act = bundle.get_action(x, masks)
+    with _code_calls() as ran:
+        bundle.get_action(x[:, 0], _rows_step(masks), bundle.initial_hidden(_BATCH))
+        bundle.evaluate_actions(x, act.action, masks)
+    built = _per_call_functions(ran)
+    hot = _hot_path_source_findings(bundle)
+    found = [*built, *hot]
+    if found:
+        listed = "; ".join(dict.fromkeys(found))
+        raise _ClauseError(
+            f"a function object is built on every call: {listed}. Define helpers at "
+            "module level (B10-PT-06)"
+        )
+    return ""
+
+
+def _rows_step(masks: ActionMasks) -> ActionMasks:
+    first: dict[str, torch.Tensor | None] = {}
+    for name, mask in masks.as_dict().items():
+        first[name] = None if mask is None else mask[:, 0]
+    return ActionMasks.from_mapping(first)
+
+
+_SKIPPED_ROOTS = (
+    Path(torch.__file__).resolve().parent,
+    Path(sysconfig.get_paths()["stdlib"]).resolve(),
+)
+
+
+@contextmanager
+def _code_calls() -> Iterator[list[CodeType]]:
+    """Record the code object of every Python function called inside the block."""
+    ran: list[CodeType] = []
+    previous = sys.getprofile()
+    sys.setprofile(_Recorder(ran))
+    try:
+        yield ran
+    finally:
+        sys.setprofile(previous)
+
+
+class _Recorder:
+    """A `sys.setprofile` callback keeping the code of each Python call."""
+
+    def __init__(self, ran: list[CodeType]) -> None:
+        self.ran = ran
+
+    def __call__(self, frame: FrameType, event: str, arg: object) -> None:
+        if event == "call":
+            self.ran.append(frame.f_code)
+
+
+def _per_call_functions(ran: list[CodeType]) -> list[str]:
+    """Functions both created and called inside the recorded block.
+
+    A nested function, lambda or (on 3.11) comprehension is a code object stored in
+    the constants of the function that defines it; when both ran in the block, the
+    function object was built there, on that call. Decorator wrappers built at import
+    time are not flagged: their defining function did not run in the block.
+    """
+    ran_set = set(ran)
+    found: list[str] = []
+    for parent in dict.fromkeys(ran):
+        if _outside_subject(parent):
+            continue
+        for const in parent.co_consts:
+            if isinstance(const, CodeType) and const in ran_set:
+                path = Path(const.co_filename)
+                found.append(f"{const.co_qualname} ({path.name}:{const.co_firstlineno})")
+    return found
+
+
+def _outside_subject(code: CodeType) -> bool:
+    """Code of torch, of the standard library, or generated (`<string>`)."""
+    if code.co_filename.startswith("<"):
+        return True
+    path = Path(code.co_filename).resolve()
+    return any(path.is_relative_to(root) for root in _SKIPPED_ROOTS)
+
+
+def _hot_path_source_findings(bundle: PolicyBundle) -> list[str]:
+    """Nested functions in the hook methods' source, even ones never called."""
+    found: list[str] = []
+    for cls in type(bundle).__mro__:
+        if cls is PolicyBundle or not (isinstance(cls, type) and issubclass(cls, PolicyBundle)):
+            continue
+        found.extend(_source_findings(cls, ("_forward", "_normalize_inputs")))
+    for module in bundle.network.modules():
+        cls = type(module)
+        if not cls.__module__.startswith("torch."):
+            found.extend(_source_findings(cls, ("forward",)))
+    return found
+
+
+def _source_findings(cls: type, methods: Sequence[str]) -> list[str]:
+    try:
+        return function_objects_built_per_call(cls, methods)
+    except (OSError, TypeError):
+        return []  # no source (built in a REPL): the run-time check above still applies
+
+
+_CLAUSES: tuple[tuple[str, _Check], ...] = (
+    ("shapes", _check_shapes),
+    ("masks as mapping or dataclass", _check_mask_forms),
+    ("masks respected", _check_masks_respected),
+    ("reproducible under a seed", _check_reproducible),
+    ("rollout and update agree", _check_rollout_matches_update),
+    ("rows independent", _check_rows_independent),
+    ("gradients", _check_gradients),
+    ("network called as a module", _check_network_called),
+    ("hidden state round trip", _check_hidden_round_trip),
+    ("state_dict round trip", _check_state_dict),
+    ("float64", _check_float64),
+    ("bad inputs refused", _check_bad_inputs),
+    ("no per-call closures", _check_no_closures),
+)

@@ -1,0 +1,284 @@
+"""The conformance kit: every registered bundle passes it, and every clause can fail.
+
+`VIOLATIONS` is the kit's own mutation test: one small bundle per clause, each with
+one plausible bug, and the clause that must catch it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from broken_bundle import BrokenBundle
+from conftest import FEATURE_DIM, TinyStatelessBundle, load_guide_example
+from esper.tamiyo.policy import (
+    NetworkOutput,
+    PolicyBundle,
+    PolicyInputs,
+    UniformPolicyBundle,
+    get_policy,
+    list_policies,
+)
+from esper.tamiyo.policy.base import MaskArg
+from esper.tamiyo.policy.inputs import HiddenState
+from esper.tamiyo.policy.testing import (
+    ClauseResult,
+    ConformanceReport,
+    check_bundle,
+    run_checks,
+)
+
+CLAUSES = [
+    "builds",
+    "shapes",
+    "masks as mapping or dataclass",
+    "masks respected",
+    "reproducible under a seed",
+    "rollout and update agree",
+    "rows independent",
+    "gradients",
+    "network called as a module",
+    "hidden state round trip",
+    "state_dict round trip",
+    "float64",
+    "bad inputs refused",
+    "no per-call closures",
+]
+
+
+def _failed(report: ConformanceReport) -> dict[str, str]:
+    return {result.clause: result.detail for result in report.failures}
+
+
+@pytest.mark.parametrize("name", list_policies())
+def test_every_registered_policy_conforms(name: str) -> None:
+    """A new registration is covered here with no new test code."""
+    report = check_bundle(get_policy(name))
+    assert [result.clause for result in report.results] == CLAUSES
+    assert report.passed
+
+
+def test_the_guide_example_conforms() -> None:
+    module = load_guide_example()
+    report = check_bundle(module.GRUPolicyBundle)
+    assert report.passed
+    assert report.subject == "GRUPolicyBundle"
+
+
+def test_small_and_odd_widths_conform() -> None:
+    for width in (1, 2, 13):
+        check_bundle(get_policy("lstm"), feature_dim=width)
+
+
+def test_the_broken_bundle_fails_exactly_its_three_clauses() -> None:
+    report = run_checks(BrokenBundle)
+    failed = _failed(report)
+    assert set(failed) == {"rows independent", "float64", "no per-call closures"}
+    assert "must not depend on the others in the batch" in failed["rows independent"]
+    assert "returns torch.float32 values" in failed["float64"]
+    assert "BrokenBundle._forward.<locals>.centre" in failed["no per-call closures"]
+
+
+def test_check_bundle_raises_one_error_listing_every_failed_clause() -> None:
+    with pytest.raises(AssertionError) as info:
+        check_bundle(BrokenBundle)
+    message = str(info.value)
+    assert message.startswith("BrokenBundle fails 3 of 14 conformance clauses:")
+    assert message.count("\n- ") == 3
+    for clause in ("rows independent", "float64", "no per-call closures"):
+        assert f"- {clause}: " in message
+
+
+def test_the_report_formats_one_line_per_clause() -> None:
+    text = run_checks(BrokenBundle).format().splitlines()
+    assert text[0] == "Conformance of BrokenBundle:"
+    assert len(text) == 2 + len(CLAUSES)
+    assert text[1] == "  PASS  builds"
+    assert any(line.startswith("  FAIL  float64: after to(torch.float64)") for line in text)
+    assert text[-1] == "14 clauses, 3 failed."
+
+
+def test_the_callers_random_state_is_left_alone() -> None:
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    run_checks(UniformPolicyBundle)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_factory_that_builds_no_bundle_fails_every_clause_as_not_run() -> None:
+    report = run_checks(lambda dim: nn.Linear(dim, 2))  # type: ignore[arg-type,return-value]
+    assert not report.passed
+    builds = report.results[0]
+    assert builds == ClauseResult(
+        "builds",
+        False,
+        "factory(7) returned Linear, not a PolicyBundle; return an instance of your "
+        "PolicyBundle subclass",
+    )
+    assert {result.detail for result in report.results[1:]} == {
+        "not run: the factory built no bundle"
+    }
+
+
+def test_a_factory_that_raises_is_reported() -> None:
+    def factory(dim: int) -> PolicyBundle:
+        raise RuntimeError("out of cheese")
+
+    detail = run_checks(factory).results[0].detail
+    assert detail == "raised RuntimeError: out of cheese"
+
+
+def test_bad_arguments_to_the_kit_are_type_errors() -> None:
+    with pytest.raises(TypeError, match="factory must be callable"):
+        run_checks(3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="feature_dim must be a positive int"):
+        run_checks(UniformPolicyBundle, feature_dim=0)
+
+
+# ---------------------------------------------------------------- one bug per clause
+
+
+_SAME = TinyStatelessBundle()
+
+
+class _IgnoresMappingMasks(TinyStatelessBundle):
+    def _normalize_inputs(
+        self,
+        features: torch.Tensor,
+        masks: MaskArg,
+        hidden: HiddenState | None,
+        actions: Mapping[str, torch.Tensor] | None = None,
+    ) -> PolicyInputs:
+        if isinstance(masks, dict):  # bug: only ActionMasks honoured
+            masks = None
+        return super()._normalize_inputs(features, masks, hidden, actions)
+
+
+class _DropsMasks(TinyStatelessBundle):
+    def _normalize_inputs(
+        self,
+        features: torch.Tensor,
+        masks: MaskArg,
+        hidden: HiddenState | None,
+        actions: Mapping[str, torch.Tensor] | None = None,
+    ) -> PolicyInputs:
+        return super()._normalize_inputs(features, None, hidden, actions)  # bug: masks dropped
+
+
+class _PrivateNoise(TinyStatelessBundle):
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        out = super()._forward(inputs)
+        noise = random.random()  # bug: Python's generator, not torch's
+        return NetworkOutput(out.logits * noise, out.value, None)
+
+
+class _DependsOnLength(TinyStatelessBundle):
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        out = super()._forward(inputs)
+        return NetworkOutput(out.logits * inputs.seq_len, out.value, None)  # bug
+
+
+class _UnusedParameter(TinyStatelessBundle):
+    def __init__(self, feature_dim: int) -> None:
+        super().__init__(feature_dim)
+        self.network.spare = nn.Linear(2, 2)  # bug: never used
+
+
+class _CallsForwardDirectly(TinyStatelessBundle):
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        logits, value = self.network.forward(inputs.features)  # bug: skips hooks
+        return NetworkOutput(logits, value, None)
+
+
+class _PlainTensorWeight(TinyStatelessBundle):
+    def __init__(self, feature_dim: int) -> None:
+        super().__init__(feature_dim)
+        self.scale = torch.rand(())  # bug: state outside the state_dict
+
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        out = super()._forward(inputs)
+        return NetworkOutput(out.logits, out.value * self.scale, None)
+
+
+class _CleansNaN(TinyStatelessBundle):
+    def _normalize_inputs(
+        self,
+        features: torch.Tensor,
+        masks: MaskArg,
+        hidden: HiddenState | None,
+        actions: Mapping[str, torch.Tensor] | None = None,
+    ) -> PolicyInputs:
+        if isinstance(features, torch.Tensor) and features.is_floating_point():
+            features = torch.nan_to_num(features)  # bug: hides bad inputs
+        return super()._normalize_inputs(features, masks, hidden, actions)
+
+
+class _Comprehension(TinyStatelessBundle):
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        logits, value = self.network(inputs.features)
+        parts = [logits[..., h, :] for h in range(logits.shape[-2])]  # bug: per call
+        return NetworkOutput(torch.stack(parts, dim=-2), value, None)
+
+
+class _WrongLogitsShape(TinyStatelessBundle):
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        out = super()._forward(inputs)
+        return NetworkOutput(out.logits[..., :8], out.value, None)  # bug: unpadded
+
+
+def _forgetful_gru() -> Callable[[int], PolicyBundle]:
+    module = load_guide_example()
+
+    class ForgetfulGRU(module.GRUPolicyBundle):  # type: ignore[misc,name-defined]
+        def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+            zeros = self.initial_hidden(inputs.batch_size)  # bug: forgets the state
+            fresh = PolicyInputs(
+                inputs.features,
+                inputs.valid,
+                zeros,
+                inputs.action_index,
+                inputs.single_step,
+                inputs.given_masks,
+            )
+            return super()._forward(fresh)  # type: ignore[no-any-return]
+
+    return ForgetfulGRU
+
+
+VIOLATIONS: list[tuple[str, Callable[[], Callable[[int], Any]], str]] = [
+    ("builds", lambda: lambda dim: _SAME, "returned the same bundle twice"),
+    ("shapes", lambda: _WrongLogitsShape, "End the network with PolicyHeads"),
+    ("masks as mapping or dataclass", lambda: _IgnoresMappingMasks, "as a mapping"),
+    ("masks respected", lambda: _DropsMasks, "took masked action"),
+    ("reproducible under a seed", lambda: _PrivateNoise, "draw randomness from torch's"),
+    ("rollout and update agree", lambda: _DependsOnLength, "PPO update"),
+    ("rows independent", lambda: BrokenBundle, "row 0's"),
+    ("gradients", lambda: _UnusedParameter, "'spare.weight' gets no gradient"),
+    ("network called as a module", lambda: _CallsForwardDirectly, "never called"),
+    ("hidden state round trip", _forgetful_gru, "ignores inputs.hidden"),
+    ("state_dict round trip", lambda: _PlainTensorWeight, "gives different values"),
+    ("float64", lambda: BrokenBundle, "returns torch.float32 values"),
+    ("bad inputs refused", lambda: _CleansNaN, "accepted NaN in the features"),
+    ("no per-call closures", lambda: _Comprehension, "_Comprehension._forward.<locals>.<listcomp>"),
+]
+
+
+def test_every_clause_has_a_violation() -> None:
+    assert [clause for clause, _, _ in VIOLATIONS] == CLAUSES
+
+
+@pytest.mark.parametrize(
+    ("clause", "make_factory", "says"), VIOLATIONS, ids=[row[0] for row in VIOLATIONS]
+)
+def test_each_clause_catches_its_bug(
+    clause: str, make_factory: Callable[[], Callable[[int], Any]], says: str
+) -> None:
+    failed = _failed(run_checks(make_factory(), feature_dim=FEATURE_DIM))
+    assert clause in failed, f"{clause} passed; failures were {failed}"
+    assert says in failed[clause]
