@@ -1,12 +1,15 @@
-"""The command line: `esper-policy demo` runs; bad arguments give one clear line."""
+"""The command line: `demo`, `list` and `check` work; bad arguments give one clear line."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from conftest import GUIDE_EXAMPLE
+from esper.tamiyo.policy import LSTMPolicyBundle, list_policies, registry
 from esper.tamiyo.policy.cli import main
 
 
@@ -41,3 +44,104 @@ def test_module_entry_point_runs() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "lstm" in result.stdout
+
+
+BROKEN = Path(__file__).resolve().parent / "broken_bundle.py"
+
+
+def test_list_shows_every_registered_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "--feature-dim", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "built with feature_dim=10" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:]}
+    assert set(rows) == set(list_policies())
+    assert rows["lstm"][:2] == ["LSTMPolicyBundle", "yes"]
+    assert rows["mlp"][:2] == ["MLPPolicyBundle", "no"]
+    assert rows["uniform"] == ["UniformPolicyBundle", "no", "0"]
+    params = sum(p.numel() for p in LSTMPolicyBundle(10).network.parameters())
+    assert rows["lstm"][2] == f"{params:,}"
+
+
+def test_check_passes_a_registered_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "mlp", "--feature-dim", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Conformance of MLPPolicyBundle:")
+    assert out.count("  PASS  ") == 14
+    assert "FAIL" not in out
+
+
+def test_check_by_module_and_class(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "esper.tamiyo.policy:UniformPolicyBundle"]) == 0
+    assert "14 clauses, all clauses pass." in capsys.readouterr().out
+
+
+def test_check_reports_the_broken_bundle_in_words(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", f"{BROKEN}:BrokenBundle"]) == 1
+    out = capsys.readouterr().out
+    assert "  FAIL  rows independent: row 0's values alone and in the batch differ" in out
+    assert "  FAIL  float64: after to(torch.float64) forward returns torch.float32" in out
+    assert "  FAIL  no per-call closures: a function object is built on every call" in out
+    assert out.rstrip().endswith("14 clauses, 3 failed.")
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["check", "no_such_module:X"], "cannot import 'no_such_module': ModuleNotFoundError"),
+        (["check", "esper.tamiyo.policy:HEAD_NAMES"], "is tuple, not a PolicyBundle subclass"),
+        (["check", "esper.tamiyo.policy:PolicyBundle"], "is abstract: implement _forward"),
+        (["check", "esper.tamiyo.policy:Nope"], "has no attribute 'Nope'"),
+        (["check", "gruu"], "'gruu' is neither MODULE:CLASS, FILE.py:CLASS nor a registered"),
+        (["check", "missing/file.py:X"], "no such file: missing/file.py"),
+        (["check", ":X"], "expected MODULE:CLASS or FILE.py:CLASS"),
+        (["check", "lstm", "--feature-dim", "0"], "expected a positive integer, got 0"),
+        (["list", "--feature-dim", "-1"], "expected a positive integer, got -1"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"esper-policy {argv[0]}: error: ")
+
+
+def test_a_module_that_fails_to_import_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad_bundle.py"
+    bad.write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", f"{bad}:X"])
+    assert exit_info.value.code == 2
+    assert "cannot import" in capsys.readouterr().err
+
+
+def test_check_runs_as_a_console_command_without_a_traceback() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "esper.tamiyo.policy", "check", f"{BROKEN}:BrokenBundle"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "FAIL  float64" in result.stdout
+    assert result.stderr == ""
+
+
+def test_checking_a_file_twice_in_one_process_imports_it_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    saved = dict(registry._REGISTRY)
+    try:
+        for _ in range(2):  # a second import would register "gru" twice and fail
+            assert main(["check", f"{GUIDE_EXAMPLE}:GRUPolicyBundle", "--feature-dim", "2"]) == 0
+    finally:
+        registry._REGISTRY.clear()
+        registry._REGISTRY.update(saved)
+    assert capsys.readouterr().out.count("14 clauses, all clauses pass.") == 2

@@ -3,43 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
+import importlib.util
+import inspect
+import os
 import statistics
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
-from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
+from esper.tamiyo.policy.action_space import HEAD_NAMES
 from esper.tamiyo.policy.base import PolicyBundle
-from esper.tamiyo.policy.masks import ActionMasks
-from esper.tamiyo.policy.registry import create_policy, list_policies
+from esper.tamiyo.policy.registry import create_policy, get_policy, list_policies
+from esper.tamiyo.policy.testing import random_masks, run_checks
 
-__all__ = ["main", "random_masks", "run_demo"]
-
-
-def random_masks(
-    space: ActionSpace, batch: int, generator: torch.Generator, keep: float = 0.6
-) -> ActionMasks:
-    """Random `[B, A_h]` masks with at least one valid action in every row.
-
-    Args:
-        space: Head sizes.
-        batch: `B`.
-        generator: Random source.
-        keep: Probability that each action is valid.
-    """
-    masks: dict[str, torch.Tensor | None] = {}
-    for name, size in zip(HEAD_NAMES, space.sizes, strict=True):
-        mask = torch.rand(batch, size, generator=generator) < keep
-        forced = torch.randint(size, (batch,), generator=generator)
-        mask[torch.arange(batch), forced] = True  # never a void row
-        masks[name] = mask
-    return ActionMasks.from_mapping(masks)
+__all__ = ["CommandError", "main", "run_check", "run_demo", "run_list"]
 
 
 def _demo_bundle(
-    name: str, bundle: PolicyBundle, steps: int, batch: int, seed: int
+    name: str, bundle: PolicyBundle, steps: int, batch: int, feature_dim: int, seed: int
 ) -> tuple[list[str], float]:
     """Run a masked rollout; return one table row per step of env 0 and µs per call."""
     gen = torch.Generator().manual_seed(seed)
@@ -47,8 +34,8 @@ def _demo_bundle(
     rows: list[str] = []
     times: list[float] = []
     for step in range(steps):
-        features = torch.randn(batch, bundle.feature_dim, generator=gen)
-        masks = random_masks(bundle.action_space, batch, gen)
+        features = torch.randn(batch, feature_dim, generator=gen)
+        masks = random_masks((batch,), space=bundle.action_space, keep=0.6, generator=gen)
         start = time.perf_counter()
         result = bundle.get_action(features, masks, hidden)
         times.append(time.perf_counter() - start)
@@ -86,7 +73,7 @@ def run_demo(
     summary: list[str] = []
     for name in list_policies():
         bundle = create_policy(name, feature_dim=feature_dim)
-        rows, micros = _demo_bundle(name, bundle, steps, batch, seed)
+        rows, micros = _demo_bundle(name, bundle, steps, batch, feature_dim, seed)
         print("\n".join(rows))
         recurrent = "yes" if bundle.is_recurrent else "no"
         summary.append(f"  {name:<8}{type(bundle).__name__:<22}{recurrent:>10s}{micros:>20.0f}")
@@ -106,6 +93,105 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def run_list(feature_dim: int = 32) -> int:
+    """Print every registered policy: class, recurrent or not, parameter count.
+
+    Returns the process exit code.
+    """
+    print(f"Registered policies, built with feature_dim={feature_dim}:")
+    print(f"  {'name':<10}{'class':<24}{'recurrent':>10}{'parameters':>12}")
+    for name in list_policies():
+        cls = get_policy(name)
+        try:
+            bundle = create_policy(name, feature_dim=feature_dim)
+        except Exception as error:  # a contributor's class; report it and go on
+            print(f"  {name:<10}{cls.__name__:<24}  cannot build: {type(error).__name__}: {error}")
+            continue
+        recurrent = "yes" if bundle.is_recurrent else "no"
+        count = sum(p.numel() for p in bundle.network.parameters())
+        print(f"  {name:<10}{cls.__name__:<24}{recurrent:>10}{count:>12,}")
+    return 0
+
+
+def run_check(target: str, feature_dim: int = 7, seed: int = 0) -> int:
+    """Run the conformance kit on a bundle class and print each clause.
+
+    Args:
+        target: `MODULE:CLASS` (importable from the current directory),
+            `path/to/file.py:CLASS`, or a registered policy name.
+        feature_dim: The width to build the bundle with.
+        seed: Seeds the bundle's weights, inputs and sampling.
+
+    Returns:
+        0 when every clause passes, 1 otherwise.
+
+    Raises:
+        CommandError: `target` does not name a concrete `PolicyBundle` subclass.
+    """
+    cls = _resolve_bundle_class(target)
+    report = run_checks(functools.partial(_build_bundle, cls), feature_dim=feature_dim, seed=seed)
+    print(report.format())
+    return 0 if report.passed else 1
+
+
+class CommandError(Exception):
+    """A bad command-line argument: printed as one line, exit status 2."""
+
+
+def _build_bundle(cls: type[PolicyBundle], feature_dim: int) -> PolicyBundle:
+    return cls(feature_dim=feature_dim)  # type: ignore[call-arg]  # the contract of check
+
+
+def _resolve_bundle_class(target: str) -> type[PolicyBundle]:
+    if ":" not in target:
+        if target in list_policies():
+            return get_policy(target)
+        raise CommandError(
+            f"{target!r} is neither MODULE:CLASS, FILE.py:CLASS nor a registered policy "
+            f"({', '.join(list_policies())})"
+        )
+    where, _, name = target.rpartition(":")
+    if not where or not name:
+        raise CommandError(f"{target!r}: expected MODULE:CLASS or FILE.py:CLASS")
+    module = _load_module(where)
+    obj = getattr(module, name, None)
+    if obj is None:
+        raise CommandError(f"{where!r} has no attribute {name!r}")
+    if not (isinstance(obj, type) and issubclass(obj, PolicyBundle)):
+        raise CommandError(f"{target} is {type(obj).__name__}, not a PolicyBundle subclass")
+    if inspect.isabstract(obj):
+        missing = ", ".join(sorted(obj.__abstractmethods__))
+        raise CommandError(f"{target} is abstract: implement {missing}")
+    return obj
+
+
+def _load_module(where: str) -> ModuleType:
+    """Import `where`, a dotted module name or the path of a `.py` file."""
+    try:
+        if where.endswith(".py") or os.sep in where or "/" in where:
+            path = Path(where)
+            if not path.is_file():
+                raise CommandError(f"no such file: {where}")
+            module_name = f"_esper_check_{path.stem}"
+            loaded = sys.modules.get(module_name)
+            if loaded is not None and Path(str(loaded.__file__)).resolve() == path.resolve():
+                return loaded  # run it once: importing it again would register it twice
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            if spec is None or spec.loader is None:
+                raise CommandError(f"cannot load {where} as a Python module")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module  # inspect reads the source through it
+            spec.loader.exec_module(module)
+            return module
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # as `python -m` would: the current directory
+        return importlib.import_module(where)
+    except CommandError:
+        raise
+    except Exception as error:  # any failure while importing user code: one line
+        raise CommandError(f"cannot import {where!r}: {type(error).__name__}: {error}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `esper-policy`."""
     parser = argparse.ArgumentParser(
@@ -120,18 +206,47 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--feature-dim", type=_positive_int, default=32, help="features (32)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (0)")
     demo.add_argument("--threads", type=_positive_int, default=1, help="torch threads (1)")
+    listing = commands.add_parser(
+        "list", help="list the registered policies with their parameter counts"
+    )
+    listing.add_argument(
+        "--feature-dim", type=_positive_int, default=32, help="width to build them with (32)"
+    )
+    check = commands.add_parser(
+        "check",
+        help="run the conformance kit on a bundle class",
+        description="Run the conformance kit (esper.tamiyo.policy.testing) on a bundle "
+        "class and print each clause as PASS or FAIL; exit 0 only if all pass.",
+    )
+    check.add_argument(
+        "target",
+        metavar="MODULE:CLASS",
+        help="e.g. my_policies.gru:GRUPolicyBundle, path/to/gru.py:GRUPolicyBundle, "
+        "or a registered name such as lstm",
+    )
+    check.add_argument(
+        "--feature-dim", type=_positive_int, default=7, help="width to build it with (7)"
+    )
+    check.add_argument("--seed", type=int, default=0, help="random seed (0)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `esper-policy`; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        threads = torch.get_num_threads()
-        try:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        if args.command == "demo":
             return run_demo(args.steps, args.batch, args.feature_dim, args.seed, args.threads)
-        finally:
-            torch.set_num_threads(threads)
+        if args.command == "list":
+            return run_list(args.feature_dim)
+        if args.command == "check":
+            return run_check(args.target, args.feature_dim, args.seed)
+    except CommandError as error:
+        parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
+    finally:
+        torch.set_num_threads(threads)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse refuses others
 
 
