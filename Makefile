@@ -23,7 +23,7 @@ demo: $(VENV)/.runtime
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check src tests benchmarks  # docs keep aligned comments
+	$(VENV)/bin/ruff format --check src tests benchmarks docs/examples  # docs/*.md keep aligned comments
 	$(VENV)/bin/mypy
 
 unit: $(VENV)/.dev
