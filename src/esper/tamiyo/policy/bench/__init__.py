@@ -1,0 +1,3 @@
+"""Benchmarks of the policy bundles against the seed design they replace."""
+
+__all__: list[str] = []
