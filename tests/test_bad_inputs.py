@@ -297,3 +297,13 @@ def test_void_row_with_checks_off_still_samples_a_real_action() -> None:
     masks = ActionMasks(slot=torch.zeros(64, 3, dtype=torch.bool))
     out = bundle.get_action(torch.randn(64, FEATURE_DIM), masks)
     assert bool((out.action["slot"] < 3).all())
+
+
+def test_finite_features_whose_sum_overflows_are_accepted() -> None:
+    """The value check sums the features; an overflowing sum alone is not an error."""
+    bundle = small_lstm()
+    huge = torch.full((2, FEATURE_DIM), 3e38)
+    assert torch.isinf(huge.sum())
+    step = bundle.get_action(huge, random_masks((2,)))
+    assert step.value.shape == (2,)
+    bundle.evaluate_actions(huge, step.action, None)

@@ -74,7 +74,6 @@ def test_each_public_method_normalizes_once_then_calls_the_hook_once(
     batch, steps = lead[0], lead[1] if len(lead) == 2 else 1
     assert inputs.features.shape == (batch, steps, FEATURE_DIM)
     assert inputs.single_step == (len(lead) == 1)
-    assert inputs.valid.shape == (batch, steps, 8, 16)
     for name, size in zip(HEAD_NAMES, ActionSpace().sizes, strict=True):
         mask = inputs.masks.as_dict()[name]
         if method == "get_value":

@@ -6,7 +6,6 @@ one plausible bug, and the clause that must catch it.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -172,10 +171,14 @@ class _DropsMasks(TinyStatelessBundle):
 
 
 class _PrivateNoise(TinyStatelessBundle):
+    def __init__(self, feature_dim: int) -> None:
+        super().__init__(feature_dim)
+        self.noise = torch.Generator().manual_seed(99)  # bug: not torch's global generator
+
     def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
         out = super()._forward(inputs)
-        noise = random.random()  # bug: Python's generator, not torch's
-        return NetworkOutput(out.logits * noise, out.value, None)
+        noise = torch.rand(out.logits.shape, generator=self.noise) * 10.0
+        return NetworkOutput(out.logits + noise, out.value, None)
 
 
 class _DependsOnLength(TinyStatelessBundle):
@@ -240,7 +243,6 @@ def _forgetful_gru() -> Callable[[int], PolicyBundle]:
             zeros = self.initial_hidden(inputs.batch_size)  # bug: forgets the state
             fresh = PolicyInputs(
                 inputs.features,
-                inputs.valid,
                 zeros,
                 inputs.action_index,
                 inputs.single_step,

@@ -26,19 +26,22 @@ def test_pack_masks_puts_each_head_in_its_row_and_padding_false() -> None:
     masks = random_masks((4, 3)).as_dict()
     masks["style"] = None
     given = ActionMasks.from_mapping(masks)
-    packed = layout.pack_masks(given, 4, 3, flat=False)
+    packed = layout.pack_masks(given, 4, 3)
     assert torch.equal(packed, _manual_pack(given, (4, 3)))
 
 
-def test_pack_masks_flat_equals_pack_with_a_time_axis() -> None:
+def test_a_single_step_packs_the_same_from_b_a_and_b_1_a_masks() -> None:
     layout = HeadLayout(SPACE)
     flat = random_masks((5,))
     sequenced = ActionMasks.from_mapping(
         {n: None if m is None else m.unsqueeze(1) for n, m in flat.as_dict().items()}
     )
-    assert torch.equal(
-        layout.pack_masks(flat, 5, 1, flat=True), layout.pack_masks(sequenced, 5, 1, flat=False)
-    )
+    mixed = ActionMasks.from_mapping({**flat.as_dict(), "op": sequenced.op, "tempo": None})
+    want = _manual_pack(flat, (5,)).unsqueeze(1)  # [5, 1, H, A_max]
+    assert torch.equal(layout.pack_masks(flat, 5, 1), want)
+    assert torch.equal(layout.pack_masks(sequenced, 5, 1), want)
+    want[:, 0, HEAD_NAMES.index("tempo"), : SPACE.tempo] = True
+    assert torch.equal(layout.pack_masks(mixed, 5, 1), want)
 
 
 def test_all_valid_is_the_structural_mask() -> None:

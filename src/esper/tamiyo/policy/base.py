@@ -8,8 +8,9 @@ hook, `_forward`, that maps normalized inputs to logits, values and hidden state
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Self
 
 import torch
@@ -19,7 +20,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from esper.tamiyo.policy import categorical
 from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
 from esper.tamiyo.policy.inputs import HiddenState, PolicyInputs
-from esper.tamiyo.policy.layout import HeadLayout, per_head
+from esper.tamiyo.policy.layout import HeadLayout
 from esper.tamiyo.policy.masks import ActionMasks
 from esper.tamiyo.policy.outputs import ActionResult, EvalResult, ForwardResult, NetworkOutput
 from esper.tamiyo.policy.validation import (
@@ -146,6 +147,11 @@ class PolicyBundle(ABC):
         self._autocast_type = _autocast_type(self._device)
         self._dtype = _module_dtype(network)
         self._layout = HeadLayout(action_space, self._device)
+        # What get_action and evaluate_actions run after the checks; compile() swaps in
+        # compiled versions.
+        self._act_path: _ActPath = self._act
+        self._evaluate_path: _EvaluatePath = self._evaluate
+        self._compiled = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -207,14 +213,10 @@ class PolicyBundle(ABC):
             TypeError: An argument has the wrong type or dtype.
             ValueError: An argument has the wrong shape, a wrong key, or bad values.
         """
-        inputs = self._normalize_inputs(features, masks, hidden)
+        inputs, valid = self._prepare(features, masks, hidden)
         with torch.no_grad():
-            actions, chosen, value, new_hidden = self._act(inputs, deterministic)
-        if inputs.single_step:
-            actions, chosen, value = actions.squeeze(1), chosen.squeeze(1), value.squeeze(1)
-        return ActionResult(
-            action=per_head(actions), log_prob=per_head(chosen), value=value, hidden=new_hidden
-        )
+            actions, chosen, value, new_hidden = self._act_path(inputs, valid, deterministic)
+        return ActionResult.from_packed(actions, chosen, value, new_hidden, inputs.single_step)
 
     def forward(
         self, features: torch.Tensor, masks: MaskArg, hidden: HiddenState | None = None
@@ -235,9 +237,11 @@ class PolicyBundle(ABC):
             TypeError: An argument has the wrong type or dtype.
             ValueError: An argument has the wrong shape, a wrong key, or bad values.
         """
-        inputs = self._normalize_inputs(features, masks, hidden)
+        inputs, valid = self._prepare(features, masks, hidden)
         out = self._checked_forward(inputs)
-        masked = categorical.mask_logits(out.logits, inputs.valid, self._layout.fill)
+        masked = categorical.mask_logits(
+            out.logits, valid, self._layout.fill, self._layout.minus_inf
+        )
         value = out.value
         if inputs.single_step:
             masked, value = masked.squeeze(1), value.squeeze(1)
@@ -275,13 +279,9 @@ class PolicyBundle(ABC):
             ValueError: An argument has the wrong shape, a wrong key, or bad values,
                 including an action out of range or masked.
         """
-        inputs = self._normalize_inputs(features, masks, hidden, actions=actions)
-        chosen, entropy, value, new_hidden = self._evaluate(inputs)
-        if inputs.single_step:
-            chosen, entropy, value = chosen.squeeze(1), entropy.squeeze(1), value.squeeze(1)
-        return EvalResult(
-            log_prob=per_head(chosen), entropy=per_head(entropy), value=value, hidden=new_hidden
-        )
+        inputs, valid = self._prepare(features, masks, hidden, actions)
+        chosen, entropy, value, new_hidden = self._evaluate_path(inputs, valid)
+        return EvalResult.from_packed(chosen, entropy, value, new_hidden, inputs.single_step)
 
     def get_value(self, features: torch.Tensor, hidden: HiddenState | None = None) -> torch.Tensor:
         """State values only, without an autograd graph, to bootstrap a rollout.
@@ -299,7 +299,7 @@ class PolicyBundle(ABC):
             TypeError: An argument has the wrong type or dtype.
             ValueError: An argument has the wrong shape or bad values.
         """
-        inputs = self._normalize_inputs(features, None, hidden)
+        inputs, _ = self._prepare(features, None, hidden)
         with torch.no_grad():
             value = self._checked_forward(inputs).value  # [B, T]
         return value.squeeze(1) if inputs.single_step else value
@@ -385,6 +385,37 @@ class PolicyBundle(ABC):
             self._dtype = dtype
         return self
 
+    def compile(self, **compile_kwargs: Any) -> Self:
+        """Compile the compute paths with `torch.compile`, in place; returns `self`.
+
+        What is compiled is what runs after the checks: the hook `_forward` and the
+        masking, sampling and scoring of all heads (`_act` for `get_action`, `_evaluate`
+        for `evaluate_actions`). `_normalize_inputs` with its checks, and the shaping
+        of results, stay eager: a bad argument is refused with the same error, and no
+        check can break the graph. The network itself is not wrapped, so `state_dict`
+        keys, optimizers and `DistributedDataParallel` see the same module as before.
+
+        `forward` and `get_value` stay eager. A recurrent hook that calls `nn.LSTM`
+        (sequences of `LSTMPolicyBundle`) breaks the graph there unless
+        `torch._dynamo.config.allow_rnn = True`; its single steps do not.
+
+        Args:
+            **compile_kwargs: Passed to `torch.compile` (`backend`, `mode`, `dynamic`,
+                `fullgraph`, ...).
+
+        Returns:
+            The bundle.
+        """
+        self._act_path = torch.compile(self._act, **compile_kwargs)
+        self._evaluate_path = torch.compile(self._evaluate, **compile_kwargs)
+        self._compiled = True
+        return self
+
+    @property
+    def is_compiled(self) -> bool:
+        """Whether `compile()` was called."""
+        return self._compiled
+
     def state_dict(self) -> dict[str, Any]:
         """The network's `state_dict`: the bundle's only state."""
         return self.network.state_dict()
@@ -441,13 +472,13 @@ class PolicyBundle(ABC):
             actions: Head name to actions, for `evaluate_actions`.
 
         Returns:
-            `PolicyInputs` with features `[B, T, F]`, masks `[B, T, A_h]`, the packed
-            validity `[B, T, H, A_max]`, hidden state (zeros if none was given) and,
-            when given, actions `[B, T]` and packed `[B, T, H]`.
+            `PolicyInputs` with features `[B, T, F]`, the checked masks, hidden state
+            (zeros if none was given) and, for `evaluate_actions`, the actions packed
+            `[B, T, H]`.
 
         Raises:
             TypeError: An argument has the wrong type or dtype.
-            ValueError: An argument has the wrong shape, a wrong key, or bad values.
+            ValueError: An argument has the wrong shape or a wrong key.
         """
         dtypes = self._allowed_dtypes()
         features = check_features(features, self.feature_dim, self._device, dtypes)
@@ -455,43 +486,57 @@ class PolicyBundle(ABC):
         if single_step:
             features = features.unsqueeze(1)  # [B, 1, F]
         batch, steps = features.shape[0], features.shape[1]
-
-        given, valid = self._pack_masks(masks, batch, steps, single_step)
-        hidden = self._resolve_hidden(hidden, batch, dtypes)
         action_index = (
             None
             if actions is None
             else check_actions(actions, batch, steps, single_step, self._device)
         )  # [B, T, H]
-        if self.check_values:
-            self._check_values(features, valid, action_index, single_step, masks is not None)
         return PolicyInputs(
             features=features,
-            valid=valid,
-            hidden=hidden,
+            hidden=self._resolve_hidden(hidden, batch, dtypes),
             action_index=action_index,
             single_step=single_step,
-            given_masks=given,
+            given_masks=self._check_masks(masks, batch, steps, single_step),
         )
 
-    def _pack_masks(
+    def _check_masks(
         self, masks: MaskArg, batch: int, steps: int, single_step: bool
-    ) -> tuple[ActionMasks, torch.Tensor]:
-        """Check masks against the features; return them and their `[B, T, H, A_max]` pack."""
+    ) -> ActionMasks:
+        """Check masks against the features; `_NO_MASKS` when no head is masked."""
         if masks is None:
-            return _NO_MASKS, self._layout.all_valid(batch, steps)
+            return _NO_MASKS
         given = masks if isinstance(masks, ActionMasks) else ActionMasks.from_mapping(masks)
         any_given = False
-        flat = steps == 1
         for name, size in zip(HEAD_NAMES, self._head_sizes, strict=True):
             mask = getattr(given, name)
             if mask is not None:
                 check_mask(mask, name, size, batch, steps, single_step, self._device)
                 any_given = True
-                flat = flat and mask.dim() == 2
-        if not any_given:
-            return given, self._layout.all_valid(batch, steps)
-        return given, self._layout.pack_masks(given, batch, steps, flat=flat)
+        return given if any_given else _NO_MASKS
+
+    def _prepare(
+        self,
+        features: torch.Tensor,
+        masks: MaskArg,
+        hidden: HiddenState | None,
+        actions: Mapping[str, torch.Tensor] | None = None,
+    ) -> tuple[PolicyInputs, torch.Tensor]:
+        """What every public method does before computing: normalize, pack, check values.
+
+        Returns:
+            The normalized inputs, and the masks packed for masking, `[B, T, H, A_max]`
+            bool (True where valid, padding False).
+        """
+        inputs = self._normalize_inputs(features, masks, hidden, actions)
+        batch, steps = inputs.features.shape[0], inputs.features.shape[1]
+        given = inputs.given_masks
+        if given is _NO_MASKS:
+            valid = self._layout.all_valid(batch, steps)
+        else:
+            valid = self._layout.pack_masks(given, batch, steps)
+        if self.check_values:
+            self._check_values(inputs, valid)
+        return inputs, valid
 
     def _allowed_dtypes(self) -> tuple[torch.dtype, ...]:
         """Dtypes features and hidden state may have.
@@ -520,36 +565,34 @@ class PolicyBundle(ABC):
         check_hidden(hidden, self._hidden_shapes, batch, self._device, dtypes)
         return hidden
 
-    def _check_values(
-        self,
-        features: torch.Tensor,
-        valid: torch.Tensor,
-        action_index: torch.Tensor | None,
-        single_step: bool,
-        masked: bool,
-    ) -> None:
+    def _check_values(self, inputs: PolicyInputs, valid: torch.Tensor) -> None:
         """Refuse NaN/Inf features, void mask rows, and out-of-range or masked actions.
 
         One device sync for all of them; only when one fails does the slow path look
         for the first offending row to name it. Without masks there is no void row to
         look for.
         """
-        # x - x is exactly 0 for finite x and NaN for NaN or ±Inf: the same test as
-        # isfinite(x), in two kernels instead of four.
-        ok = features.sub(features).eq(0).all()
-        if masked:
-            ok = ok & valid.any(dim=-1).all()
+        features = inputs.features
+        action_index = inputs.action_index
+        # One scalar, one sync: the features' sum is NaN or Inf if any feature is (or
+        # if the sum overflows: the slow path then finds nothing and returns), and
+        # dividing it by a False flag makes it Inf or NaN as well. Five kernels at most.
+        total = features.sum(dtype=_SUM_DTYPE.get(features.dtype))  # []
+        if inputs.given_masks is not _NO_MASKS:
+            total = total / valid.any(dim=-1).all()
         if action_index is not None:
-            ok = ok & _actions_valid(action_index, valid, self._layout.sizes).all()
-        if not bool(ok):
-            explain_invalid_values(features, valid, action_index, self._layout.sizes, single_step)
+            total = total / _actions_valid(action_index, valid, self._layout.sizes).all()
+        if not math.isfinite(total.item()):
+            explain_invalid_values(
+                features, valid, action_index, self._layout.sizes, inputs.single_step
+            )
 
     # The compute paths: the hook, then masking, sampling and scoring of all heads on
     # the padded layout. Tensors in, tensors out, no checks: what `torch.compile` would
     # wrap, with `_normalize_inputs` and the shaping of results left outside.
 
     def _act(
-        self, inputs: PolicyInputs, deterministic: bool
+        self, inputs: PolicyInputs, valid: torch.Tensor, deterministic: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, HiddenState | None]:
         """Sample (or take the mode of) every head: `(actions, log_probs, value, hidden)`.
 
@@ -557,14 +600,16 @@ class PolicyBundle(ABC):
             Actions and their log-probabilities `[B, T, H]`, values `[B, T]`, hidden.
         """
         out = self._checked_forward(inputs)
-        masked = categorical.mask_logits(out.logits, inputs.valid, self._layout.fill)
+        masked = categorical.mask_logits(
+            out.logits, valid, self._layout.fill, self._layout.minus_inf
+        )
         log_probs = masked.log_softmax(dim=-1)  # [B, T, H, A_max]
         actions = categorical.sample(log_probs, deterministic=deterministic)  # [B, T, H]
         chosen = categorical.log_prob_of(log_probs, actions)  # [B, T, H]
         return actions, chosen, out.value, out.hidden
 
     def _evaluate(
-        self, inputs: PolicyInputs
+        self, inputs: PolicyInputs, valid: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, HiddenState | None]:
         """Score the given actions: `(log_probs, entropies, value, hidden)`.
 
@@ -575,11 +620,11 @@ class PolicyBundle(ABC):
         assert inputs.action_index is not None  # evaluate_actions always packs actions
         out = self._checked_forward(inputs)
         layout = self._layout
-        masked = categorical.mask_logits(out.logits, inputs.valid, layout.fill)
+        masked = categorical.mask_logits(out.logits, valid, layout.fill, layout.minus_inf)
         log_probs = masked.log_softmax(dim=-1)  # [B, T, H, A_max]
         chosen = categorical.log_prob_of(log_probs, inputs.action_index)  # [B, T, H]
         entropy = categorical.normalized_entropy(
-            masked, log_probs, inputs.valid, layout.inv_log_count
+            masked, log_probs, valid, layout.inv_log_count
         )  # [B, T, H]
         return chosen, entropy, out.value, out.hidden
 
@@ -611,7 +656,15 @@ class PolicyBundle(ABC):
 
 _NO_MASKS = ActionMasks()
 
+# Half-precision sums overflow early (fp16 at 65504): sum those in float32.
+_SUM_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+_ComputeResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, HiddenState | None]
+_ActPath = Callable[[PolicyInputs, torch.Tensor, bool], _ComputeResult]
+_EvaluatePath = Callable[[PolicyInputs, torch.Tensor], _ComputeResult]
+
 _FINAL_METHODS = (
+    "compile",
     "get_action",
     "forward",
     "evaluate_actions",
@@ -620,6 +673,7 @@ _FINAL_METHODS = (
     "_act",
     "_evaluate",
     "_checked_forward",
+    "_prepare",
 )
 
 

@@ -19,7 +19,9 @@ __all__ = [
 ]
 
 
-def mask_logits(logits: torch.Tensor, valid: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+def mask_logits(
+    logits: torch.Tensor, valid: torch.Tensor, fill: torch.Tensor, minus_inf: torch.Tensor
+) -> torch.Tensor:
     """Mask logits, after shifting each head so its largest valid logit is 0.
 
     Softmax, log-probabilities, argmax and their gradients are unchanged by a shift of
@@ -33,14 +35,18 @@ def mask_logits(logits: torch.Tensor, valid: torch.Tensor, fill: torch.Tensor) -
         logits: `[B, T, H, A_max]` unmasked logits.
         valid: `[B, T, H, A_max]` bool, True where the action may be taken.
         fill: `[H, A_max]` value for invalid positions (see `HeadLayout.fill`).
+        minus_inf: A 0-dim `-inf` on the logits' device (`HeadLayout.minus_inf`): a
+            Python `-inf` would cost an extra op on every call.
 
     Returns:
         `[B, T, H, A_max]` masked logits, each head's largest valid one 0. After
         `log_softmax` an invalid position holds a log-probability below -9000, so its
         probability is exactly 0 in fp32.
     """
-    top = torch.where(valid, logits, -torch.inf).amax(dim=-1, keepdim=True)  # [B, T, H, 1]
-    return torch.where(valid, logits - top.detach(), fill)
+    top = torch.where(valid, logits, minus_inf).amax(dim=-1, keepdim=True)  # [B, T, H, 1]
+    if top.requires_grad:  # under autograd only: detaching is an op of its own
+        top = top.detach()
+    return torch.where(valid, logits - top, fill)
 
 
 def sample(
@@ -66,9 +72,12 @@ def sample(
     """
     if deterministic:
         return log_probs.argmax(dim=-1)
-    noise = torch.rand(
-        log_probs.shape, dtype=log_probs.dtype, device=log_probs.device, generator=generator
-    )
+    if generator is None:  # rand_like: `torch.rand(..., generator=None)` breaks dynamic shapes
+        noise = torch.rand_like(log_probs)
+    else:
+        noise = torch.rand(
+            log_probs.shape, dtype=log_probs.dtype, device=log_probs.device, generator=generator
+        )
     # log_p + g = log_p - log(-log(u)), computed in place on the noise buffer.
     return (log_probs - noise.log_().neg_().log_()).argmax(dim=-1)
 

@@ -19,19 +19,16 @@ in `torch.nn.LSTM`); `(h, c)` for an LSTM. Stateless bundles use `None`."""
 
 @dataclass(frozen=True, slots=True, eq=False)  # == on tensors has no truth value: identity
 class PolicyInputs:
-    """Inputs after normalization: always batched and sequenced, checked and packed.
+    """Inputs after normalization: checked, and always batched and sequenced.
 
     Built by `PolicyBundle._normalize_inputs` once per public call; hooks read it and
-    never need to look at how the caller shaped its arguments.
-
-    The packed forms (`valid`, `action_index`) are what the base computes with; the
-    per-head forms (`masks`, `actions`) are views made on access, for hooks that want
-    a head by name, so a hook that does not read them pays nothing for them.
+    never need to look at how the caller shaped its arguments. The base masks the
+    hook's logits itself: a hook that wants the masks as inputs (to attend over valid
+    actions, say) reads `masks`, views made on access, so a hook that does not read
+    them pays nothing for them.
 
     Attributes:
         features: `[B, T, F]` floating features.
-        valid: `[B, T, H, A_max]` bool, all heads' masks packed in the head layout,
-            padding columns False: what the base masks logits with.
         hidden: Recurrent state for this call (zeros when the caller gave none), or
             `None` for a stateless bundle.
         action_index: `[B, T, H]` int64 actions in `HEAD_NAMES` order, for
@@ -42,7 +39,6 @@ class PolicyInputs:
     """
 
     features: torch.Tensor
-    valid: torch.Tensor
     hidden: HiddenState | None
     action_index: torch.Tensor | None
     single_step: bool

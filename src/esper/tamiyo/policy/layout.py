@@ -30,6 +30,8 @@ PADDING_LOGIT: Final = -3e4
 checks off a head whose every action is masked samples one of its own actions,
 never a padding column."""
 
+_PADDING_CACHE_SIZE = 16  # distinct batch shapes whose padding column `HeadLayout` keeps
+
 
 class HeadLayout:
     """Index and fill tables for one `ActionSpace` on one device.
@@ -46,6 +48,7 @@ class HeadLayout:
         structural_valid: `[H, A_max]` bool, True on each head's own columns.
         fill: `[H, A_max]` float32, `MASKED_LOGIT` on head columns and `PADDING_LOGIT`
             on padding columns: what masked positions of the logits become.
+        minus_inf: 0-dim float32 `-inf`, for `categorical.mask_logits`.
         inv_log_count: `[A_max + 1]` float32, `1 / log(n)` for `n >= 2` valid actions
             and 0 for `n <= 1`, indexed by the number of valid actions: normalizes
             entropy to [0, 1] with a lookup instead of a log and a division per call.
@@ -81,7 +84,9 @@ class HeadLayout:
         ).float()
         self.inv_log_count = inv_log
         self._pack_index = pack_index.flatten()
+        self.minus_inf = torch.tensor(-math.inf)
         self._false_column = torch.zeros(1, dtype=torch.bool)
+        self._padding_columns: dict[tuple[int, ...], torch.Tensor] = {}
         true_rows: list[torch.Tensor] = []
         for size in sizes:
             true_rows.append(torch.ones(size, dtype=torch.bool))
@@ -97,7 +102,9 @@ class HeadLayout:
         self.fill = self.fill.to(device)
         self.inv_log_count = self.inv_log_count.to(device)
         self._pack_index = self._pack_index.to(device)
+        self.minus_inf = self.minus_inf.to(device)
         self._false_column = self._false_column.to(device)
+        self._padding_columns = {}
         moved: list[torch.Tensor] = []
         for row in self._true_rows:
             moved.append(row.to(device))
@@ -108,35 +115,50 @@ class HeadLayout:
         """`[B, T, H, A_max]` validity when nothing is masked (a view, no copy)."""
         return self.structural_valid.expand(batch, steps, self.num_heads, self.padded_size)
 
-    def pack_masks(self, masks: ActionMasks, batch: int, steps: int, *, flat: bool) -> torch.Tensor:
+    def pack_masks(self, masks: ActionMasks, batch: int, steps: int) -> torch.Tensor:
         """Pack per-head masks into the padded layout with one `cat` and one gather.
 
+        For a single step (`T == 1`) the masks are packed as `[B, A_h]`, the shape a
+        rollout gives them in, so none needs reshaping first.
+
         Args:
-            masks: Checked masks, each `[B, A_h]` (only when `flat`), `[B, 1, A_h]` or
+            masks: Checked masks, each `[B, A_h]` (only when `T == 1`), `[B, 1, A_h]` or
                 `[B, T, A_h]`, or `None` for an all-valid head.
             batch: `B`.
             steps: `T`.
-            flat: Every given mask is `[B, A_h]` (so `T == 1`): pack them as they are,
-                without adding a `T` axis to each first.
 
         Returns:
             `[B, T, H, A_max]` bool, True where the action is valid; padding is False.
         """
         columns: list[torch.Tensor] = []
+        flat = steps == 1
         lead = (batch, -1) if flat else (batch, steps, -1)
         for head, name in enumerate(HEAD_NAMES):
             mask = getattr(masks, name)
             if mask is None:
                 columns.append(self._true_rows[head].expand(*lead))
-            elif not flat and mask.dim() == 2:
-                columns.append(mask.unsqueeze(1))  # [B, 1, A_h], only for mixed ranks
+            elif flat and mask.dim() == 3:
+                columns.append(mask.select(1, 0))  # [B, 1, A_h] -> [B, A_h]
             else:
                 columns.append(mask)
-        columns.append(self._false_column.expand(*lead))
+        columns.append(self._padding_column(lead))
         packed = torch.cat(columns, dim=-1)  # [B, (T,) sum A_h + 1]
         return packed.index_select(-1, self._pack_index).view(
             batch, steps, self.num_heads, self.padded_size
         )  # [B, T, H, A_max]
+
+    def _padding_column(self, lead: tuple[int, ...]) -> torch.Tensor:
+        """The all-False column the pack gathers padding from, `[*lead, 1]`; cached.
+
+        A rollout asks for the same shape on every step: an expanded view costs a tensor
+        op, a lookup does not.
+        """
+        column = self._padding_columns.get(lead)
+        if column is None:
+            if len(self._padding_columns) >= _PADDING_CACHE_SIZE:
+                self._padding_columns.clear()
+            column = self._padding_columns[lead] = self._false_column.expand(*lead)
+        return column
 
     def split_heads(self, padded: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-head views of a padded tensor, without the padding.

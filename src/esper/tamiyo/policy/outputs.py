@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 
 from esper.tamiyo.policy.inputs import HiddenState
+from esper.tamiyo.policy.layout import per_head
 
 __all__ = ["ActionResult", "EvalResult", "ForwardResult", "NetworkOutput"]
 
@@ -48,6 +49,28 @@ class ActionResult:
     value: torch.Tensor
     hidden: HiddenState | None
 
+    @classmethod
+    def from_packed(
+        cls,
+        actions: torch.Tensor,
+        log_prob: torch.Tensor,
+        value: torch.Tensor,
+        hidden: HiddenState | None,
+        single_step: bool,
+    ) -> ActionResult:
+        """Shape the compute path's packed tensors for the caller.
+
+        Args:
+            actions: `[B, T, H]` int64.
+            log_prob: `[B, T, H]`.
+            value: `[B, T]`.
+            hidden: The new hidden state.
+            single_step: The caller gave `[B, F]` features: drop the `T` axis.
+        """
+        if single_step:
+            actions, log_prob, value = actions.squeeze(1), log_prob.squeeze(1), value.squeeze(1)
+        return cls(per_head(actions), per_head(log_prob), value, hidden)
+
 
 @dataclass(frozen=True, slots=True, eq=False)  # == on tensors has no truth value: identity
 class ForwardResult:
@@ -82,3 +105,25 @@ class EvalResult:
     entropy: dict[str, torch.Tensor]
     value: torch.Tensor
     hidden: HiddenState | None
+
+    @classmethod
+    def from_packed(
+        cls,
+        log_prob: torch.Tensor,
+        entropy: torch.Tensor,
+        value: torch.Tensor,
+        hidden: HiddenState | None,
+        single_step: bool,
+    ) -> EvalResult:
+        """Shape the compute path's packed tensors for the caller.
+
+        Args:
+            log_prob: `[B, T, H]`.
+            entropy: `[B, T, H]`.
+            value: `[B, T]`.
+            hidden: The new hidden state.
+            single_step: The caller gave `[B, F]` features: drop the `T` axis.
+        """
+        if single_step:
+            log_prob, entropy, value = log_prob.squeeze(1), entropy.squeeze(1), value.squeeze(1)
+        return cls(per_head(log_prob), per_head(entropy), value, hidden)

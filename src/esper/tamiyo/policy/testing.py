@@ -494,7 +494,7 @@ def _check_mask_forms(subject: _Subject) -> str:
                 raise _ClauseError(
                     f"masks given as ActionMasks and as a mapping ({label}) give different "
                     f"logits for head {name!r}; do not read the caller's masks, read "
-                    "inputs.valid or inputs.masks"
+                    "inputs.masks"
                 )
     return ""
 

@@ -1,0 +1,107 @@
+"""`PolicyBundle.compile()`: same numbers, same keys, checks still eager, no graph breaks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+import torch._dynamo
+
+from conftest import FEATURE_DIM, small_lstm
+from esper.tamiyo.policy import (
+    HEAD_NAMES,
+    MLPPolicyBundle,
+    PolicyBundle,
+    UniformPolicyBundle,
+)
+from esper.tamiyo.policy.testing import random_masks
+
+# Dynamo reads `.grad` of non-leaf tensors while tracing; the project turns warnings
+# into errors, and this one is torch's own business.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The .grad attribute of a Tensor that is not a leaf Tensor:UserWarning"
+)
+
+FACTORIES: dict[str, Callable[[], PolicyBundle]] = {
+    "lstm": small_lstm,
+    "lstm-2-layers": lambda: small_lstm(num_layers=2),
+    "mlp": lambda: MLPPolicyBundle(FEATURE_DIM, hidden_dim=16),
+    "uniform": lambda: UniformPolicyBundle(FEATURE_DIM),
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> Iterator[None]:
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_compiled_bundle_gives_the_same_numbers(name: str) -> None:
+    eager = FACTORIES[name]()
+    compiled = FACTORIES[name]()
+    compiled.network.load_state_dict(eager.network.state_dict())
+    assert compiled.compile(backend="eager") is compiled
+    assert compiled.is_compiled
+    assert not eager.is_compiled
+    for lead in ((3,), (3, 4)):
+        x = torch.randn(*lead, FEATURE_DIM)
+        masks = random_masks(lead)
+        torch.manual_seed(7)
+        want = eager.get_action(x, masks)
+        torch.manual_seed(7)
+        got = compiled.get_action(x, masks)
+        ev_want = eager.evaluate_actions(x, want.action, masks)
+        ev_got = compiled.evaluate_actions(x, want.action, masks)
+        for head in HEAD_NAMES:
+            assert torch.equal(got.action[head], want.action[head])
+            torch.testing.assert_close(got.log_prob[head], want.log_prob[head])
+            torch.testing.assert_close(ev_got.log_prob[head], ev_want.log_prob[head])
+            torch.testing.assert_close(ev_got.entropy[head], ev_want.entropy[head])
+        torch.testing.assert_close(ev_got.value, ev_want.value)
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_compiling_keeps_the_state_dict_keys(name: str) -> None:
+    bundle = FACTORIES[name]()
+    keys = list(bundle.state_dict())
+    bundle.compile(backend="eager")
+    assert list(bundle.state_dict()) == keys
+    FACTORIES[name]().load_state_dict(bundle.state_dict())
+
+
+def test_checks_stay_eager_after_compiling() -> None:
+    bundle = small_lstm().compile(backend="eager")
+    masks = random_masks((2,)).as_dict()
+    void = masks["op"]
+    assert void is not None
+    void[1] = False
+    with pytest.raises(ValueError, match=r"masks\['op'\] has no valid action at batch row 1"):
+        bundle.get_action(torch.randn(2, FEATURE_DIM), masks)
+    assert bundle.get_action(torch.randn(2, FEATURE_DIM), None).value.shape == (2,)
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_the_step_path_has_no_graph_break(name: str) -> None:
+    bundle = FACTORIES[name]()
+    inputs, valid = bundle._prepare(torch.randn(4, FEATURE_DIM), random_masks((4,)), None)
+    with torch.no_grad():
+        act = torch._dynamo.explain(bundle._act)(inputs, valid, False)
+    assert act.graph_break_count == 0, act.break_reasons
+    assert act.graph_count == 1
+    actions = bundle.get_action(torch.randn(4, FEATURE_DIM), None).action
+    scored, valid = bundle._prepare(torch.randn(4, FEATURE_DIM), None, None, actions)
+    evaluate = torch._dynamo.explain(bundle._evaluate)(scored, valid)
+    assert evaluate.graph_break_count == 0, evaluate.break_reasons
+
+
+def test_lstm_sequences_trace_whole_with_allow_rnn() -> None:
+    bundle = small_lstm()
+    x = torch.randn(2, 5, FEATURE_DIM)
+    actions = bundle.get_action(x, None).action
+    inputs, valid = bundle._prepare(x, None, None, actions)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        explained = torch._dynamo.explain(bundle._evaluate)(inputs, valid)
+    assert explained.graph_break_count == 0, explained.break_reasons
