@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
 
 from conftest import FEATURE_DIM, small_lstm
 from esper.tamiyo.policy import HEAD_NAMES, ActionMasks, ActionSpace, LSTMPolicyBundle
+from esper.tamiyo.policy.lstm import LSTMPolicyNetwork
 from esper.tamiyo.policy.testing import random_masks
 
 
@@ -74,15 +78,53 @@ def test_lstm_weights_orthogonal_and_forget_bias_one() -> None:
             assert torch.equal(param, expected), name
 
 
+def _moved_to_float64(bundle: LSTMPolicyBundle) -> LSTMPolicyNetwork:
+    return bundle.to(torch.float64).network
+
+
+def _moved_with_swapped_tensors(bundle: LSTMPolicyBundle) -> LSTMPolicyNetwork:
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        return bundle.to(torch.float64).network
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+
+
+def _deep_copied(bundle: LSTMPolicyBundle) -> LSTMPolicyNetwork:
+    return copy.deepcopy(bundle.network)
+
+
+def _loaded(bundle: LSTMPolicyBundle) -> LSTMPolicyNetwork:
+    bundle.load_state_dict(small_lstm(num_layers=bundle.num_layers).state_dict())
+    return bundle.network
+
+
+NETWORKS: dict[str, Callable[[LSTMPolicyBundle], LSTMPolicyNetwork]] = {
+    "as built": lambda bundle: bundle.network,
+    "to float64": _moved_to_float64,
+    "to float64, swapping tensors": _moved_with_swapped_tensors,
+    "deep copy": _deep_copied,
+    "after load_state_dict": _loaded,
+}
+
+
 @pytest.mark.parametrize("num_layers", [1, 3])
-def test_single_step_path_equals_nn_lstm(num_layers: int) -> None:
-    """The lstm_cell step path gives nn.LSTM's outputs, hidden state and gradients."""
-    bundle = small_lstm(num_layers=num_layers)
-    net = bundle.network
+@pytest.mark.parametrize("prepare", NETWORKS.values(), ids=NETWORKS.keys())
+def test_single_step_path_equals_nn_lstm(
+    num_layers: int, prepare: Callable[[LSTMPolicyBundle], LSTMPolicyNetwork]
+) -> None:
+    """The lstm_cell step path gives nn.LSTM's outputs, hidden state and gradients.
+
+    Also after the network is moved, copied or loaded: the step path reads the LSTM's
+    parameters through references taken at construction.
+    """
+    net = prepare(small_lstm(num_layers=num_layers))
+    dtype = net.embed.weight.dtype
     batch = 4
-    x = torch.randn(batch, 1, FEATURE_DIM)
-    h0 = torch.randn(num_layers, batch, 16)
-    c0 = torch.randn(num_layers, batch, 16)
+    x = torch.randn(batch, 1, FEATURE_DIM, dtype=dtype)
+    h0 = torch.randn(num_layers, batch, 16, dtype=dtype)
+    c0 = torch.randn(num_layers, batch, 16, dtype=dtype)
     logits, value, (h, c) = net(x, (h0, c0))
     loss = logits.square().sum() + value.sum() + h.sum() + c.sum()
     step_grads = torch.autograd.grad(loss, list(net.parameters()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from esper.tamiyo.policy.action_space import ActionSpace
@@ -114,9 +115,14 @@ class PolicyHeads(nn.Module):
         """
         lead = x.shape[:-1]
         blocks = self.num_heads + 1
-        z = torch.relu(self.hidden(x))  # [..., (H+1) * K]
+        # F.linear on the layer's parameters: a submodule call costs more than the GEMV
+        # at batch 1.
+        z = torch.relu(F.linear(x, self.hidden.weight, self.hidden.bias))  # [..., (H+1) * K]
         z = z.reshape(-1, blocks, self.head_hidden_dim).transpose(0, 1)  # [H+1, N, K]
         out = torch.baddbmm(self.out_bias, z, self.out_weight).transpose(0, 1)  # [N, H+1, A]
-        logits = out[:, : self.num_heads].reshape(*lead, self.num_heads, self.padded_size)
-        value = out[:, self.num_heads, 0].reshape(lead)
+        logits = out[:, : self.num_heads]  # [N, H, A]
+        value = out[:, self.num_heads, 0]  # [N]
+        if len(lead) != 1:  # [N] is already the shape of a 2-D input: skip two no-op views
+            logits = logits.reshape(*lead, self.num_heads, self.padded_size)
+            value = value.reshape(lead)
         return logits, value

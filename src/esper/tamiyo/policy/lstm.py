@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from esper.tamiyo.policy.action_space import ActionSpace
@@ -52,6 +53,12 @@ class LSTMPolicyNetwork(nn.Module):
         self.lstm = nn.LSTM(embed_dim, hidden_dim, num_layers=num_layers, batch_first=True)
         self.lstm_norm = nn.LayerNorm(hidden_dim)
         self.heads = PolicyHeads(hidden_dim, action_space, hidden_dim=hidden_dim // 2)
+        self.num_layers = num_layers
+        # The single-step path reads the LSTM's parameters from here: torch.compile
+        # cannot trace any use of an `nn.LSTM` module, and `all_weights` rebuilds its
+        # lists on every access. The same Parameter objects (`to()` and
+        # `load_state_dict` update them in place): do not reassign the LSTM's parameters.
+        self._cell_weights = _cell_weights(self.lstm)
         self._init_weights(hidden_dim)
 
     @torch.no_grad()
@@ -79,35 +86,39 @@ class LSTMPolicyNetwork(nn.Module):
         Returns:
             `(logits [B, T, H, A_max], value [B, T], (h, c))`.
         """
+        if features.shape[1] == 1:
+            return self._single_step(features, hidden)
         x = torch.relu(self.embed_norm(self.embed(features)))  # [B, T, E]
-        if x.shape[1] == 1:
-            out, new_hidden = self._single_step(x, hidden)
-        else:
-            out, (h, c) = self.lstm(x, (hidden[0], hidden[1]))
-            new_hidden = (h, c)
+        out, (h, c) = self.lstm(x, (hidden[0], hidden[1]))  # [B, T, D]
         logits, value = self.heads(self.lstm_norm(out))  # [B, T, H, A_max], [B, T]
-        return logits, value, new_hidden
+        return logits, value, (h, c)
 
     def _single_step(
-        self, x: torch.Tensor, hidden: HiddenState
-    ) -> tuple[torch.Tensor, HiddenState]:
-        """`nn.LSTM` for T == 1 through `torch.lstm_cell`, with the same weights.
+        self, features: torch.Tensor, hidden: HiddenState
+    ) -> tuple[torch.Tensor, torch.Tensor, HiddenState]:
+        """`forward` for T == 1: `torch.lstm_cell` on `nn.LSTM`'s own weights, in `[B, ...]`.
 
         Valid for the LSTM this module builds: unidirectional, no dropout, no projection.
+        Working on `[B, ...]` rather than `[B, 1, ...]` saves the reshapes a 3-D
+        `Linear` costs; at batch 1 every tensor op counts.
         """
+        # The leaf layers run as functions of their own parameters: at batch 1 a step is
+        # Python overhead, and calling them as submodules costs about 15% more.
+        x = F.relu(_layer_norm(self.embed_norm, _linear(self.embed, features[:, 0])))  # [B, E]
         h_all, c_all = hidden[0], hidden[1]  # [L, B, D]
-        step = x[:, 0]  # [B, E]
-        weights: list[list[nn.Parameter]] = self.lstm.all_weights
-        if len(weights) == 1:
-            h, c = torch.lstm_cell(step, (h_all[0], c_all[0]), *weights[0])  # [B, D] each
-            return h.unsqueeze(1), (h.unsqueeze(0), c.unsqueeze(0))
         hs: list[torch.Tensor] = []
         cs: list[torch.Tensor] = []
-        for layer, layer_weights in enumerate(weights):
-            step, c = torch.lstm_cell(step, (h_all[layer], c_all[layer]), *layer_weights)
-            hs.append(step)
+        h = x
+        for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(self._cell_weights):
+            h, c = torch.lstm_cell(h, (h_all[layer], c_all[layer]), w_ih, w_hh, b_ih, b_hh)
+            hs.append(h)  # [B, D]
             cs.append(c)
-        return step.unsqueeze(1), (torch.stack(hs), torch.stack(cs))
+        if len(hs) == 1:
+            new_hidden: HiddenState = (hs[0].unsqueeze(0), cs[0].unsqueeze(0))
+        else:
+            new_hidden = (torch.stack(hs), torch.stack(cs))  # [L, B, D] each
+        logits, value = self.heads(_layer_norm(self.lstm_norm, h))  # [B, H, A_max], [B]
+        return logits.unsqueeze(1), value.unsqueeze(1), new_hidden
 
 
 @register_policy("lstm")
@@ -164,3 +175,23 @@ class LSTMPolicyBundle(PolicyBundle):
         assert inputs.hidden is not None  # the base fills in zeros for a recurrent bundle
         logits, value, hidden = self.network(inputs.features, inputs.hidden)
         return NetworkOutput(logits, value, hidden)
+
+
+def _cell_weights(
+    lstm: nn.LSTM,
+) -> tuple[tuple[nn.Parameter, nn.Parameter, nn.Parameter, nn.Parameter], ...]:
+    """Each layer's `(w_ih, w_hh, b_ih, b_hh)`, in `torch.lstm_cell`'s argument order."""
+    layers: list[tuple[nn.Parameter, nn.Parameter, nn.Parameter, nn.Parameter]] = []
+    for w_ih, w_hh, b_ih, b_hh in lstm.all_weights:
+        layers.append((w_ih, w_hh, b_ih, b_hh))
+    return tuple(layers)
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` without the module call."""
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` without the module call."""
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
