@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test lint typecheck unit bench-adr clean
+.PHONY: demo test lint typecheck unit bench bench-adr clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ unit: $(VENV)/.dev
 	$(PY) -m pytest
 
 test: lint unit
+
+# Times the seed design (old) against LSTMPolicyBundle (new); writes bench.json.
+bench: $(VENV)/.runtime
+	$(PY) -m esper.tamiyo.policy bench --json bench.json
 
 # Re-measures the normalization options compared in docs/adr/0002.
 bench-adr: $(VENV)/.runtime

@@ -19,6 +19,7 @@ import torch
 
 from esper.tamiyo.policy.action_space import HEAD_NAMES
 from esper.tamiyo.policy.base import PolicyBundle
+from esper.tamiyo.policy.bench import suite
 from esper.tamiyo.policy.registry import create_policy, get_policy, list_policies
 from esper.tamiyo.policy.testing import random_masks, run_checks
 
@@ -228,7 +229,51 @@ def build_parser() -> argparse.ArgumentParser:
         "--feature-dim", type=_positive_int, default=7, help="width to build it with (7)"
     )
     check.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    _add_bench_parser(commands)
     return parser
+
+
+def _add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="time the seed design (old) against LSTMPolicyBundle (new)",
+        description="Time the seed design's replica (old) against LSTMPolicyBundle (new), "
+        "same weights, one thread, interleaved; print medians, new/old ratios, peak "
+        "memory and where the performance targets stand.",
+    )
+    bench.add_argument(
+        "--quick", action="store_true", help="a smoke run of seconds: few repeats, fewer sizes"
+    )
+    bench.add_argument("--json", metavar="PATH", type=Path, help="also write the results here")
+    bench.add_argument(
+        "--repeats", type=_positive_int, help="timed repeats per figure (21; 5 with --quick)"
+    )
+    bench.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where to compute (cpu)"
+    )
+    bench.add_argument(
+        "--compile", action="store_true", help="also time a bundle from PolicyBundle.compile"
+    )
+    bench.add_argument("--feature-dim", type=_positive_int, default=32, help="features (32)")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    """Run `esper-policy bench` with parsed arguments; returns the exit code.
+
+    Raises:
+        CommandError: `--device cuda` without a usable GPU.
+    """
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CommandError("--device cuda: torch sees no CUDA device here")
+    options = suite.BenchOptions(
+        quick=args.quick,
+        repeats=args.repeats,
+        device=args.device,
+        compile=args.compile,
+        feature_dim=args.feature_dim,
+        json_path=args.json,
+    )
+    return suite.run_bench(options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -243,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_list(args.feature_dim)
         if args.command == "check":
             return run_check(args.target, args.feature_dim, args.seed)
+        if args.command == "bench":
+            return _run_bench(args)
     except CommandError as error:
         parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
     finally:

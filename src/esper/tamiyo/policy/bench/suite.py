@@ -1,0 +1,789 @@
+"""`esper-policy bench`: the seed design (old) against `LSTMPolicyBundle` (new).
+
+Both run in one process, with the same sizes and the same weights (the replica's,
+copied with `transplant_weights`, so they compute the same function), on the same
+inputs, with one torch thread, interleaved within every repeat (`harness`). Measured:
+
+1. input normalization alone at B=1: the seed design's per-call closure (the
+   baseline), the module-level `_expand_mask` helper the finding (B10-PT-06)
+   proposed, and `PolicyBundle._normalize_inputs`, alone and followed by what
+   `_prepare` adds before the compute path (packing the masks, the value checks);
+2. `get_action` for one step at several batch sizes;
+3. `evaluate_actions` forward and backward, a PPO-like training step;
+4. the share of a new `get_action` step at B=1 spent in `_normalize_inputs`, packing
+   the masks, the value checks and shaping the results;
+5. the peak memory of the training step (`memory`);
+6. with `compile=True`, a new bundle compiled with `PolicyBundle.compile`.
+
+Then it says whether each performance target is met. Timings are medians of
+repeats; compare them only within one run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
+from esper.tamiyo.policy.base import PolicyBundle
+from esper.tamiyo.policy.bench.harness import (
+    Settings,
+    Timing,
+    git_commit,
+    machine_info,
+    no_sync,
+    single_thread,
+    time_interleaved,
+)
+from esper.tamiyo.policy.bench.memory import peak_bytes
+from esper.tamiyo.policy.bench.report import (
+    Comparison,
+    Report,
+    Share,
+    Target,
+    format_report,
+    write_json,
+)
+from esper.tamiyo.policy.bench.seed_design import (
+    MaskKwargs,
+    SeedLSTMBundle,
+    mask_kwargs,
+    transplant_weights,
+)
+from esper.tamiyo.policy.inputs import HiddenState
+from esper.tamiyo.policy.lstm import LSTMPolicyBundle
+from esper.tamiyo.policy.masks import ActionMasks
+from esper.tamiyo.policy.outputs import ActionResult
+from esper.tamiyo.policy.testing import random_masks
+
+__all__ = [
+    "FULL",
+    "QUICK",
+    "SECTIONS",
+    "BenchOptions",
+    "normalize_closure",
+    "normalize_module_helper",
+    "run_bench",
+    "run_suite",
+]
+
+FULL = Settings(mode="full", repeats=21, target_block_s=0.02, warmup_calls=20)
+"""Settings of a full run: about a minute on a small machine."""
+
+QUICK = Settings(mode="quick", repeats=5, target_block_s=0.002, warmup_calls=2)
+"""Settings of a `--quick` run: a smoke test of a few seconds."""
+
+SECTIONS: dict[str, str] = {
+    "normalize": "1. Input normalization at B=1; old: the seed design's per-call closure\n"
+    "   (2-D: features [B, F], masks [B, A_h]; 3-D: features [B, 1, F], masks [B, 1, A_h])",
+    "get_action": "2. get_action, one step (features [B, F])",
+    "evaluate": "3. evaluate_actions forward + backward (features [B, T, F])",
+    "share": "4. Share of a new get_action step at B=1 (µs, % of the step)",
+    "memory": "5. Peak memory of the training step of section 3",
+    "compile": "6. New bundle compiled with PolicyBundle.compile (--compile)",
+}
+"""Section key to the title printed above its table, in print order."""
+
+ENTROPY_COEF = 0.01
+"""Weight of the entropy bonus in the benchmark's PPO-like loss."""
+
+MaskTuple = tuple[torch.Tensor | None, ...]
+"""The eight masks in `HEAD_NAMES` order."""
+
+
+@dataclass(frozen=True, slots=True)
+class BenchOptions:
+    """What to measure and where to write it.
+
+    Attributes:
+        quick: A smoke run of seconds: few repeats, B in (1, 32), one training shape.
+        repeats: Overrides the repeats of the mode when set.
+        device: `cpu` or `cuda`.
+        compile: Also measure a bundle compiled with `PolicyBundle.compile`.
+        feature_dim: `F`.
+        json_path: Where to write the JSON report, or `None`.
+        compile_kwargs: Passed to `PolicyBundle.compile`.
+    """
+
+    quick: bool = False
+    repeats: int | None = None
+    device: str = "cpu"
+    compile: bool = False
+    feature_dim: int = 32
+    json_path: Path | None = None
+    compile_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> Settings:
+        """The timing settings of the mode, with `repeats` applied."""
+        base = QUICK if self.quick else FULL
+        return base if self.repeats is None else dataclasses.replace(base, repeats=self.repeats)
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """Batch sizes of the `get_action` section."""
+        return (1, 32) if self.quick else (1, 8, 32, 256)
+
+    @property
+    def train_shapes(self) -> tuple[tuple[int, int], ...]:
+        """`(B, T)` of the training-step sections."""
+        return ((8, 16),) if self.quick else ((8, 16), (32, 32))
+
+
+# ------------------------------------------------------------------ the normalizations
+
+
+def normalize_closure(
+    features: torch.Tensor,
+    *,
+    slot_mask: torch.Tensor | None = None,
+    blueprint_mask: torch.Tensor | None = None,
+    style_mask: torch.Tensor | None = None,
+    tempo_mask: torch.Tensor | None = None,
+    alpha_target_mask: torch.Tensor | None = None,
+    alpha_speed_mask: torch.Tensor | None = None,
+    alpha_curve_mask: torch.Tensor | None = None,
+    op_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, MaskTuple]:
+    """The seed design's normalization (`SeedLSTMBundle.forward`), verbatim: the baseline.
+
+    Args:
+        features: `[B, F]` or `[B, 1, F]`.
+        slot_mask: `[B, A]` or `[B, 1, A]`, or `None`; likewise the other seven.
+        blueprint_mask: As `slot_mask`.
+        style_mask: As `slot_mask`.
+        tempo_mask: As `slot_mask`.
+        alpha_target_mask: As `slot_mask`.
+        alpha_speed_mask: As `slot_mask`.
+        alpha_curve_mask: As `slot_mask`.
+        op_mask: As `slot_mask`.
+
+    Returns:
+        Features `[B, 1, F]` and the masks `[B, 1, A]` in `HEAD_NAMES` order.
+    """
+    need_expand = features.dim() == 2
+    if need_expand:
+        features = features.unsqueeze(1)
+
+    # ON PURPOSE: the per-call closure of finding B10-PT-06, the "before" being measured.
+    def expand_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+        if mask is None:
+            return None
+        if need_expand and mask.dim() == 2:
+            return mask.unsqueeze(1)
+        return mask
+
+    slot_mask = expand_mask(slot_mask)
+    blueprint_mask = expand_mask(blueprint_mask)
+    style_mask = expand_mask(style_mask)
+    tempo_mask = expand_mask(tempo_mask)
+    alpha_target_mask = expand_mask(alpha_target_mask)
+    alpha_speed_mask = expand_mask(alpha_speed_mask)
+    alpha_curve_mask = expand_mask(alpha_curve_mask)
+    op_mask = expand_mask(op_mask)
+    return features, (
+        slot_mask,
+        blueprint_mask,
+        style_mask,
+        tempo_mask,
+        alpha_target_mask,
+        alpha_speed_mask,
+        alpha_curve_mask,
+        op_mask,
+    )
+
+
+def _expand_mask(mask: torch.Tensor | None, need_expand: bool) -> torch.Tensor | None:
+    """The finding's proposed module-level helper: add a `T` axis of 1 to a 2-D mask."""
+    if mask is None:
+        return None
+    if need_expand and mask.dim() == 2:
+        return mask.unsqueeze(1)
+    return mask
+
+
+def normalize_module_helper(
+    features: torch.Tensor,
+    *,
+    slot_mask: torch.Tensor | None = None,
+    blueprint_mask: torch.Tensor | None = None,
+    style_mask: torch.Tensor | None = None,
+    tempo_mask: torch.Tensor | None = None,
+    alpha_target_mask: torch.Tensor | None = None,
+    alpha_speed_mask: torch.Tensor | None = None,
+    alpha_curve_mask: torch.Tensor | None = None,
+    op_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, MaskTuple]:
+    """`normalize_closure` with the finding's fix: the module-level `_expand_mask`.
+
+    Args:
+        features: `[B, F]` or `[B, 1, F]`.
+        slot_mask: `[B, A]` or `[B, 1, A]`, or `None`; likewise the other seven.
+        blueprint_mask: As `slot_mask`.
+        style_mask: As `slot_mask`.
+        tempo_mask: As `slot_mask`.
+        alpha_target_mask: As `slot_mask`.
+        alpha_speed_mask: As `slot_mask`.
+        alpha_curve_mask: As `slot_mask`.
+        op_mask: As `slot_mask`.
+
+    Returns:
+        Features `[B, 1, F]` and the masks `[B, 1, A]` in `HEAD_NAMES` order.
+    """
+    need_expand = features.dim() == 2
+    if need_expand:
+        features = features.unsqueeze(1)
+    return features, (
+        _expand_mask(slot_mask, need_expand),
+        _expand_mask(blueprint_mask, need_expand),
+        _expand_mask(style_mask, need_expand),
+        _expand_mask(tempo_mask, need_expand),
+        _expand_mask(alpha_target_mask, need_expand),
+        _expand_mask(alpha_speed_mask, need_expand),
+        _expand_mask(alpha_curve_mask, need_expand),
+        _expand_mask(op_mask, need_expand),
+    )
+
+
+# ------------------------------------------------------------------ bundles and inputs
+
+
+@dataclass(frozen=True, slots=True)
+class Bundles:
+    """The designs under comparison, all with the replica's weights.
+
+    Attributes:
+        old: The seed design's replica.
+        new: `LSTMPolicyBundle`, `check_values=True` (the default).
+        new_unchecked: `LSTMPolicyBundle`, `check_values=False`.
+    """
+
+    old: SeedLSTMBundle
+    new: LSTMPolicyBundle
+    new_unchecked: LSTMPolicyBundle
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    """Inputs of one measurement, built once, as a caller holds them.
+
+    Attributes:
+        features: `[B, F]`, `[B, 1, F]` or `[B, T, F]`.
+        masks: Random masks with a valid action in every row, shaped like `features`.
+        old_masks: The same masks as the seed design's keyword arguments.
+        hidden: Zero `(h, c)` for `B` episodes.
+        actions: Valid actions under `masks`, `[B, T]` per head, for training steps.
+    """
+
+    features: torch.Tensor
+    masks: ActionMasks
+    old_masks: MaskKwargs
+    hidden: HiddenState
+    actions: dict[str, torch.Tensor] | None = None
+
+
+def matching_bundle(old: SeedLSTMBundle) -> LSTMPolicyBundle:
+    """An `LSTMPolicyBundle` of `old`'s sizes holding `old`'s weights (both on the CPU)."""
+    bundle = LSTMPolicyBundle(
+        old.feature_dim,
+        hidden_dim=old.hidden_dim,
+        embed_dim=old.embed_dim,
+        num_layers=old.num_layers,
+        action_space=old.action_space,
+    )
+    transplant_weights(old, bundle)
+    return bundle
+
+
+def build_bundles(feature_dim: int, device: torch.device) -> Bundles:
+    """The replica and two new bundles with its weights, moved to `device`."""
+    old = SeedLSTMBundle(feature_dim)
+    new, unchecked = matching_bundle(old), matching_bundle(old)
+    unchecked.check_values = False
+    old.network.to(device)
+    return Bundles(old, new.to(device), unchecked.to(device))
+
+
+def _masks_to(masks: ActionMasks, device: torch.device) -> ActionMasks:
+    moved: dict[str, torch.Tensor | None] = {}
+    for name, mask in masks.as_dict().items():
+        moved[name] = None if mask is None else mask.to(device)
+    return ActionMasks.from_mapping(moved)
+
+
+def make_case(
+    bundle: PolicyBundle,
+    lead: tuple[int, ...],
+    feature_dim: int,
+    generator: torch.Generator,
+    *,
+    with_actions: bool = False,
+) -> Case:
+    """Random inputs of leading shape `lead` (`(B,)`, `(B, 1)` or `(B, T)`).
+
+    Args:
+        bundle: Gives the hidden state and, with `with_actions`, samples the actions.
+        lead: Leading shape of features and masks.
+        feature_dim: `F`.
+        generator: Source of the features and masks.
+        with_actions: Also sample valid actions under the masks.
+
+    Returns:
+        The case, on the bundle's device.
+    """
+    device = bundle.device
+    features = torch.randn(*lead, feature_dim, generator=generator).to(device)
+    masks = _masks_to(random_masks(lead, generator=generator), device)
+    hidden = bundle.initial_hidden(lead[0])
+    assert hidden is not None  # both designs are recurrent
+    actions = bundle.get_action(features, masks, hidden).action if with_actions else None
+    return Case(features, masks, mask_kwargs(masks), hidden, actions)
+
+
+# ------------------------------------------------------------------ what is timed
+
+
+def old_get_action(bundle: SeedLSTMBundle, case: Case) -> object:
+    """One `get_action` of the seed design on `case`."""
+    return bundle.get_action(case.features, case.hidden, **case.old_masks)
+
+
+def new_get_action(bundle: PolicyBundle, case: Case) -> object:
+    """One `get_action` of a new bundle on `case`."""
+    return bundle.get_action(case.features, case.masks, case.hidden)
+
+
+def ppo_loss(
+    log_prob: Mapping[str, torch.Tensor],
+    entropy: Mapping[str, torch.Tensor],
+    value: torch.Tensor,
+) -> torch.Tensor:
+    """`-sum(log_prob means) - 0.01 * sum(entropy means) + mean(value^2)`: a PPO-like loss."""
+    loss = value.square().mean()
+    for head in HEAD_NAMES:
+        loss = loss - log_prob[head].mean() - ENTROPY_COEF * entropy[head].mean()
+    return loss
+
+
+def old_training_step(bundle: SeedLSTMBundle, case: Case) -> None:
+    """Zero the gradients, then `evaluate_actions` and backward, seed design."""
+    assert case.actions is not None
+    bundle.network.zero_grad(set_to_none=True)
+    out = bundle.evaluate_actions(case.features, case.actions, case.hidden, **case.old_masks)
+    torch.autograd.backward(ppo_loss(out.log_prob, out.entropy, out.value))
+
+
+def new_training_step(bundle: PolicyBundle, case: Case) -> None:
+    """Zero the gradients, then `evaluate_actions` and backward, new bundle."""
+    assert case.actions is not None
+    bundle.network.zero_grad(set_to_none=True)
+    out = bundle.evaluate_actions(case.features, case.actions, case.masks, case.hidden)
+    torch.autograd.backward(ppo_loss(out.log_prob, out.entropy, out.value))
+
+
+# ------------------------------------------------------------------ the sections
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What every section needs.
+
+    Attributes:
+        bundles: The designs compared.
+        settings: Timing settings.
+        options: The run's options.
+        device: Where everything computes.
+        sync: Waits for the device.
+        generator: Source of every random input.
+    """
+
+    bundles: Bundles
+    settings: Settings
+    options: BenchOptions
+    device: torch.device
+    sync: Callable[[], None]
+    generator: torch.Generator
+
+
+def _timed_row(key: str, section: str, name: str, old: Timing, new: Timing) -> Comparison:
+    return Comparison(key, section, name, "us", old.median_us, new.median_us, None, old, new)
+
+
+def describe_error(error: BaseException, lines: int = 2, limit: int = 400) -> str:
+    """`Type: message`, its first non-empty `lines` lines joined, at most `limit` characters."""
+    kept: list[str] = []
+    for line in str(error).splitlines():
+        if line.strip() and len(kept) < lines:
+            kept.append(line.strip())
+    return f"{type(error).__name__}: {' | '.join(kept)}"[:limit]
+
+
+def _failed_row(key: str, section: str, name: str, error: str, detail: str = "") -> Comparison:
+    return Comparison(key, section, name, "us", None, None, error, error_detail=detail or error)
+
+
+_NORMALIZE_FORMS = (("2d", "2-D", (1,)), ("3d", "3-D", (1, 1)))
+_NORMALIZE_OPTIONS = (
+    ("helper", "module-level _expand_mask helper"),
+    ("normalize", "_normalize_inputs"),
+    ("packed", "_normalize_inputs + mask packing"),
+    ("checked", "_normalize_inputs + packing + value checks"),
+)
+
+
+def measure_normalization(ctx: Context) -> list[Comparison]:
+    """Section 1: each normalization against the closure, 2-D and 3-D inputs, B=1."""
+    rows: list[Comparison] = []
+    new, unchecked = ctx.bundles.new, ctx.bundles.new_unchecked
+    for form, label_form, lead in _NORMALIZE_FORMS:
+        case = make_case(new, lead, ctx.options.feature_dim, ctx.generator)
+        calls: dict[str, Callable[[], object]] = {
+            "closure": functools.partial(normalize_closure, case.features, **case.old_masks),
+            "helper": functools.partial(normalize_module_helper, case.features, **case.old_masks),
+            "normalize": functools.partial(
+                new._normalize_inputs, case.features, case.masks, case.hidden
+            ),
+            "packed": functools.partial(unchecked._prepare, case.features, case.masks, case.hidden),
+            "checked": functools.partial(new._prepare, case.features, case.masks, case.hidden),
+        }
+        timings = time_interleaved(calls, ctx.settings, ctx.sync)
+        for option, label in _NORMALIZE_OPTIONS:
+            name = f"{label_form}: {label}"
+            key = f"normalize/{form}/{option}"
+            rows.append(_timed_row(key, "normalize", name, timings["closure"], timings[option]))
+    return rows
+
+
+def measure_get_action(ctx: Context) -> list[Comparison]:
+    """Section 2: `get_action` at T=1 for each batch size, new with checks on and off."""
+    rows: list[Comparison] = []
+    bundles = ctx.bundles
+    for batch in ctx.options.batch_sizes:
+        case = make_case(bundles.new, (batch,), ctx.options.feature_dim, ctx.generator)
+        calls = {
+            "old": functools.partial(old_get_action, bundles.old, case),
+            "new": functools.partial(new_get_action, bundles.new, case),
+            "unchecked": functools.partial(new_get_action, bundles.new_unchecked, case),
+        }
+        timings = time_interleaved(calls, ctx.settings, ctx.sync)
+        key = f"get_action/B={batch}"
+        old = timings["old"]
+        rows.append(_timed_row(key, "get_action", f"B={batch}", old, timings["new"]))
+        name = f"B={batch}, check_values=False"
+        rows.append(_timed_row(f"{key}/unchecked", "get_action", name, old, timings["unchecked"]))
+    return rows
+
+
+def training_cases(ctx: Context) -> dict[tuple[int, int], Case]:
+    """One case per `(B, T)` of the training sections, with sampled valid actions."""
+    cases: dict[tuple[int, int], Case] = {}
+    for batch, steps in ctx.options.train_shapes:
+        cases[batch, steps] = make_case(
+            ctx.bundles.new,
+            (batch, steps),
+            ctx.options.feature_dim,
+            ctx.generator,
+            with_actions=True,
+        )
+    return cases
+
+
+def measure_training(ctx: Context, cases: Mapping[tuple[int, int], Case]) -> list[Comparison]:
+    """Section 3: `evaluate_actions` forward and backward for each `(B, T)`."""
+    rows: list[Comparison] = []
+    for (batch, steps), case in cases.items():
+        calls = {
+            "old": functools.partial(old_training_step, ctx.bundles.old, case),
+            "new": functools.partial(new_training_step, ctx.bundles.new, case),
+        }
+        timings = time_interleaved(calls, ctx.settings, ctx.sync)
+        name = f"B={batch}, T={steps}"
+        key = f"evaluate/B={batch},T={steps}"
+        rows.append(_timed_row(key, "evaluate", name, timings["old"], timings["new"]))
+    return rows
+
+
+_SHARE_PARTS = (
+    ("step", "whole get_action step"),
+    ("normalize", "_normalize_inputs"),
+    ("pack", "packing the masks"),
+    ("values", "value checks (one sync)"),
+    ("shape", "shaping the results"),
+)
+
+
+def measure_shares(ctx: Context) -> list[Share]:
+    """Section 4: a B=1 step and what it spends before and after the compute path.
+
+    `_normalize_inputs`, the mask packing and the value checks are what `_prepare`
+    runs before the compute path; the packing and the checks are timed as the
+    differences `_prepare` (checks off) - `_normalize_inputs` and `_prepare` (checks
+    on) - `_prepare` (checks off).
+    """
+    new, unchecked = ctx.bundles.new, ctx.bundles.new_unchecked
+    case = make_case(new, (1,), ctx.options.feature_dim, ctx.generator)
+    heads = len(HEAD_NAMES)
+    actions = torch.zeros(1, 1, heads, dtype=torch.int64, device=ctx.device)
+    chosen = torch.zeros(1, 1, heads, device=ctx.device)
+    value = torch.zeros(1, 1, device=ctx.device)
+    calls: dict[str, Callable[[], object]] = {
+        "step/on": functools.partial(new_get_action, new, case),
+        "step/off": functools.partial(new_get_action, unchecked, case),
+        "normalize": functools.partial(
+            new._normalize_inputs, case.features, case.masks, case.hidden
+        ),
+        "prepare/on": functools.partial(new._prepare, case.features, case.masks, case.hidden),
+        "prepare/off": functools.partial(
+            unchecked._prepare, case.features, case.masks, case.hidden
+        ),
+        "shape": functools.partial(
+            ActionResult.from_packed, actions, chosen, value, case.hidden, True
+        ),
+    }
+    timings = time_interleaved(calls, ctx.settings, ctx.sync)
+    normalize = timings["normalize"].median_us
+    packed = timings["prepare/off"].median_us
+    shares: list[Share] = []
+    for checks, flag in (("on", True), ("off", False)):
+        step = timings[f"step/{checks}"].median_us
+        parts = {
+            "step": step,
+            "normalize": normalize,
+            "pack": max(packed - normalize, 0.0),
+            "values": max(timings["prepare/on"].median_us - packed, 0.0) if flag else 0.0,
+            "shape": timings["shape"].median_us,
+        }
+        for part, name in _SHARE_PARTS:
+            shares.append(Share(f"{part}/checks_{checks}", name, flag, parts[part], step))
+        both = parts["normalize"] + parts["shape"]
+        name = "_normalize_inputs + shaping"
+        shares.append(Share(f"overhead/checks_{checks}", name, flag, both, step))
+    return shares
+
+
+def measure_memory(ctx: Context, cases: Mapping[tuple[int, int], Case]) -> list[Comparison]:
+    """Section 5: peak bytes of one training step, above what existed before it."""
+    rows: list[Comparison] = []
+    old, new = ctx.bundles.old, ctx.bundles.new
+    for (batch, steps), case in cases.items():
+        old_step = functools.partial(old_training_step, old, case)
+        new_step = functools.partial(new_training_step, new, case)
+        old_step()  # warm, then drop the gradients: new ones count, as in a real step
+        new_step()
+        old.network.zero_grad(set_to_none=True)
+        new.network.zero_grad(set_to_none=True)
+        old_bytes = peak_bytes(old_step, ctx.device)
+        new_bytes = peak_bytes(new_step, ctx.device)
+        name = f"B={batch}, T={steps}"
+        key = f"memory/B={batch},T={steps}"
+        rows.append(Comparison(key, "memory", name, "bytes", old_bytes, new_bytes))
+    return rows
+
+
+def compile_new_bundle(
+    old: SeedLSTMBundle, device: torch.device, kwargs: Mapping[str, Any]
+) -> PolicyBundle | str:
+    """A new bundle with `old`'s weights, compiled; or why it could not be.
+
+    Args:
+        old: Whose sizes and weights to use.
+        device: Where it computes.
+        kwargs: For `PolicyBundle.compile`.
+
+    Returns:
+        The compiled bundle (what `compile` returns, or the bundle itself if that is
+        not a bundle), or the error message.
+    """
+    bundle = matching_bundle(old).to(device)
+    if not hasattr(bundle, "compile"):
+        return "PolicyBundle.compile does not exist in this checkout"
+    try:
+        compiled = bundle.compile(**kwargs)
+    except Exception as error:  # any failure of torch.compile is a result to report
+        return describe_error(error)
+    return compiled if isinstance(compiled, PolicyBundle) else bundle
+
+
+def measure_compiled(ctx: Context, cases: Mapping[tuple[int, int], Case]) -> list[Comparison]:
+    """Section 6: old against a compiled new bundle; a failure becomes a failed row."""
+    bundles = ctx.bundles
+    compiled = compile_new_bundle(bundles.old, ctx.device, ctx.options.compile_kwargs)
+    specs: list[tuple[str, str, Callable[[], object], Callable[[], object] | None]] = []
+    for batch in (1, 32):
+        case = make_case(bundles.new, (batch,), ctx.options.feature_dim, ctx.generator)
+        new_call: Callable[[], object] | None = None
+        if isinstance(compiled, PolicyBundle):
+            new_call = functools.partial(new_get_action, compiled, case)
+        old_call: Callable[[], object] = functools.partial(old_get_action, bundles.old, case)
+        specs.append((f"compile/get_action/B={batch}", f"get_action B={batch}", old_call, new_call))
+    batch, steps = ctx.options.train_shapes[0]
+    case = cases[batch, steps]
+    new_call = None
+    if isinstance(compiled, PolicyBundle):
+        new_call = functools.partial(new_training_step, compiled, case)
+    old_call = functools.partial(old_training_step, bundles.old, case)
+    name = f"evaluate_actions fwd+bwd B={batch}, T={steps}"
+    specs.append((f"compile/evaluate/B={batch},T={steps}", name, old_call, new_call))
+    rows: list[Comparison] = []
+    for key, name, old, new in specs:
+        if new is None:
+            assert isinstance(compiled, str)
+            rows.append(_failed_row(key, "compile", name, compiled))
+            continue
+        try:
+            timings = time_interleaved({"old": old, "new": new}, ctx.settings, ctx.sync)
+        except Exception as error:  # compilation happens at the first calls
+            detail = describe_error(error, lines=40, limit=4000)
+            rows.append(_failed_row(key, "compile", name, describe_error(error), detail))
+            continue
+        rows.append(_timed_row(key, "compile", name, timings["old"], timings["new"]))
+    return rows
+
+
+# ------------------------------------------------------------------ targets
+
+
+def _ratio_of(rows: list[Comparison], key: str) -> float | None:
+    for row in rows:
+        if row.key == key:
+            return row.ratio
+    return None
+
+
+def _ratio_target(rows: list[Comparison], key: str, name: str, limit: float) -> Target:
+    ratio = _ratio_of(rows, key)
+    met = ratio is not None and ratio <= limit
+    shown = "not measured" if ratio is None else f"new/old = {ratio:.3f}"
+    return Target(key, name, f"new/old <= {limit:.2f}", ratio, limit, met, shown)
+
+
+def _normalization_target(rows: list[Comparison]) -> Target:
+    worst: float | None = None
+    details: list[str] = []
+    for option, label in (("normalize", "alone"), ("packed", "with packing")):
+        for form in ("2d", "3d"):
+            ratio = _ratio_of(rows, f"normalize/{form}/{option}")
+            details.append(f"{label} {form}: {'-' if ratio is None else f'{ratio:.2f}'}")
+            if option == "normalize" and ratio is not None:
+                worst = ratio if worst is None else max(worst, ratio)
+    met = worst is not None and worst <= 1.0
+    detail = (
+        "new/old (closure = 1), " + ", ".join(details) + "; the target is _normalize_inputs alone"
+    )
+    name = "_normalize_inputs no slower than the closure (2-D and 3-D, B=1)"
+    return Target("normalize", name, "new/old <= 1.00", worst, 1.0, met, detail)
+
+
+def _share_target(shares: list[Share]) -> Target:
+    found: dict[str, float] = {}
+    details: list[str] = []
+    for share in shares:
+        if share.key.startswith("overhead/"):
+            found[share.key] = share.share
+            label = "checks on" if share.check_values else "checks off"
+            details.append(
+                f"{label}: {share.part_us:.1f} of {share.step_us:.1f} µs = {share.share:.1%}"
+            )
+    value = found.get("overhead/checks_on")
+    met = value is not None and value <= 0.10
+    name = "_normalize_inputs + shaping, share of a B=1 get_action step"
+    detail = "; ".join(details) + "; the target uses checks on (the default)"
+    return Target("overhead_share", name, "<= 10%", value, 0.10, met, detail, percent=True)
+
+
+def evaluate_targets(rows: list[Comparison], shares: list[Share]) -> list[Target]:
+    """Where the five performance targets stand."""
+    return [
+        _ratio_target(rows, "get_action/B=1", "get_action B=1", 0.15),
+        _ratio_target(rows, "get_action/B=32", "get_action B=32", 0.30),
+        _ratio_target(rows, "evaluate/B=8,T=16", "evaluate_actions fwd+bwd B=8, T=16", 0.60),
+        _normalization_target(rows),
+        _share_target(shares),
+    ]
+
+
+# ------------------------------------------------------------------ the run
+
+
+def _settings_json(options: BenchOptions, bundles: Bundles) -> dict[str, Any]:
+    settings = options.settings
+    old = bundles.old
+    return {
+        "mode": settings.mode,
+        "repeats": settings.repeats,
+        "target_block_s": settings.target_block_s,
+        "warmup_calls": settings.warmup_calls,
+        "device": options.device,
+        "compile": options.compile,
+        "compile_kwargs": {key: repr(value) for key, value in options.compile_kwargs.items()},
+        "feature_dim": options.feature_dim,
+        "hidden_dim": old.hidden_dim,
+        "embed_dim": old.embed_dim,
+        "num_layers": old.num_layers,
+        "head_sizes": dict(zip(HEAD_NAMES, ActionSpace().sizes, strict=True)),
+        "batch_sizes": list(options.batch_sizes),
+        "train_shapes": [list(shape) for shape in options.train_shapes],
+        "old": "SeedLSTMBundle (bench.seed_design replica)",
+        "new": "LSTMPolicyBundle",
+        "statistic": "median over interleaved repeats, µs per call",
+    }
+
+
+def run_suite(options: BenchOptions) -> Report:
+    """Measure every section with one torch thread; restore the thread count and RNG.
+
+    Args:
+        options: What to measure.
+
+    Returns:
+        The report, targets included.
+    """
+    device = torch.device(options.device)
+    sync: Callable[[], None] = no_sync
+    if device.type == "cuda":
+        sync = functools.partial(torch.cuda.synchronize, device)
+    timestamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    fork_devices: list[int] | None = [] if device.type != "cuda" else None
+    with single_thread(), torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(0)
+        bundles = build_bundles(options.feature_dim, device)
+        generator = torch.Generator().manual_seed(0)
+        ctx = Context(bundles, options.settings, options, device, sync, generator)
+        report = Report(
+            machine_info(device),
+            git_commit(),
+            timestamp,
+            _settings_json(options, bundles),
+            dict(SECTIONS),
+        )
+        report.rows += measure_normalization(ctx)
+        report.rows += measure_get_action(ctx)
+        cases = training_cases(ctx)
+        report.rows += measure_training(ctx, cases)
+        report.shares += measure_shares(ctx)
+        report.rows += measure_memory(ctx, cases)
+        if options.compile:
+            report.rows += measure_compiled(ctx, cases)
+    report.targets = evaluate_targets(report.rows, report.shares)
+    return report
+
+
+def run_bench(options: BenchOptions) -> int:
+    """`esper-policy bench`: measure, print the tables, write the JSON if asked.
+
+    Returns:
+        The exit status, 0.
+    """
+    report = run_suite(options)
+    print(format_report(report))
+    if options.json_path is not None:
+        write_json(report, options.json_path)
+        print(f"\nWrote {options.json_path}")
+    return 0
