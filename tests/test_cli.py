@@ -66,13 +66,13 @@ def test_check_passes_a_registered_policy(capsys: pytest.CaptureFixture[str]) ->
     assert main(["check", "mlp", "--feature-dim", "3"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Conformance of MLPPolicyBundle:")
-    assert out.count("  PASS  ") == 14
+    assert out.count("  PASS  ") == 15
     assert "FAIL" not in out
 
 
 def test_check_by_module_and_class(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "esper.tamiyo.policy:UniformPolicyBundle"]) == 0
-    assert "14 clauses, all clauses pass." in capsys.readouterr().out
+    assert "15 clauses, all clauses pass." in capsys.readouterr().out
 
 
 def test_check_reports_the_broken_bundle_in_words(capsys: pytest.CaptureFixture[str]) -> None:
@@ -81,7 +81,7 @@ def test_check_reports_the_broken_bundle_in_words(capsys: pytest.CaptureFixture[
     assert "  FAIL  rows independent: row 0's values alone and in the batch differ" in out
     assert "  FAIL  float64: after to(torch.float64) forward returns torch.float32" in out
     assert "  FAIL  no per-call closures: a function object is built on every call" in out
-    assert out.rstrip().endswith("14 clauses, 3 failed.")
+    assert out.rstrip().endswith("15 clauses, 3 failed.")
 
 
 @pytest.mark.parametrize(
@@ -144,4 +144,59 @@ def test_checking_a_file_twice_in_one_process_imports_it_once(
     finally:
         registry._REGISTRY.clear()
         registry._REGISTRY.update(saved)
-    assert capsys.readouterr().out.count("14 clauses, all clauses pass.") == 2
+    assert capsys.readouterr().out.count("15 clauses, all clauses pass.") == 2
+
+
+def test_a_failed_import_is_reported_again_on_a_second_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "half_bundle.py"
+    bad.write_text("class Early: ...\nraise RuntimeError('boom')\n")
+    for _ in range(2):
+        with pytest.raises(SystemExit):
+            main(["check", f"{bad}:Early"])
+        assert "cannot import" in capsys.readouterr().err
+    assert "_esper_check_half_bundle" not in sys.modules
+
+
+def test_a_file_imports_its_siblings_and_leaves_sys_path_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "sibling_widths.py").write_text("WIDTH = 16\n")
+    (tmp_path / "sibling_bundle.py").write_text(
+        "from sibling_widths import WIDTH\n"
+        "from esper.tamiyo.policy import MLPPolicyBundle\n\n\n"
+        "class Wide(MLPPolicyBundle):\n"
+        "    def __init__(self, feature_dim: int) -> None:\n"
+        "        super().__init__(feature_dim, hidden_dim=WIDTH)\n"
+    )
+    path_before = list(sys.path)
+    try:
+        assert main(["check", f"{tmp_path / 'sibling_bundle.py'}:Wide"]) == 0
+    finally:
+        sys.modules.pop("sibling_widths", None)
+    assert sys.path == path_before
+    assert "15 clauses, all clauses pass." in capsys.readouterr().out
+
+
+def test_a_file_of_the_package_itself_is_not_imported_twice(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    mlp_file = Path(__file__).resolve().parents[1] / "src/esper/tamiyo/policy/mlp.py"
+    assert main(["check", f"{mlp_file}:MLPPolicyBundle", "--feature-dim", "3"]) == 0
+    assert "15 clauses, all clauses pass." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["check", "esper.tamiyo.policy:ActionSpace"], "is the class ActionSpace, not a"),
+        (["check", "lstm", "--seed", "-1"], "expected a seed in [0, 2**63), got -1"),
+        (["check", "lstm", "--seed", "x"], "expected an integer seed, got 'x'"),
+    ],
+)
+def test_more_bad_arguments(argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert says in capsys.readouterr().err

@@ -6,7 +6,11 @@ one plausible bug, and the clause that must catch it.
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import pytest
@@ -34,6 +38,7 @@ from esper.tamiyo.policy.testing import (
 
 CLAUSES = [
     "builds",
+    "deterministic",
     "shapes",
     "masks as mapping or dataclass",
     "masks respected",
@@ -87,7 +92,7 @@ def test_check_bundle_raises_one_error_listing_every_failed_clause() -> None:
     with pytest.raises(AssertionError) as info:
         check_bundle(BrokenBundle)
     message = str(info.value)
-    assert message.startswith("BrokenBundle fails 3 of 14 conformance clauses:")
+    assert message.startswith("BrokenBundle fails 3 of 15 conformance clauses:")
     assert message.count("\n- ") == 3
     for clause in ("rows independent", "float64", "no per-call closures"):
         assert f"- {clause}: " in message
@@ -99,7 +104,7 @@ def test_the_report_formats_one_line_per_clause() -> None:
     assert len(text) == 2 + len(CLAUSES)
     assert text[1] == "  PASS  builds"
     assert any(line.startswith("  FAIL  float64: after to(torch.float64)") for line in text)
-    assert text[-1] == "14 clauses, 3 failed."
+    assert text[-1] == "15 clauses, 3 failed."
 
 
 def test_the_callers_random_state_is_left_alone() -> None:
@@ -130,7 +135,7 @@ def test_a_factory_that_raises_is_reported() -> None:
         raise RuntimeError("out of cheese")
 
     detail = run_checks(factory).results[0].detail
-    assert detail == "raised RuntimeError: out of cheese"
+    assert detail.startswith("raised RuntimeError: out of cheese (test_conformance.py:")
 
 
 def test_bad_arguments_to_the_kit_are_type_errors() -> None:
@@ -177,8 +182,18 @@ class _PrivateNoise(TinyStatelessBundle):
 
     def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
         out = super()._forward(inputs)
+        if torch.is_grad_enabled():  # forward() stays deterministic; rollouts do not
+            return out
         noise = torch.rand(out.logits.shape, generator=self.noise) * 10.0
         return NetworkOutput(out.logits + noise, out.value, None)
+
+
+class _Dropout(TinyStatelessBundle):
+    def __init__(self, feature_dim: int) -> None:
+        super().__init__(feature_dim)
+        torso = self.network.torso
+        assert isinstance(torso, nn.Sequential)
+        torso.append(nn.Dropout(0.5))  # bug: random in training mode
 
 
 class _DependsOnLength(TinyStatelessBundle):
@@ -253,8 +268,93 @@ def _forgetful_gru() -> Callable[[int], PolicyBundle]:
     return ForgetfulGRU
 
 
+_SHARED_TORSO = TinyStatelessBundle().network
+
+
+class _SharesItsNetwork(TinyStatelessBundle):
+    def __init__(self, feature_dim: int) -> None:
+        super().__init__(feature_dim)
+        self.network = _SHARED_TORSO  # bug: every bundle trains the same weights
+
+
+class _GradInRollouts(TinyStatelessBundle):
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        with torch.enable_grad():  # bug: builds a graph in get_action
+            return super()._forward(inputs)
+
+
+class _PeeksBeforeChecking(TinyStatelessBundle):
+    def _normalize_inputs(
+        self,
+        features: torch.Tensor,
+        masks: MaskArg,
+        hidden: HiddenState | None,
+        actions: Mapping[str, torch.Tensor] | None = None,
+    ) -> PolicyInputs:
+        if (
+            isinstance(features, torch.Tensor)
+            and features.is_floating_point()
+            and features.dim() == 2
+            and features.shape[-1] == self.feature_dim
+        ):
+            self.network(features.unsqueeze(1))  # bug: runs before the checks
+        return super()._normalize_inputs(features, masks, hidden, actions)
+
+
+class _DropsHidden(TinyStatelessBundle):
+    def _normalize_inputs(
+        self,
+        features: torch.Tensor,
+        masks: MaskArg,
+        hidden: HiddenState | None,
+        actions: Mapping[str, torch.Tensor] | None = None,
+    ) -> PolicyInputs:
+        return super()._normalize_inputs(features, masks, None, actions)  # bug: ignores it
+
+
+class _IgnoresDtype(TinyStatelessBundle):
+    def to(self, device: Any = None, dtype: torch.dtype | None = None) -> _IgnoresDtype:
+        return self  # bug: does not move
+
+
+class _StatelessWithState(TinyStatelessBundle):
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        out = super()._forward(inputs)
+        return NetworkOutput(out.logits, out.value, (out.value.unsqueeze(0),))  # bug
+
+
+class _LogitBiasOutsideState(TinyStatelessBundle):
+    def __init__(self, feature_dim: int) -> None:
+        super().__init__(feature_dim)
+        self.bias = torch.rand(16)  # bug: a logit bias outside the state_dict
+
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        out = super()._forward(inputs)
+        return NetworkOutput(out.logits + self.bias, out.value, None)
+
+
+def _gru_with_grad_hidden() -> Callable[[int], PolicyBundle]:
+    module = load_guide_example()
+
+    class GradHiddenGRU(module.GRUPolicyBundle):  # type: ignore[misc,name-defined]
+        def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+            out: NetworkOutput = super()._forward(inputs)
+            assert out.hidden is not None
+            hidden = (out.hidden[0].detach().requires_grad_(),)  # bug: a leaf needing grad
+            return NetworkOutput(out.logits, out.value, hidden)
+
+    return GradHiddenGRU
+
+
 VIOLATIONS: list[tuple[str, Callable[[], Callable[[int], Any]], str]] = [
     ("builds", lambda: lambda dim: _SAME, "returned the same bundle twice"),
+    (
+        "builds",
+        lambda: lambda dim: TinyStatelessBundle(dim + 1),
+        "built a bundle with feature_dim=",
+    ),
+    ("builds", lambda: _SharesItsNetwork, "share 6 parameter tensor(s)"),
+    ("deterministic", lambda: _Dropout, "dropout or other randomness?"),
     ("shapes", lambda: _WrongLogitsShape, "End the network with PolicyHeads"),
     ("masks as mapping or dataclass", lambda: _IgnoresMappingMasks, "as a mapping"),
     ("masks respected", lambda: _DropsMasks, "took masked action"),
@@ -268,15 +368,43 @@ VIOLATIONS: list[tuple[str, Callable[[], Callable[[int], Any]], str]] = [
     ("float64", lambda: BrokenBundle, "returns torch.float32 values"),
     ("bad inputs refused", lambda: _CleansNaN, "accepted NaN in the features"),
     ("no per-call closures", lambda: _Comprehension, "_Comprehension._forward.<locals>.<listcomp>"),
+    ("gradients", lambda: _GradInRollouts, "rollouts must not build an autograd graph"),
+    ("bad inputs refused", lambda: _PeeksBeforeChecking, "ran the network before refusing"),
+    ("hidden state round trip", lambda: _DropsHidden, "a stateless bundle accepted a hidden"),
+    ("hidden state round trip", _gru_with_grad_hidden, "get_action returned hidden[0] requiring"),
+    (
+        "float64",
+        lambda: _IgnoresDtype,
+        "after to(torch.float64) the bundle's dtype is torch.float32",
+    ),
+    ("shapes", lambda: _StatelessWithState, "returned a hidden state from a stateless bundle"),
+    ("state_dict round trip", lambda: _LogitBiasOutsideState, "gives different 'slot' logits"),
 ]
 
 
 def test_every_clause_has_a_violation() -> None:
-    assert [clause for clause, _, _ in VIOLATIONS] == CLAUSES
+    assert {clause for clause, _, _ in VIOLATIONS} == set(CLAUSES)
+
+
+def test_a_random_network_blocks_the_later_clauses_and_passes_in_eval_mode() -> None:
+    report = run_checks(_Dropout, feature_dim=FEATURE_DIM)
+    assert [r.passed for r in report.results[:2]] == [True, False]
+    assert {r.detail for r in report.results[2:]} == {
+        "not run: the outputs are random (see 'deterministic')"
+    }
+
+    def in_eval_mode(dim: int) -> PolicyBundle:
+        bundle = _Dropout(dim)
+        bundle.network.eval()
+        return bundle
+
+    assert run_checks(in_eval_mode, feature_dim=FEATURE_DIM).passed
 
 
 @pytest.mark.parametrize(
-    ("clause", "make_factory", "says"), VIOLATIONS, ids=[row[0] for row in VIOLATIONS]
+    ("clause", "make_factory", "says"),
+    VIOLATIONS,
+    ids=[f"{row[0]}: {row[2]}" for row in VIOLATIONS],
 )
 def test_each_clause_catches_its_bug(
     clause: str, make_factory: Callable[[], Callable[[int], Any]], says: str
@@ -284,3 +412,43 @@ def test_each_clause_catches_its_bug(
     failed = _failed(run_checks(make_factory(), feature_dim=FEATURE_DIM))
     assert clause in failed, f"{clause} passed; failures were {failed}"
     assert says in failed[clause]
+
+
+def test_an_active_profiler_is_left_in_place() -> None:
+    """The run-time closure check needs sys.setprofile: it steps aside for a profiler."""
+    seen: list[str] = []
+
+    def profiler(frame: FrameType, event: str, arg: object) -> None:
+        seen.append(event)
+
+    sys.setprofile(profiler)
+    try:
+        report = run_checks(UniformPolicyBundle)
+        still = sys.getprofile()
+    finally:
+        sys.setprofile(None)
+    assert still is profiler
+    assert seen
+    last = report.results[-1]
+    assert last.clause == "no per-call closures"
+    assert last.passed
+    assert "a profiler is active" in last.detail
+
+
+def test_closures_in_third_party_helpers_are_not_blamed_on_the_bundle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "vendor_helpers.py").write_text(
+        "import torch\n\n\n"
+        "def doubled(x: torch.Tensor) -> torch.Tensor:\n"
+        "    return sum([x for _ in range(2)])\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    helpers = importlib.import_module("vendor_helpers")
+
+    class UsesAHelper(TinyStatelessBundle):
+        def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+            out = super()._forward(inputs)
+            return NetworkOutput(helpers.doubled(out.logits), out.value, None)
+
+    assert run_checks(UsesAHelper, feature_dim=FEATURE_DIM).passed

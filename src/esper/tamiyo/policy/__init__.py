@@ -3,8 +3,9 @@
 A policy bundle turns features describing a training run into one action per head
 (`HEAD_NAMES`), under boolean action masks. `PolicyBundle` owns input normalization,
 checking, masking, sampling, log-probabilities and entropy; a bundle such as
-`LSTMPolicyBundle`, `MLPPolicyBundle` or `UniformPolicyBundle` supplies the network. Bundles register by name (`register_policy`)
-so that configs can build them (`create_policy`).
+`LSTMPolicyBundle`, `MLPPolicyBundle` or `UniformPolicyBundle` supplies the network.
+Bundles register by name (`register_policy`) so that configs can build them
+(`create_policy`).
 
 Example:
     >>> import torch

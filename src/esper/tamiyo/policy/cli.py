@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib
-import importlib.util
-import inspect
-import os
 import statistics
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
 from esper.tamiyo.policy.action_space import HEAD_NAMES
 from esper.tamiyo.policy.base import PolicyBundle
 from esper.tamiyo.policy.bench import suite
+from esper.tamiyo.policy.loader import TargetError, load_bundle_class
 from esper.tamiyo.policy.registry import create_policy, get_policy, list_policies
 from esper.tamiyo.policy.testing import random_masks, run_checks
 
@@ -99,23 +94,32 @@ def run_list(feature_dim: int = 32) -> int:
 
     Returns the process exit code.
     """
-    print(f"Registered policies, built with feature_dim={feature_dim}:")
-    print(f"  {'name':<10}{'class':<24}{'recurrent':>10}{'parameters':>12}")
+    rows: list[tuple[str, str, str, str]] = [("name", "class", "recurrent", "parameters")]
     for name in list_policies():
         cls = get_policy(name)
         try:
             bundle = create_policy(name, feature_dim=feature_dim)
         except Exception as error:  # a contributor's class; report it and go on
-            print(f"  {name:<10}{cls.__name__:<24}  cannot build: {type(error).__name__}: {error}")
+            rows.append((name, cls.__name__, "?", f"cannot build: {type(error).__name__}"))
             continue
         recurrent = "yes" if bundle.is_recurrent else "no"
-        count = sum(p.numel() for p in bundle.network.parameters())
-        print(f"  {name:<10}{cls.__name__:<24}{recurrent:>10}{count:>12,}")
+        parameters = sum(p.numel() for p in bundle.network.parameters())
+        rows.append((name, cls.__name__, recurrent, f"{parameters:,}"))
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    print(f"Registered policies, built with feature_dim={feature_dim}:")
+    for name, cls_name, recurrent, count in rows:
+        print(
+            f"  {name:<{widths[0]}}  {cls_name:<{widths[1]}}  "
+            f"{recurrent:>{widths[2]}}  {count:>{widths[3]}}"
+        )
     return 0
 
 
 def run_check(target: str, feature_dim: int = 7, seed: int = 0) -> int:
     """Run the conformance kit on a bundle class and print each clause.
+
+    The class is the kit's factory: it is built as `Class(feature_dim)`, as
+    `check_bundle(Class)` builds it.
 
     Args:
         target: `MODULE:CLASS` (importable from the current directory),
@@ -129,8 +133,11 @@ def run_check(target: str, feature_dim: int = 7, seed: int = 0) -> int:
     Raises:
         CommandError: `target` does not name a concrete `PolicyBundle` subclass.
     """
-    cls = _resolve_bundle_class(target)
-    report = run_checks(functools.partial(_build_bundle, cls), feature_dim=feature_dim, seed=seed)
+    try:
+        cls = load_bundle_class(target)
+    except TargetError as error:
+        raise CommandError(str(error)) from None
+    report = run_checks(cls, feature_dim=feature_dim, seed=seed)
     print(report.format())
     return 0 if report.passed else 1
 
@@ -139,58 +146,14 @@ class CommandError(Exception):
     """A bad command-line argument: printed as one line, exit status 2."""
 
 
-def _build_bundle(cls: type[PolicyBundle], feature_dim: int) -> PolicyBundle:
-    return cls(feature_dim=feature_dim)  # type: ignore[call-arg]  # the contract of check
-
-
-def _resolve_bundle_class(target: str) -> type[PolicyBundle]:
-    if ":" not in target:
-        if target in list_policies():
-            return get_policy(target)
-        raise CommandError(
-            f"{target!r} is neither MODULE:CLASS, FILE.py:CLASS nor a registered policy "
-            f"({', '.join(list_policies())})"
-        )
-    where, _, name = target.rpartition(":")
-    if not where or not name:
-        raise CommandError(f"{target!r}: expected MODULE:CLASS or FILE.py:CLASS")
-    module = _load_module(where)
-    obj = getattr(module, name, None)
-    if obj is None:
-        raise CommandError(f"{where!r} has no attribute {name!r}")
-    if not (isinstance(obj, type) and issubclass(obj, PolicyBundle)):
-        raise CommandError(f"{target} is {type(obj).__name__}, not a PolicyBundle subclass")
-    if inspect.isabstract(obj):
-        missing = ", ".join(sorted(obj.__abstractmethods__))
-        raise CommandError(f"{target} is abstract: implement {missing}")
-    return obj
-
-
-def _load_module(where: str) -> ModuleType:
-    """Import `where`, a dotted module name or the path of a `.py` file."""
+def _seed(text: str) -> int:
     try:
-        if where.endswith(".py") or os.sep in where or "/" in where:
-            path = Path(where)
-            if not path.is_file():
-                raise CommandError(f"no such file: {where}")
-            module_name = f"_esper_check_{path.stem}"
-            loaded = sys.modules.get(module_name)
-            if loaded is not None and Path(str(loaded.__file__)).resolve() == path.resolve():
-                return loaded  # run it once: importing it again would register it twice
-            spec = importlib.util.spec_from_file_location(module_name, path)
-            if spec is None or spec.loader is None:
-                raise CommandError(f"cannot load {where} as a Python module")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[module_name] = module  # inspect reads the source through it
-            spec.loader.exec_module(module)
-            return module
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())  # as `python -m` would: the current directory
-        return importlib.import_module(where)
-    except CommandError:
-        raise
-    except Exception as error:  # any failure while importing user code: one line
-        raise CommandError(f"cannot import {where!r}: {type(error).__name__}: {error}") from None
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**63), got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--feature-dim", type=_positive_int, default=7, help="width to build it with (7)"
     )
-    check.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    check.add_argument("--seed", type=_seed, default=0, help="random seed (0)")
     _add_bench_parser(commands)
     return parser
 

@@ -6,6 +6,8 @@ clause below on fresh bundles, then raises one `AssertionError` listing each cla
 that failed, in a sentence that says what to fix:
 
 * **builds**: the factory returns a fresh `PolicyBundle` for the width it is given;
+* **deterministic**: the same inputs give the same outputs (no dropout in training
+  mode); when this or **builds** fails, the later clauses are not run;
 * **shapes**: `[B, F]` inputs give `[B]` results and `[B, T, F]` give `[B, T]`, for
   every public method and every head;
 * **masks as mapping or dataclass**: `ActionMasks` and a mapping give the same outputs;
@@ -36,7 +38,7 @@ Example:
     >>> from esper.tamiyo.policy.testing import check_bundle
     >>> report = check_bundle(lambda dim: MLPPolicyBundle(dim, hidden_dim=16))
     >>> report.passed, len(report.results)
-    (True, 14)
+    (True, 15)
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ import inspect
 import io
 import math
 import sys
-import sysconfig
 import textwrap
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,7 +82,13 @@ BundleFactory = Callable[[int], PolicyBundle]
 _BATCH = 3
 _STEPS = 4
 _SAMPLED_ROWS = 256
-_ATOL = 1e-5
+# (rtol, atol) per dtype, as torch.testing.assert_close uses them.
+_TOLERANCES = {
+    torch.float64: (1e-7, 1e-7),
+    torch.float32: (1.3e-6, 1e-5),
+    torch.float16: (1e-3, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-5),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,16 +197,23 @@ def run_checks(factory: BundleFactory, *, feature_dim: int = 7, seed: int = 0) -
     subject = _Subject(factory, feature_dim, seed)
     results: list[ClauseResult] = []
     name = getattr(factory, "__qualname__", type(factory).__name__)
-    with torch.random.fork_rng(devices=[]):
-        built = _run_clause("builds", _check_builds, subject)
-        results.append(built)
-        if built.passed:
+    with torch.random.fork_rng():
+        blocked = ""
+        for clause, check in _GATES:
+            result = _run_clause(clause, check, subject)
+            results.append(result)
+            if not result.passed:
+                crashed = result.detail.startswith(_CRASHED)
+                if clause == "builds" or not crashed:  # a crash elsewhere blocks nothing
+                    blocked = _BLOCKED_BY[clause]
+                    break
+        if not blocked:
             name = type(subject.build()).__name__
-        for clause, check in _CLAUSES:
-            if built.passed:
-                results.append(_run_clause(clause, check, subject))
+        for clause, check in _CLAUSES[len(results) :]:
+            if blocked:
+                results.append(ClauseResult(clause, False, f"not run: {blocked}"))
             else:
-                results.append(ClauseResult(clause, False, "not run: the factory built no bundle"))
+                results.append(_run_clause(clause, check, subject))
     return ConformanceReport(name, tuple(results))
 
 
@@ -238,9 +253,9 @@ def random_masks(
 def function_objects_built_per_call(cls: type, methods: Sequence[str] | None = None) -> list[str]:
     """Nested functions, lambdas, generators and comprehensions inside a class's methods.
 
-    Each of these creates a new function object every time the method runs (on Python
-    3.11 list, set and dict comprehensions too). Read from the source, so a nested
-    function that is defined but never called is found as well.
+    Each of these creates a new function object every time the method runs (before
+    Python 3.12, list, set and dict comprehensions too). Read from the source, so a
+    nested function that is defined but never called is found as well.
 
     Args:
         cls: A class whose source `inspect` can read.
@@ -271,15 +286,14 @@ def function_objects_built_per_call(cls: type, methods: Sequence[str] | None = N
 # ---------------------------------------------------------------------- machinery
 
 
-_FUNCTION_BUILDERS = (
+_FUNCTION_BUILDERS: tuple[type[ast.AST], ...] = (
     ast.FunctionDef,
     ast.AsyncFunctionDef,
     ast.Lambda,
     ast.GeneratorExp,
-    ast.ListComp,
-    ast.SetComp,
-    ast.DictComp,
 )
+if sys.version_info < (3, 12):  # PEP 709 inlines these from 3.12 on
+    _FUNCTION_BUILDERS += (ast.ListComp, ast.SetComp, ast.DictComp)
 
 
 class _ClauseError(AssertionError):
@@ -324,8 +338,16 @@ def _run_clause(name: str, check: _Check, subject: _Subject) -> ClauseResult:
     except _ClauseError as failure:
         return ClauseResult(name, False, str(failure))
     except Exception as error:  # any crash is a failed clause, reported
-        return ClauseResult(name, False, f"raised {type(error).__name__}: {error}")
+        return ClauseResult(name, False, f"{_CRASHED}{_describe(error)}")
     return ClauseResult(name, True, note)
+
+
+def _describe(error: BaseException) -> str:
+    """`Type: message (file:line)`, the line being where the error was raised."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    message = str(error) or "(no message)"
+    return f"{type(error).__name__}: {message}{where}"
 
 
 def _inputs(
@@ -362,9 +384,14 @@ def _max_gap(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _expect_close(what: str, got: torch.Tensor, want: torch.Tensor, why: str) -> None:
-    gap = _max_gap(got, want)
-    if not gap <= _ATOL:  # also catches NaN
-        raise _ClauseError(f"{what} differ by up to {gap:.3g} (tolerance {_ATOL:g}): {why}")
+    """`got` equals `want` up to rounding for their dtype (`torch.testing`'s tolerances)."""
+    rtol, atol = _TOLERANCES.get(got.dtype, _TOLERANCES[torch.float32])
+    close = torch.isclose(got.detach(), want.detach().to(got.dtype), rtol=rtol, atol=atol)
+    if not bool(close.all()):  # NaN is never close
+        gap = _max_gap(got, want)
+        raise _ClauseError(
+            f"{what} differ by up to {gap:.3g} (tolerance {atol:g} + {rtol:g} x value): {why}"
+        )
 
 
 def _expect_hidden(bundle: PolicyBundle, hidden: object, batch: int, where: str) -> None:
@@ -536,16 +563,47 @@ def _check_masks_respected(subject: _Subject) -> str:
 def _check_reproducible(subject: _Subject) -> str:
     bundle = subject.build()
     x, masks = _inputs(bundle, subject.generator(), (_SAMPLED_ROWS,), subject.feature_dim)
-    runs: list[dict[str, torch.Tensor]] = []
+    runs: list[Any] = []
     for _ in range(2):
         torch.manual_seed(subject.seed + 17)
-        runs.append(bundle.get_action(x, masks).action)
+        runs.append(bundle.get_action(x, masks))
+    first, second = runs
+    hint = "draw randomness from torch's global generator (or a generator= you are given)"
     for name in HEAD_NAMES:
-        if not torch.equal(runs[0][name], runs[1][name]):
+        if not torch.equal(first.action[name], second.action[name]):
             raise _ClauseError(
                 f"two get_action calls after torch.manual_seed({subject.seed + 17}) sampled "
-                f"different {name!r} actions; draw randomness from torch's generator"
+                f"different {name!r} actions; {hint}"
             )
+        if not torch.equal(first.log_prob[name], second.log_prob[name]):
+            raise _ClauseError(
+                f"two get_action calls after torch.manual_seed({subject.seed + 17}) gave "
+                f"different {name!r} log-probs; {hint}"
+            )
+    if not torch.equal(first.value, second.value):
+        raise _ClauseError(
+            f"two get_action calls after torch.manual_seed({subject.seed + 17}) gave "
+            f"different values; {hint}"
+        )
+    return ""
+
+
+def _check_deterministic(subject: _Subject) -> str:
+    bundle = subject.build()
+    x, masks = _inputs(bundle, subject.generator(), (_BATCH, _STEPS), subject.feature_dim)
+    first = bundle.forward(x, masks)
+    second = bundle.forward(x, masks)
+    same = torch.equal(first.value, second.value)
+    for name in HEAD_NAMES:
+        same = same and torch.equal(first.logits[name], second.logits[name])
+    if not same:
+        mode = "training" if bundle.network.training else "eval"
+        raise _ClauseError(
+            "forward gives different outputs for the same inputs (the network is in "
+            f"{mode} mode: dropout or other randomness?). Rollouts and PPO updates must "
+            "compute the same function: remove the randomness, or call "
+            "bundle.network.eval() in the factory to check the other clauses"
+        )
     return ""
 
 
@@ -708,7 +766,10 @@ def _check_hidden_round_trip(subject: _Subject) -> str:
                 raise _ClauseError(f"get_action returned hidden[{index}] requiring grad")
         hidden = result.hidden
     carried = bundle.forward(x, masks, hidden)
-    if _max_gap(carried.value, with_zeros.value) == 0.0:
+    changed = _max_gap(carried.value, with_zeros.value) > 0.0
+    for name in HEAD_NAMES:
+        changed = changed or _max_gap(carried.logits[name], with_zeros.logits[name]) > 0.0
+    if not changed:
         raise _ClauseError(
             "outputs are the same from a carried hidden state as from zeros: the hook "
             "ignores inputs.hidden"
@@ -864,7 +925,8 @@ def _check_bad_inputs(subject: _Subject) -> str:
                     f"({error}); it must raise ValueError or TypeError naming the argument"
                 ) from None
             else:
-                raise _ClauseError(f"{call.method} accepted {call.what}; it must refuse it")
+                hint = "" if bundle.check_values else " (the factory set check_values=False)"
+                raise _ClauseError(f"{call.method} accepted {call.what}; it must refuse it{hint}")
             if counter[0]:
                 raise _ClauseError(
                     f"{call.method} ran the network before refusing {call.what}; check in "
@@ -882,19 +944,23 @@ def _check_no_closures(subject: _Subject) -> str:
     bundle = subject.build()
     x, masks = _inputs(bundle, subject.generator(), (_BATCH, _STEPS), subject.feature_dim)
     act = bundle.get_action(x, masks)
-    with _code_calls() as ran:
-        bundle.get_action(x[:, 0], _rows_step(masks), bundle.initial_hidden(_BATCH))
-        bundle.evaluate_actions(x, act.action, masks)
-    built = _per_call_functions(ran)
-    hot = _hot_path_source_findings(bundle)
-    found = [*built, *hot]
+    classes = _subject_classes(bundle)
+    found = _hot_path_source_findings(classes)
+    note = ""
+    if sys.getprofile() is None:
+        with _code_calls() as ran:
+            bundle.get_action(x[:, 0], _rows_step(masks), bundle.initial_hidden(_BATCH))
+            bundle.evaluate_actions(x, act.action, masks)
+        found += _per_call_functions(ran, _code_files(classes))
+    else:
+        note = "a profiler is active: only the source of the hook methods was read"
     if found:
         listed = "; ".join(dict.fromkeys(found))
         raise _ClauseError(
             f"a function object is built on every call: {listed}. Define helpers at "
             "module level (B10-PT-06)"
         )
-    return ""
+    return note
 
 
 def _rows_step(masks: ActionMasks) -> ActionMasks:
@@ -904,22 +970,18 @@ def _rows_step(masks: ActionMasks) -> ActionMasks:
     return ActionMasks.from_mapping(first)
 
 
-_SKIPPED_ROOTS = (
-    Path(torch.__file__).resolve().parent,
-    Path(sysconfig.get_paths()["stdlib"]).resolve(),
-)
-
-
 @contextmanager
 def _code_calls() -> Iterator[list[CodeType]]:
-    """Record the code object of every Python function called inside the block."""
+    """Record the code object of every Python function called inside the block.
+
+    Uses `sys.setprofile`, so the caller must check that no profiler is installed.
+    """
     ran: list[CodeType] = []
-    previous = sys.getprofile()
     sys.setprofile(_Recorder(ran))
     try:
         yield ran
     finally:
-        sys.setprofile(previous)
+        sys.setprofile(None)
 
 
 class _Recorder:
@@ -933,44 +995,67 @@ class _Recorder:
             self.ran.append(frame.f_code)
 
 
-def _per_call_functions(ran: list[CodeType]) -> list[str]:
-    """Functions both created and called inside the recorded block.
+def _subject_classes(bundle: PolicyBundle) -> list[type]:
+    """The bundle's own classes, and the network's module classes from the same packages.
 
-    A nested function, lambda or (on 3.11) comprehension is a code object stored in
-    the constants of the function that defines it; when both ran in the block, the
-    function object was built there, on that call. Decorator wrappers built at import
-    time are not flagged: their defining function did not run in the block.
+    Third-party and torch modules are left out: a contributor cannot fix them.
+    """
+    classes: list[type] = []
+    for cls in type(bundle).__mro__:
+        if cls is not PolicyBundle and issubclass(cls, PolicyBundle):
+            classes.append(cls)
+    packages = {_package_of(cls) for cls in classes} | {_package_of(PolicyBundle)}
+    for module in bundle.network.modules():
+        cls = type(module)
+        if _package_of(cls) in packages and cls not in classes:
+            classes.append(cls)
+    return classes
+
+
+def _package_of(cls: type) -> str:
+    return cls.__module__.partition(".")[0]
+
+
+def _code_files(classes: Sequence[type]) -> set[str]:
+    """The files the classes' methods were compiled from (`<stdin>` and the like too)."""
+    files: set[str] = set()
+    for cls in classes:
+        for value in vars(cls).values():
+            function = getattr(value, "__func__", value)  # staticmethod, classmethod
+            code = getattr(function, "__code__", None)
+            if isinstance(code, CodeType):
+                files.add(code.co_filename)
+    return files
+
+
+def _per_call_functions(ran: list[CodeType], files: set[str]) -> list[str]:
+    """Functions of `files` both created and called inside the recorded block.
+
+    A nested function, lambda, generator or (before Python 3.12) comprehension is a
+    code object stored in the constants of the function that defines it; when both ran
+    in the block, the function object was built there, on that call. Decorator
+    wrappers built at import time are not flagged: their defining function did not run
+    in the block. (A function built once, cached, and called from the function that
+    built it is flagged too: build it at module level instead.)
     """
     ran_set = set(ran)
     found: list[str] = []
     for parent in dict.fromkeys(ran):
-        if _outside_subject(parent):
+        if parent.co_filename not in files:
             continue
         for const in parent.co_consts:
             if isinstance(const, CodeType) and const in ran_set:
-                path = Path(const.co_filename)
-                found.append(f"{const.co_qualname} ({path.name}:{const.co_firstlineno})")
+                found.append(f"{const.co_qualname} ({const.co_filename}:{const.co_firstlineno})")
     return found
 
 
-def _outside_subject(code: CodeType) -> bool:
-    """Code of torch, of the standard library, or generated (`<string>`)."""
-    if code.co_filename.startswith("<"):
-        return True
-    path = Path(code.co_filename).resolve()
-    return any(path.is_relative_to(root) for root in _SKIPPED_ROOTS)
-
-
-def _hot_path_source_findings(bundle: PolicyBundle) -> list[str]:
-    """Nested functions in the hook methods' source, even ones never called."""
+def _hot_path_source_findings(classes: Sequence[type]) -> list[str]:
+    """Nested functions in the source of the methods that run on every call."""
     found: list[str] = []
-    for cls in type(bundle).__mro__:
-        if cls is PolicyBundle or not (isinstance(cls, type) and issubclass(cls, PolicyBundle)):
-            continue
-        found.extend(_source_findings(cls, ("_forward", "_normalize_inputs")))
-    for module in bundle.network.modules():
-        cls = type(module)
-        if not cls.__module__.startswith("torch."):
+    for cls in classes:
+        if issubclass(cls, PolicyBundle):
+            found.extend(_source_findings(cls, ("_forward", "_normalize_inputs")))
+        else:
             found.extend(_source_findings(cls, ("forward",)))
     return found
 
@@ -978,11 +1063,25 @@ def _hot_path_source_findings(bundle: PolicyBundle) -> list[str]:
 def _source_findings(cls: type, methods: Sequence[str]) -> list[str]:
     try:
         return function_objects_built_per_call(cls, methods)
-    except (OSError, TypeError):
-        return []  # no source (built in a REPL): the run-time check above still applies
+    except (OSError, TypeError, SyntaxError):
+        return []  # no readable source (a REPL, exec): the run-time check still applies
 
+
+_GATES: tuple[tuple[str, _Check], ...] = (
+    ("builds", _check_builds),
+    ("deterministic", _check_deterministic),
+)
+"""Clauses the others depend on: when one fails, the later ones are not run."""
+
+_CRASHED = "raised "
+
+_BLOCKED_BY = {
+    "builds": "the factory built no bundle",
+    "deterministic": "the outputs are random (see 'deterministic')",
+}
 
 _CLAUSES: tuple[tuple[str, _Check], ...] = (
+    *_GATES,
     ("shapes", _check_shapes),
     ("masks as mapping or dataclass", _check_mask_forms),
     ("masks respected", _check_masks_respected),

@@ -1,0 +1,114 @@
+"""Find a bundle class from a command-line target: `MODULE:CLASS`, `FILE.py:CLASS` or a name."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+
+from esper.tamiyo.policy.base import PolicyBundle
+from esper.tamiyo.policy.registry import get_policy, list_policies
+
+__all__ = ["TargetError", "load_bundle_class"]
+
+
+class TargetError(ValueError):
+    """The target does not name a concrete `PolicyBundle` subclass; the message says why."""
+
+
+def load_bundle_class(target: str) -> type[PolicyBundle]:
+    """The concrete `PolicyBundle` subclass `target` names.
+
+    Args:
+        target: `package.module:Class` (importable from the current directory, as with
+            `python -m`), `path/to/file.py:Class` (its folder importable while it loads,
+            as with `python file.py`), or a registered policy name.
+
+    Returns:
+        The class.
+
+    Raises:
+        TargetError: The module cannot be imported, has no such attribute, or it is not
+            a concrete `PolicyBundle` subclass.
+    """
+    if ":" not in target:
+        if target in list_policies():
+            return get_policy(target)
+        raise TargetError(
+            f"{target!r} is neither MODULE:CLASS, FILE.py:CLASS nor a registered policy "
+            f"({', '.join(list_policies())})"
+        )
+    where, _, name = target.rpartition(":")
+    if not where or not name:
+        raise TargetError(f"{target!r}: expected MODULE:CLASS or FILE.py:CLASS")
+    module = _load_module(where)
+    obj = getattr(module, name, None)
+    if obj is None:
+        raise TargetError(f"{where!r} has no attribute {name!r}")
+    if not (isinstance(obj, type) and issubclass(obj, PolicyBundle)):
+        what = f"the class {obj.__qualname__}" if isinstance(obj, type) else type(obj).__name__
+        raise TargetError(f"{target} is {what}, not a PolicyBundle subclass")
+    if inspect.isabstract(obj):
+        missing = ", ".join(sorted(obj.__abstractmethods__))
+        raise TargetError(f"{target} is abstract: implement {missing}")
+    return obj
+
+
+def _load_module(where: str) -> ModuleType:
+    """Import `where`, a dotted module name or the path of a `.py` file."""
+    is_file = where.endswith(".py") or os.sep in where or "/" in where
+    try:
+        return _load_file(Path(where)) if is_file else _import_name(where)
+    except TargetError:
+        raise
+    except Exception as error:  # anything user code raises while importing: one line
+        raise TargetError(f"cannot import {where!r}: {type(error).__name__}: {error}") from None
+
+
+def _import_name(name: str) -> ModuleType:
+    with _on_path(os.getcwd()):
+        return importlib.import_module(name)
+
+
+def _load_file(path: Path) -> ModuleType:
+    if not path.is_file():
+        raise TargetError(f"no such file: {path}")
+    resolved = path.resolve()
+    for module in list(sys.modules.values()):
+        # Already imported (a package module, or checked before): running it again would
+        # register its bundles twice.
+        file = getattr(module, "__file__", None)
+        if file is not None and Path(file).resolve() == resolved:
+            return module
+    module_name = f"_esper_check_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise TargetError(f"cannot load {path} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # inspect finds the classes' source through it
+    try:
+        with _on_path(str(resolved.parent)):
+            spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
+@contextmanager
+def _on_path(folder: str) -> Iterator[None]:
+    """`folder` first on `sys.path` while the block runs, so its modules import."""
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
