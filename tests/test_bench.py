@@ -245,3 +245,26 @@ def test_json_path_folder_is_created(tmp_path: Path) -> None:
     path = tmp_path / "deeper" / "bench.json"
     write_json(report, path)
     assert json.loads(path.read_text(encoding="utf-8"))["commit"] == "unknown"
+
+
+@pytest.mark.filterwarnings(
+    "ignore:The .grad attribute of a Tensor that is not a leaf Tensor:UserWarning"
+)
+def test_the_compiled_section_times_old_eager_and_compiled_side_by_side() -> None:
+    """With compile on (the eager backend here: no C++ toolchain needed), section 6 fills."""
+    options = suite.BenchOptions(quick=True, repeats=2, compile=True)
+    options.compile_kwargs["backend"] = "eager"
+    report = suite.run_suite(options)
+    compiled = {row.key: row for row in report.rows if row.section == "compile"}
+    assert set(compiled) == {
+        "compile/get_action/B=1",
+        "compile/get_action/B=1/eager",
+        "compile/get_action/B=32",
+        "compile/get_action/B=32/eager",
+        "compile/evaluate/B=8,T=16",
+        "compile/evaluate/B=8,T=16/eager",
+    }
+    for row in compiled.values():
+        assert row.error is None, row.error
+        assert row.ratio is not None
+        assert row.ratio > 0

@@ -602,8 +602,6 @@ def compile_new_bundle(
         not a bundle), or the error message.
     """
     bundle = matching_bundle(old).to(device)
-    if not hasattr(bundle, "compile"):
-        return "PolicyBundle.compile does not exist in this checkout"
     try:
         compiled = bundle.compile(**kwargs)
     except Exception as error:  # any failure of torch.compile is a result to report
@@ -612,38 +610,48 @@ def compile_new_bundle(
 
 
 def measure_compiled(ctx: Context, cases: Mapping[tuple[int, int], Case]) -> list[Comparison]:
-    """Section 6: old against a compiled new bundle; a failure becomes a failed row."""
+    """Section 6: old, new eager and new compiled, interleaved; a failure is a failed row."""
     bundles = ctx.bundles
     compiled = compile_new_bundle(bundles.old, ctx.device, ctx.options.compile_kwargs)
-    specs: list[tuple[str, str, Callable[[], object], Callable[[], object] | None]] = []
+    specs: list[tuple[str, str, Callable[[], object], Callable[[], object], Case]] = []
     for batch in (1, 32):
         case = make_case(bundles.new, (batch,), ctx.options.feature_dim, ctx.generator)
-        new_call: Callable[[], object] | None = None
-        if isinstance(compiled, PolicyBundle):
-            new_call = functools.partial(new_get_action, compiled, case)
         old_call: Callable[[], object] = functools.partial(old_get_action, bundles.old, case)
-        specs.append((f"compile/get_action/B={batch}", f"get_action B={batch}", old_call, new_call))
+        eager: Callable[[], object] = functools.partial(new_get_action, bundles.new, case)
+        specs.append(
+            (f"compile/get_action/B={batch}", f"get_action B={batch}", old_call, eager, case)
+        )
     batch, steps = ctx.options.train_shapes[0]
     case = cases[batch, steps]
-    new_call = None
-    if isinstance(compiled, PolicyBundle):
-        new_call = functools.partial(new_training_step, compiled, case)
     old_call = functools.partial(old_training_step, bundles.old, case)
+    eager = functools.partial(new_training_step, bundles.new, case)
     name = f"evaluate_actions fwd+bwd B={batch}, T={steps}"
-    specs.append((f"compile/evaluate/B={batch},T={steps}", name, old_call, new_call))
+    specs.append((f"compile/evaluate/B={batch},T={steps}", name, old_call, eager, case))
     rows: list[Comparison] = []
-    for key, name, old, new in specs:
-        if new is None:
-            assert isinstance(compiled, str)
-            rows.append(_failed_row(key, "compile", name, compiled))
+    for key, name, old, eager, spec_case in specs:
+        if isinstance(compiled, str):
+            rows.append(_failed_row(key, "compile", f"{name}, compiled", compiled))
             continue
+        step = new_training_step if key.startswith("compile/evaluate") else new_get_action
+        calls: dict[str, Callable[[], object]] = {
+            "old": old,
+            "eager": eager,
+            "new": functools.partial(step, compiled, spec_case),
+        }
         try:
-            timings = time_interleaved({"old": old, "new": new}, ctx.settings, ctx.sync)
+            timings = time_interleaved(calls, ctx.settings, ctx.sync)
         except Exception as error:  # compilation happens at the first calls
             detail = describe_error(error, lines=40, limit=4000)
-            rows.append(_failed_row(key, "compile", name, describe_error(error), detail))
+            rows.append(
+                _failed_row(key, "compile", f"{name}, compiled", describe_error(error), detail)
+            )
             continue
-        rows.append(_timed_row(key, "compile", name, timings["old"], timings["new"]))
+        rows.append(
+            _timed_row(
+                f"{key}/eager", "compile", f"{name}, eager", timings["old"], timings["eager"]
+            )
+        )
+        rows.append(_timed_row(key, "compile", f"{name}, compiled", timings["old"], timings["new"]))
     return rows
 
 
