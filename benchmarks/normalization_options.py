@@ -12,8 +12,10 @@ costs per call, so that the ADR compares the options by measurement, not by gues
 3. **Protocol + shared free function**: bundles satisfy a `typing.Protocol` (no
    runtime cost) and call a free function `normalize_inputs(features, masks)` that
    loops over the head names of a mask dict.
-4. **abstract base (chosen)**: `PolicyBundle._normalize_inputs(features, masks,
-   hidden)` on a real `LSTMPolicyBundle(feature_dim=64)`, with the masks as an
+4. **abstract base (chosen)**: `PolicyBundle._prepare(features, masks, hidden)`
+   (`_normalize_inputs`, then the mask packing and the value checks, which ADR 0002's
+   `_normalize_inputs` did itself; ADR 0003 split them) on a real
+   `LSTMPolicyBundle(feature_dim=64)`, with the masks as an
    `ActionMasks` and the hidden state from `initial_hidden(B)`. Measured twice: with
    `check_values=True` (the default: NaN/Inf features and void mask rows, checks that
    need a device sync) and with `check_values=False` (shape, dtype, key and device
@@ -400,7 +402,7 @@ def _run_protocol_free_fn(case: Case) -> Runner:
 
 def _run_abstract_base(bundle: LSTMPolicyBundle, case: Case) -> Runner:
     features, masks, hidden = case.features, case.action_masks, case.hidden
-    normalize = bundle._normalize_inputs
+    normalize = bundle._prepare  # what ADR 0002's _normalize_inputs did (see ADR 0003)
 
     def run(n: int) -> None:
         for _ in range(n):
