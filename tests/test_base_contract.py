@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
@@ -201,3 +202,24 @@ def test_repr_names_the_class_and_sizes() -> None:
     assert repr(small_lstm()).startswith(
         "LSTMPolicyBundle(feature_dim=6, action_space=ActionSpace("
     )
+
+
+def test_config_records_the_constructor_arguments_of_any_bundle() -> None:
+    """`config` rebuilds a bundle: recorded by the base, whatever the subclass."""
+    space = ActionSpace(slot=5)
+    bundle = small_lstm(num_layers=2, action_space=space)
+    assert bundle.config == {
+        "feature_dim": FEATURE_DIM,
+        "hidden_dim": 16,
+        "embed_dim": 12,
+        "num_layers": 2,
+        "action_space": space,
+    }
+    twin = type(bundle)(**bundle.config)
+    assert twin.config == bundle.config
+    assert [p.shape for p in twin.network.parameters()] == [
+        p.shape for p in bundle.network.parameters()
+    ]
+    tiny = TinyStatelessBundle(4)
+    assert tiny.config == {"feature_dim": 4, "action_space": None}
+    assert copy.deepcopy(bundle).config == bundle.config

@@ -8,6 +8,7 @@ hook, `_forward`, that maps normalized inputs to logits, values and hidden state
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -114,6 +115,7 @@ class PolicyBundle(ABC):
     """
 
     is_recurrent: ClassVar[bool] = False
+    _init_arguments: tuple[tuple[Any, ...], dict[str, Any]]
 
     def __init__(
         self,
@@ -152,6 +154,31 @@ class PolicyBundle(ABC):
         self._act_path: _ActPath = self._act
         self._evaluate_path: _EvaluatePath = self._evaluate
         self._compiled = False
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        """Create the bundle, remembering its constructor's arguments for `config`.
+
+        So `config` (and checkpoints) can rebuild any bundle without each subclass
+        reporting its own arguments.
+        """
+        self = super().__new__(cls)
+        self._init_arguments = (args, kwargs)
+        return self
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The arguments the bundle was built with, by name, defaults filled in.
+
+        `type(bundle)(**bundle.config)` builds an identical bundle (up to its weights).
+        Recorded when the bundle is created, whatever its class: a subclass need not
+        report its own.
+        """
+        args, kwargs = self._init_arguments
+        bound = inspect.signature(type(self).__init__).bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        config = dict(bound.arguments)
+        del config[next(iter(config))]  # self
+        return config
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -664,6 +691,8 @@ _ActPath = Callable[[PolicyInputs, torch.Tensor, bool], _ComputeResult]
 _EvaluatePath = Callable[[PolicyInputs, torch.Tensor], _ComputeResult]
 
 _FINAL_METHODS = (
+    "__new__",
+    "config",
     "compile",
     "get_action",
     "forward",
