@@ -9,9 +9,11 @@ hook, `_forward`, that maps normalized inputs to logits, values and hidden state
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, ClassVar, Self
 
 import torch
@@ -20,14 +22,16 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from esper.tamiyo.policy import categorical
 from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
-from esper.tamiyo.policy.inputs import HiddenState, PolicyInputs
+from esper.tamiyo.policy.inputs import HiddenState, PolicyInputs, reset_hidden, steps_of
 from esper.tamiyo.policy.layout import HeadLayout
 from esper.tamiyo.policy.masks import ActionMasks
 from esper.tamiyo.policy.outputs import ActionResult, EvalResult, ForwardResult, NetworkOutput
 from esper.tamiyo.policy.validation import (
     check_action_space,
     check_actions,
+    check_episode_start,
     check_features,
+    check_generator,
     check_hidden,
     check_mask,
     check_positive_int,
@@ -196,8 +200,9 @@ class PolicyBundle(ABC):
     def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
         """Run the network on normalized inputs. Required; called by every public method.
 
-        Called exactly once per public call, after `_normalize_inputs`, with autograd
-        on (`forward`, `evaluate_actions`) or off (`get_action`, `get_value`). Call the
+        Called once per public call, after `_normalize_inputs` (once per stretch of the
+        sequence when `episode_start` resets rows inside it), with autograd on
+        (`forward`, `evaluate_actions`) or off (`get_action`, `get_value`). Call the
         network through `self.network(...)`, so module hooks (and DDP's) fire.
 
         Args:
@@ -217,6 +222,8 @@ class PolicyBundle(ABC):
         hidden: HiddenState | None = None,
         *,
         deterministic: bool = False,
+        episode_start: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> ActionResult:
         """Choose an action for every head, for a rollout. Do not override.
 
@@ -231,6 +238,11 @@ class PolicyBundle(ABC):
             hidden: State from `initial_hidden` or the previous call; `None` starts
                 from zeros. Must be `None` for a stateless bundle.
             deterministic: Take each head's most likely valid action instead of sampling.
+            episode_start: `[B]` bool (`[B, T]` with `[B, T, F]` features): rows whose
+                episode starts at this step; their hidden state is zeroed first. A
+                no-op for a stateless bundle.
+            generator: Random source for sampling, on the bundle's device; torch's
+                global generator (seeded by `torch.manual_seed`) when `None`.
 
         Returns:
             Actions and their log-probabilities per head and values, `[B]` for `[B, F]`
@@ -240,13 +252,22 @@ class PolicyBundle(ABC):
             TypeError: An argument has the wrong type or dtype.
             ValueError: An argument has the wrong shape, a wrong key, or bad values.
         """
-        inputs, valid = self._prepare(features, masks, hidden)
+        if generator is not None:
+            check_generator(generator, self._device)
+        inputs, valid = self._prepare(features, masks, hidden, episode_start=episode_start)
         with torch.no_grad():
-            actions, chosen, value, new_hidden = self._act_path(inputs, valid, deterministic)
+            actions, chosen, value, new_hidden = self._act_path(
+                inputs, valid, deterministic, generator
+            )
         return ActionResult.from_packed(actions, chosen, value, new_hidden, inputs.single_step)
 
     def forward(
-        self, features: torch.Tensor, masks: MaskArg, hidden: HiddenState | None = None
+        self,
+        features: torch.Tensor,
+        masks: MaskArg,
+        hidden: HiddenState | None = None,
+        *,
+        episode_start: torch.Tensor | None = None,
     ) -> ForwardResult:
         """Masked logits of every head and values, with autograd. Do not override.
 
@@ -254,6 +275,7 @@ class PolicyBundle(ABC):
             features: `[B, F]` or `[B, T, F]`.
             masks: As for `get_action`.
             hidden: As for `get_action`.
+            episode_start: As for `evaluate_actions`.
 
         Returns:
             Masked logits per head (`[B, A_h]` or `[B, T, A_h]`): each row shifted so
@@ -264,7 +286,7 @@ class PolicyBundle(ABC):
             TypeError: An argument has the wrong type or dtype.
             ValueError: An argument has the wrong shape, a wrong key, or bad values.
         """
-        inputs, valid = self._prepare(features, masks, hidden)
+        inputs, valid = self._prepare(features, masks, hidden, episode_start=episode_start)
         out = self._checked_forward(inputs)
         masked = categorical.mask_logits(
             out.logits, valid, self._layout.fill, self._layout.minus_inf
@@ -282,6 +304,8 @@ class PolicyBundle(ABC):
         actions: Mapping[str, torch.Tensor],
         masks: MaskArg,
         hidden: HiddenState | None = None,
+        *,
+        episode_start: torch.Tensor | None = None,
     ) -> EvalResult:
         """Log-probabilities and entropies of given actions, with autograd. Do not override.
 
@@ -296,6 +320,10 @@ class PolicyBundle(ABC):
                 their last dimension (`[B]`, `[B, 1]` or `[B, T]`).
             masks: As for `get_action`; the same masks the actions were taken under.
             hidden: As for `get_action`.
+            episode_start: `[B, T]` bool (`[B]` with `[B, F]` features), the flags the
+                rollout passed to `get_action` step by step: the hidden state of a row
+                is zeroed before each step where its episode starts, inside the
+                sequence too, so the update sees exactly what the rollout saw.
 
         Returns:
             Log-probabilities and normalized entropies per head, values, and the new
@@ -306,11 +334,17 @@ class PolicyBundle(ABC):
             ValueError: An argument has the wrong shape, a wrong key, or bad values,
                 including an action out of range or masked.
         """
-        inputs, valid = self._prepare(features, masks, hidden, actions)
+        inputs, valid = self._prepare(features, masks, hidden, actions, episode_start)
         chosen, entropy, value, new_hidden = self._evaluate_path(inputs, valid)
         return EvalResult.from_packed(chosen, entropy, value, new_hidden, inputs.single_step)
 
-    def get_value(self, features: torch.Tensor, hidden: HiddenState | None = None) -> torch.Tensor:
+    def get_value(
+        self,
+        features: torch.Tensor,
+        hidden: HiddenState | None = None,
+        *,
+        episode_start: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """State values only, without an autograd graph, to bootstrap a rollout.
 
         Do not override.
@@ -318,6 +352,7 @@ class PolicyBundle(ABC):
         Args:
             features: `[B, F]` or `[B, T, F]`.
             hidden: As for `get_action`.
+            episode_start: As for `evaluate_actions`.
 
         Returns:
             `[B]` or `[B, T]` values.
@@ -326,7 +361,7 @@ class PolicyBundle(ABC):
             TypeError: An argument has the wrong type or dtype.
             ValueError: An argument has the wrong shape or bad values.
         """
-        inputs, _ = self._prepare(features, None, hidden)
+        inputs, _ = self._prepare(features, None, hidden, episode_start=episode_start)
         with torch.no_grad():
             value = self._checked_forward(inputs).value  # [B, T]
         return value.squeeze(1) if inputs.single_step else value
@@ -547,15 +582,19 @@ class PolicyBundle(ABC):
         masks: MaskArg,
         hidden: HiddenState | None,
         actions: Mapping[str, torch.Tensor] | None = None,
+        episode_start: torch.Tensor | None = None,
     ) -> tuple[PolicyInputs, torch.Tensor]:
-        """What every public method does before computing: normalize, pack, check values.
+        """What every public method does before computing: normalize, reset, pack, check.
 
         Returns:
-            The normalized inputs, and the masks packed for masking, `[B, T, H, A_max]`
-            bool (True where valid, padding False).
+            The normalized inputs (hidden state already reset for the rows whose
+            episode starts at the first step), and the masks packed for masking,
+            `[B, T, H, A_max]` bool (True where valid, padding False).
         """
         inputs = self._normalize_inputs(features, masks, hidden, actions)
         batch, steps = inputs.features.shape[0], inputs.features.shape[1]
+        if episode_start is not None:
+            inputs = self._with_episode_starts(inputs, episode_start)
         given = inputs.given_masks
         if given is _NO_MASKS:
             valid = self._layout.all_valid(batch, steps)
@@ -564,6 +603,29 @@ class PolicyBundle(ABC):
         if self.check_values:
             self._check_values(inputs, valid)
         return inputs, valid
+
+    def _with_episode_starts(
+        self, inputs: PolicyInputs, episode_start: torch.Tensor
+    ) -> PolicyInputs:
+        """Check the flags; reset the first step's rows; find the steps that reset later."""
+        starts = check_episode_start(
+            episode_start,
+            inputs.features.shape[0],
+            inputs.features.shape[1],
+            inputs.single_step,
+            self._device,
+        )  # [B, T]
+        if inputs.hidden is None:  # stateless: nothing to reset
+            return replace(inputs, episode_start=starts)
+        later: tuple[int, ...] = ()
+        if starts.shape[1] > 1:
+            later = tuple((starts[:, 1:].any(dim=0).nonzero().flatten() + 1).tolist())  # sync
+        return replace(
+            inputs,
+            hidden=reset_hidden(inputs.hidden, starts[:, 0]),
+            episode_start=starts,
+            reset_steps=later,
+        )
 
     def _allowed_dtypes(self) -> tuple[torch.dtype, ...]:
         """Dtypes features and hidden state may have.
@@ -619,7 +681,11 @@ class PolicyBundle(ABC):
     # wrap, with `_normalize_inputs` and the shaping of results left outside.
 
     def _act(
-        self, inputs: PolicyInputs, valid: torch.Tensor, deterministic: bool
+        self,
+        inputs: PolicyInputs,
+        valid: torch.Tensor,
+        deterministic: bool,
+        generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, HiddenState | None]:
         """Sample (or take the mode of) every head: `(actions, log_probs, value, hidden)`.
 
@@ -631,7 +697,9 @@ class PolicyBundle(ABC):
             out.logits, valid, self._layout.fill, self._layout.minus_inf
         )
         log_probs = masked.log_softmax(dim=-1)  # [B, T, H, A_max]
-        actions = categorical.sample(log_probs, deterministic=deterministic)  # [B, T, H]
+        actions = categorical.sample(
+            log_probs, deterministic=deterministic, generator=generator
+        )  # [B, T, H]
         chosen = categorical.log_prob_of(log_probs, actions)  # [B, T, H]
         return actions, chosen, out.value, out.hidden
 
@@ -656,6 +724,31 @@ class PolicyBundle(ABC):
         return chosen, entropy, out.value, out.hidden
 
     def _checked_forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        """Call the hook, once per stretch between episode resets, and check its output.
+
+        Without resets inside the sequence (the usual case) the hook runs once. With
+        resets at steps `t1 < t2 < ...`, it runs on `[0, t1)`, `[t1, t2)`, ... in turn,
+        the hidden state of the rows that reset zeroed between stretches, and the
+        outputs are joined along `T`.
+        """
+        if not inputs.reset_steps:
+            return self._checked_hook(inputs)
+        starts = inputs.episode_start
+        assert starts is not None  # reset_steps come from the flags
+        logits: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        hidden = inputs.hidden
+        bounds = (0, *inputs.reset_steps, inputs.features.shape[1])
+        for begin, end in itertools.pairwise(bounds):
+            if begin > 0 and hidden is not None:
+                hidden = reset_hidden(hidden, starts[:, begin])
+            out = self._checked_hook(steps_of(inputs, begin, end, hidden))
+            logits.append(out.logits)
+            values.append(out.value)
+            hidden = out.hidden
+        return NetworkOutput(torch.cat(logits, dim=1), torch.cat(values, dim=1), hidden)
+
+    def _checked_hook(self, inputs: PolicyInputs) -> NetworkOutput:
         """Call the hook and check it honoured the layout contract."""
         out = self._forward(inputs)
         if not (isinstance(out, tuple) and len(out) == 3):
@@ -687,7 +780,7 @@ _NO_MASKS = ActionMasks()
 _SUM_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 _ComputeResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, HiddenState | None]
-_ActPath = Callable[[PolicyInputs, torch.Tensor, bool], _ComputeResult]
+_ActPath = Callable[[PolicyInputs, torch.Tensor, bool, torch.Generator | None], _ComputeResult]
 _EvaluatePath = Callable[[PolicyInputs, torch.Tensor], _ComputeResult]
 
 _FINAL_METHODS = (
@@ -702,7 +795,9 @@ _FINAL_METHODS = (
     "_act",
     "_evaluate",
     "_checked_forward",
+    "_checked_hook",
     "_prepare",
+    "_with_episode_starts",
 )
 
 

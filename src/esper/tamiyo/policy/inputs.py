@@ -10,7 +10,7 @@ from esper.tamiyo.policy.action_space import HEAD_NAMES
 from esper.tamiyo.policy.layout import per_head
 from esper.tamiyo.policy.masks import ActionMasks
 
-__all__ = ["HiddenState", "PolicyInputs"]
+__all__ = ["HiddenState", "PolicyInputs", "reset_hidden", "steps_of"]
 
 HiddenState = tuple[torch.Tensor, ...]
 """Recurrent state: a tuple of tensors, each `[d0, B, ...]` (batch in dimension 1, as
@@ -36,6 +36,12 @@ class PolicyInputs:
         single_step: The caller gave `[B, F]` features, so outputs drop the `T` axis.
         given_masks: The caller's masks after checking, as given (`[B, A_h]` for a
             single step); read `masks` instead.
+        episode_start: `[B, T]` bool, the rows whose episode starts at each step, or
+            `None`. The base has already zeroed `hidden` for the first step's resets
+            and splits a sequence at later ones, so a hook needs it only to know
+            episode boundaries (an attention mask, say).
+        reset_steps: The steps after the first where some row's episode starts; the
+            base calls the hook once per stretch between them. Empty in a hook call.
     """
 
     features: torch.Tensor
@@ -43,6 +49,8 @@ class PolicyInputs:
     action_index: torch.Tensor | None
     single_step: bool
     given_masks: ActionMasks
+    episode_start: torch.Tensor | None = None
+    reset_steps: tuple[int, ...] = ()
 
     @property
     def batch_size(self) -> int:
@@ -70,3 +78,39 @@ class PolicyInputs:
         if self.action_index is None:
             return None
         return per_head(self.action_index)
+
+
+def reset_hidden(hidden: HiddenState, rows: torch.Tensor) -> HiddenState:
+    """Zero the hidden state of the flagged rows, branch-free.
+
+    Args:
+        hidden: Tensors `[d0, B, ...]`.
+        rows: `[B]` bool, True where the state starts over.
+
+    Returns:
+        The state with those rows zeroed (new tensors; the inputs are not modified).
+    """
+    reset: list[torch.Tensor] = []
+    for tensor in hidden:
+        flags = rows.view(1, -1, *([1] * (tensor.dim() - 2)))  # [1, B, 1, ...]
+        reset.append(tensor.masked_fill(flags, 0.0))  # where(flags, 0, tensor), one kernel
+    return tuple(reset)
+
+
+def steps_of(
+    inputs: PolicyInputs, begin: int, end: int, hidden: HiddenState | None
+) -> PolicyInputs:
+    """The inputs of steps `[begin, end)` of a sequence, starting from `hidden`."""
+    masks: list[torch.Tensor | None] = []
+    for name in HEAD_NAMES:
+        mask = getattr(inputs.given_masks, name)
+        masks.append(None if mask is None else mask[:, begin:end])  # [B, t, A_h]
+    starts = inputs.episode_start
+    return PolicyInputs(
+        features=inputs.features[:, begin:end],
+        hidden=hidden,
+        action_index=None if inputs.action_index is None else inputs.action_index[:, begin:end],
+        single_step=False,
+        given_masks=ActionMasks(*masks),
+        episode_start=None if starts is None else starts[:, begin:end],
+    )

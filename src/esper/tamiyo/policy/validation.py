@@ -17,7 +17,9 @@ from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
 __all__ = [
     "check_action_space",
     "check_actions",
+    "check_episode_start",
     "check_features",
+    "check_generator",
     "check_hidden",
     "check_mask",
     "check_positive_int",
@@ -226,6 +228,57 @@ def check_hidden(
             raise _device_error(name, tensor.device, device)
         if tensor.dtype not in dtypes:
             raise _dtype_error(name, tensor.dtype, dtypes)
+
+
+def check_episode_start(
+    episode_start: object, batch: int, steps: int, single_step: bool, device: torch.device
+) -> torch.Tensor:
+    """Check episode-start flags against the features and bring them to `[B, T]`.
+
+    Args:
+        episode_start: What the caller passed: `[B]` (or `[B, 1]`) with `[B, F]`
+            features, `[B, T]` with `[B, T, F]` features.
+        batch: `B` of the features.
+        steps: `T` of the features.
+        single_step: The features were `[B, F]`.
+        device: The bundle's device.
+
+    Returns:
+        `[B, T]` bool flags.
+    """
+    if not isinstance(episode_start, torch.Tensor):
+        raise TypeError(
+            f"episode_start must be a bool torch.Tensor, got {type(episode_start).__name__}"
+        )
+    if episode_start.dtype != torch.bool:
+        raise TypeError(
+            f"episode_start must have dtype torch.bool (True where an episode starts), "
+            f"got {episode_start.dtype}; convert it with .bool()"
+        )
+    shape = tuple(episode_start.shape)
+    if single_step and shape in ((batch,), (batch, 1)):
+        flags = episode_start.view(batch, 1)
+    elif not single_step and shape == (batch, steps):
+        flags = episode_start
+    else:
+        expected = f"[B] = {(batch,)}" if single_step else f"[B, T] = {(batch, steps)}"
+        raise ValueError(f"episode_start has shape {shape}; expected {expected}")
+    if flags.device != device:
+        raise _device_error("episode_start", flags.device, device)
+    return flags
+
+
+def check_generator(generator: object, device: torch.device) -> None:
+    """Check a `generator=` argument is a `torch.Generator` on the bundle's device."""
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+    if generator.device.type != device.type:
+        raise ValueError(
+            f"generator is on {generator.device} but the bundle is on {device}; make one "
+            f"with torch.Generator(device=bundle.device)"
+        )
 
 
 def check_actions(
