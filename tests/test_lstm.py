@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 from conftest import FEATURE_DIM, small_lstm
 from esper.tamiyo.policy import HEAD_NAMES, ActionMasks, ActionSpace, LSTMPolicyBundle
@@ -222,3 +223,48 @@ def test_parameter_count_matches_the_separate_heads_it_replaces() -> None:
     padding = sum(heads.out_weight.shape[-1] - s for s in (*ActionSpace().sizes, 1)) * (k + 1)
     fused = sum(p.numel() for p in heads.parameters())
     assert fused == separate + padding
+
+
+def _step_and_reference(
+    net: LSTMPolicyNetwork, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the step path, and of the general path (nn.LSTM) on the same input."""
+    logits, _, _ = net(x, state)
+    embedded = torch.relu(net.embed_norm(net.embed(x)))
+    out, _ = net.lstm(embedded, state)
+    reference, _ = net.heads(net.lstm_norm(out))
+    return logits, reference
+
+
+def test_the_step_path_follows_lstm_parameters_replaced_under_it() -> None:
+    """assign=True loads, reassigned parameters and functional_call reach the step path."""
+    net = small_lstm().network
+    other = small_lstm().network
+    x = torch.randn(3, 1, FEATURE_DIM)
+    state = (torch.randn(1, 3, 16), torch.randn(1, 3, 16))
+    net.load_state_dict(other.state_dict(), assign=True)
+    torch.testing.assert_close(*_step_and_reference(net, x, state))
+    net.lstm.weight_hh_l0 = nn.Parameter(torch.randn(4 * 16, 16))
+    torch.testing.assert_close(*_step_and_reference(net, x, state))
+    params = {name: torch.randn_like(p) for name, p in other.named_parameters()}
+    got = torch.func.functional_call(net, params, (x, state))[0]
+    want = torch.func.functional_call(other, params, (torch.cat([x, x], dim=1), state))[0]
+    torch.testing.assert_close(got[:, 0], want[:, 0])
+
+
+def test_hooks_on_leaf_layers_run_on_the_step_path() -> None:
+    """A hooked layer is called as a module: forward hooks fire and pruning applies."""
+    net = small_lstm().network
+    fired: list[str] = []
+    for name in ("embed", "embed_norm", "lstm_norm"):
+        getattr(net, name).register_forward_hook(
+            lambda module, args, out, name=name: fired.append(name)
+        )
+    net.heads.hidden.register_forward_hook(lambda module, args, out: fired.append("heads"))
+    x = torch.randn(3, 1, FEATURE_DIM)
+    state = (torch.randn(1, 3, 16), torch.randn(1, 3, 16))
+    net(x, state)
+    assert fired == ["embed", "embed_norm", "lstm_norm", "heads"]
+    pruned = small_lstm().network
+    prune.l1_unstructured(pruned.embed, "weight", amount=0.5)  # type: ignore[no-untyped-call]
+    torch.testing.assert_close(*_step_and_reference(pruned, x, state))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from esper.tamiyo.policy import fast_layers
 from esper.tamiyo.policy.action_space import ActionSpace
 from esper.tamiyo.policy.validation import check_action_space
 
@@ -115,9 +115,9 @@ class PolicyHeads(nn.Module):
         """
         lead = x.shape[:-1]
         blocks = self.num_heads + 1
-        # F.linear on the layer's parameters: a submodule call costs more than the GEMV
-        # at batch 1.
-        z = torch.relu(F.linear(x, self.hidden.weight, self.hidden.bias))  # [..., (H+1) * K]
+        # Without the submodule call when nothing hooks it: the call costs more than
+        # the GEMV at batch 1.
+        z = torch.relu(fast_layers.linear(self.hidden, x))  # [..., (H+1) * K]
         z = z.reshape(-1, blocks, self.head_hidden_dim).transpose(0, 1)  # [H+1, N, K]
         out = torch.baddbmm(self.out_bias, z, self.out_weight).transpose(0, 1)  # [N, H+1, A]
         logits = out[:, : self.num_heads]  # [N, H, A]

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from esper.tamiyo.policy import fast_layers
 from esper.tamiyo.policy.action_space import ActionSpace
 from esper.tamiyo.policy.base import PolicyBundle
 from esper.tamiyo.policy.heads import PolicyHeads, init_orthogonal_
@@ -56,8 +57,9 @@ class LSTMPolicyNetwork(nn.Module):
         self.num_layers = num_layers
         # The single-step path reads the LSTM's parameters from here: torch.compile
         # cannot trace any use of an `nn.LSTM` module, and `all_weights` rebuilds its
-        # lists on every access. The same Parameter objects (`to()` and
-        # `load_state_dict` update them in place): do not reassign the LSTM's parameters.
+        # lists on every access. `_current_cell_weights` renews them when a parameter
+        # is replaced (reassigned, `assign=True` loads, `torch.func.functional_call`).
+        self._cell_weight_names = _weight_names(num_layers)
         self._cell_weights = _cell_weights(self.lstm)
         self._init_weights(hidden_dim)
 
@@ -93,6 +95,22 @@ class LSTMPolicyNetwork(nn.Module):
         logits, value = self.heads(self.lstm_norm(out))  # [B, T, H, A_max], [B, T]
         return logits, value, (h, c)
 
+    def _current_cell_weights(self) -> tuple[_CellWeights, ...]:
+        """The references of `_cell_weights`, renewed if an LSTM parameter was replaced.
+
+        Compares them with the LSTM's registered parameters (reassigned, loaded with
+        `assign=True`, swapped in by `torch.func.functional_call`), by identity: well
+        under a microsecond. Not under torch.compile, which cannot read an `nn.LSTM`
+        (a compiled bundle uses the references it was traced with).
+        """
+        params = self.lstm._parameters
+        for names, weights in zip(self._cell_weight_names, self._cell_weights, strict=True):
+            for name, weight in zip(names, weights, strict=True):
+                if params[name] is not weight:
+                    self._cell_weights = _cell_weights(self.lstm)
+                    return self._cell_weights
+        return self._cell_weights
+
     def _single_step(
         self, features: torch.Tensor, hidden: HiddenState
     ) -> tuple[torch.Tensor, torch.Tensor, HiddenState]:
@@ -102,14 +120,19 @@ class LSTMPolicyNetwork(nn.Module):
         Working on `[B, ...]` rather than `[B, 1, ...]` saves the reshapes a 3-D
         `Linear` costs; at batch 1 every tensor op counts.
         """
-        # The leaf layers run as functions of their own parameters: at batch 1 a step is
-        # Python overhead, and calling them as submodules costs about 15% more.
-        x = F.relu(_layer_norm(self.embed_norm, _linear(self.embed, features[:, 0])))  # [B, E]
+        # The leaf layers run as functions of their own parameters when nothing hooks
+        # them: at batch 1 a step is Python overhead, and module calls cost ~15% more.
+        x = F.relu(
+            fast_layers.layer_norm(self.embed_norm, fast_layers.linear(self.embed, features[:, 0]))
+        )  # [B, E]
         h_all, c_all = hidden[0], hidden[1]  # [L, B, D]
+        cell_weights = (
+            self._cell_weights if torch.compiler.is_compiling() else self._current_cell_weights()
+        )
         hs: list[torch.Tensor] = []
         cs: list[torch.Tensor] = []
         h = x
-        for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(self._cell_weights):
+        for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(cell_weights):
             h, c = torch.lstm_cell(h, (h_all[layer], c_all[layer]), w_ih, w_hh, b_ih, b_hh)
             hs.append(h)  # [B, D]
             cs.append(c)
@@ -117,7 +140,7 @@ class LSTMPolicyNetwork(nn.Module):
             new_hidden: HiddenState = (hs[0].unsqueeze(0), cs[0].unsqueeze(0))
         else:
             new_hidden = (torch.stack(hs), torch.stack(cs))  # [L, B, D] each
-        logits, value = self.heads(_layer_norm(self.lstm_norm, h))  # [B, H, A_max], [B]
+        logits, value = self.heads(fast_layers.layer_norm(self.lstm_norm, h))  # [B, H, A_max], [B]
         return logits.unsqueeze(1), value.unsqueeze(1), new_hidden
 
 
@@ -177,21 +200,24 @@ class LSTMPolicyBundle(PolicyBundle):
         return NetworkOutput(logits, value, hidden)
 
 
-def _cell_weights(
-    lstm: nn.LSTM,
-) -> tuple[tuple[nn.Parameter, nn.Parameter, nn.Parameter, nn.Parameter], ...]:
-    """Each layer's `(w_ih, w_hh, b_ih, b_hh)`, in `torch.lstm_cell`'s argument order."""
-    layers: list[tuple[nn.Parameter, nn.Parameter, nn.Parameter, nn.Parameter]] = []
-    for w_ih, w_hh, b_ih, b_hh in lstm.all_weights:
+_CellWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _weight_names(num_layers: int) -> tuple[tuple[str, str, str, str], ...]:
+    """`nn.LSTM`'s parameter names per layer, in `torch.lstm_cell`'s argument order."""
+    names: list[tuple[str, str, str, str]] = []
+    for k in range(num_layers):
+        names.append((f"weight_ih_l{k}", f"weight_hh_l{k}", f"bias_ih_l{k}", f"bias_hh_l{k}"))
+    return tuple(names)
+
+
+def _cell_weights(lstm: nn.LSTM) -> tuple[_CellWeights, ...]:
+    """Each layer's `(w_ih, w_hh, b_ih, b_hh)`, as registered now."""
+    params = lstm._parameters
+    layers: list[_CellWeights] = []
+    for names in _weight_names(lstm.num_layers):
+        w_ih, w_hh, b_ih, b_hh = (params[name] for name in names)
+        if w_ih is None or w_hh is None or b_ih is None or b_hh is None:
+            raise TypeError("LSTMPolicyNetwork needs an nn.LSTM with both bias vectors")
         layers.append((w_ih, w_hh, b_ih, b_hh))
     return tuple(layers)
-
-
-def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)` without the module call."""
-    return F.linear(x, layer.weight, layer.bias)
-
-
-def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """`norm(x)` without the module call."""
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
