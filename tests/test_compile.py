@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -72,17 +74,6 @@ def test_compiling_keeps_the_state_dict_keys(name: str) -> None:
     FACTORIES[name]().load_state_dict(bundle.state_dict())
 
 
-def test_checks_stay_eager_after_compiling() -> None:
-    bundle = small_lstm().compile(backend="eager")
-    masks = random_masks((2,)).as_dict()
-    void = masks["op"]
-    assert void is not None
-    void[1] = False
-    with pytest.raises(ValueError, match=r"masks\['op'\] has no valid action at batch row 1"):
-        bundle.get_action(torch.randn(2, FEATURE_DIM), masks)
-    assert bundle.get_action(torch.randn(2, FEATURE_DIM), None).value.shape == (2,)
-
-
 @pytest.mark.parametrize("name", FACTORIES)
 def test_the_step_path_has_no_graph_break(name: str) -> None:
     bundle = FACTORIES[name]()
@@ -105,3 +96,36 @@ def test_lstm_sequences_trace_whole_with_allow_rnn() -> None:
     with torch._dynamo.config.patch(allow_rnn=True):
         explained = torch._dynamo.explain(bundle._evaluate)(inputs, valid)
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_a_copy_of_a_compiled_bundle_runs_its_own_network() -> None:
+    """Deepcopy (PPO's old policy) and pickle give a compiled bundle with its own weights."""
+    bundle = small_lstm().compile(backend="eager")
+    x = torch.randn(3, FEATURE_DIM)
+    twin = copy.deepcopy(bundle)
+    pickled = pickle.loads(pickle.dumps(bundle))
+    assert twin.is_compiled
+    assert pickled.is_compiled
+    with torch.no_grad():
+        for param in twin.network.parameters():
+            param.add_(1.0)
+    before = bundle.get_action(x, None, deterministic=True)
+    moved = twin.get_action(x, None, deterministic=True)
+    assert not torch.allclose(moved.value, before.value)
+    reference = small_lstm()
+    reference.load_state_dict(twin.state_dict())
+    torch.testing.assert_close(moved.value, reference.get_action(x, None, deterministic=True).value)
+    torch.testing.assert_close(pickled.get_action(x, None, deterministic=True).value, before.value)
+
+
+def test_a_refused_input_never_reaches_the_compiled_code() -> None:
+    """The checks run before the compiled paths: a refusal compiles nothing."""
+    bundle = small_lstm().compile(backend="eager")
+    frames = torch._dynamo.utils.counters["frames"]
+    before = frames["total"]
+    nan = torch.full((2, FEATURE_DIM), float("nan"))
+    with pytest.raises(ValueError, match="features contain NaN or Inf"):
+        bundle.get_action(nan, None)
+    assert frames["total"] == before
+    bundle.get_action(torch.randn(2, FEATURE_DIM), None)
+    assert frames["total"] > before

@@ -153,11 +153,11 @@ class PolicyBundle(ABC):
         self._autocast_type = _autocast_type(self._device)
         self._dtype = _module_dtype(network)
         self._layout = HeadLayout(action_space, self._device)
-        # What get_action and evaluate_actions run after the checks; compile() swaps in
-        # compiled versions.
-        self._act_path: _ActPath = self._act
-        self._evaluate_path: _EvaluatePath = self._evaluate
-        self._compiled = False
+        # Set by compile(): its arguments, and the compiled compute paths. The paths are
+        # compiled from the class's functions and take the bundle as an argument, so a
+        # deep copy of a compiled bundle runs its own network.
+        self._compile_kwargs: dict[str, Any] | None = None
+        self._compiled_paths: tuple[_ActPath, _EvaluatePath] | None = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Self:
         """Create the bundle, remembering its constructor's arguments for `config`.
@@ -256,9 +256,15 @@ class PolicyBundle(ABC):
             check_generator(generator, self._device)
         inputs, valid = self._prepare(features, masks, hidden, episode_start=episode_start)
         with torch.no_grad():
-            actions, chosen, value, new_hidden = self._act_path(
-                inputs, valid, deterministic, generator
-            )
+            paths = self._compiled_paths
+            if paths is None:
+                actions, chosen, value, new_hidden = self._act(
+                    inputs, valid, deterministic, generator
+                )
+            else:
+                actions, chosen, value, new_hidden = paths[0](
+                    self, inputs, valid, deterministic, generator
+                )
         return ActionResult.from_packed(actions, chosen, value, new_hidden, inputs.single_step)
 
     def forward(
@@ -335,7 +341,11 @@ class PolicyBundle(ABC):
                 including an action out of range or masked.
         """
         inputs, valid = self._prepare(features, masks, hidden, actions, episode_start)
-        chosen, entropy, value, new_hidden = self._evaluate_path(inputs, valid)
+        paths = self._compiled_paths
+        if paths is None:
+            chosen, entropy, value, new_hidden = self._evaluate(inputs, valid)
+        else:
+            chosen, entropy, value, new_hidden = paths[1](self, inputs, valid)
         return EvalResult.from_packed(chosen, entropy, value, new_hidden, inputs.single_step)
 
     def get_value(
@@ -468,15 +478,26 @@ class PolicyBundle(ABC):
         Returns:
             The bundle.
         """
-        self._act_path = torch.compile(self._act, **compile_kwargs)
-        self._evaluate_path = torch.compile(self._evaluate, **compile_kwargs)
-        self._compiled = True
+        self._compile_kwargs = dict(compile_kwargs)
+        self._compiled_paths = _compile_paths(self._compile_kwargs)
         return self
 
     @property
     def is_compiled(self) -> bool:
         """Whether `compile()` was called."""
-        return self._compiled
+        return self._compile_kwargs is not None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle and copy without the compiled paths; the copy compiles its own."""
+        state = self.__dict__.copy()
+        state["_compiled_paths"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a pickled or copied bundle, compiling it again if it was compiled."""
+        self.__dict__.update(state)
+        if self._compile_kwargs is not None:
+            self._compiled_paths = _compile_paths(self._compile_kwargs)
 
     def state_dict(self) -> dict[str, Any]:
         """The network's `state_dict`: the bundle's only state."""
@@ -780,8 +801,10 @@ _NO_MASKS = ActionMasks()
 _SUM_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 _ComputeResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, HiddenState | None]
-_ActPath = Callable[[PolicyInputs, torch.Tensor, bool, torch.Generator | None], _ComputeResult]
-_EvaluatePath = Callable[[PolicyInputs, torch.Tensor], _ComputeResult]
+_ActPath = Callable[
+    [PolicyBundle, PolicyInputs, torch.Tensor, bool, torch.Generator | None], _ComputeResult
+]
+_EvaluatePath = Callable[[PolicyBundle, PolicyInputs, torch.Tensor], _ComputeResult]
 
 _FINAL_METHODS = (
     "__new__",
@@ -847,3 +870,10 @@ def _freeze_shapes(
     if not frozen:
         raise ValueError(f"{cls_name}: hidden_shapes must declare at least one tensor")
     return tuple(frozen)
+
+
+def _compile_paths(compile_kwargs: dict[str, Any]) -> tuple[_ActPath, _EvaluatePath]:
+    """`torch.compile` of the compute paths, as functions taking the bundle first."""
+    act: _ActPath = torch.compile(PolicyBundle._act, **compile_kwargs)
+    evaluate: _EvaluatePath = torch.compile(PolicyBundle._evaluate, **compile_kwargs)
+    return act, evaluate
