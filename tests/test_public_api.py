@@ -12,6 +12,7 @@ EXPECTED = [
     "ActionMasks",
     "ActionResult",
     "ActionSpace",
+    "CheckpointError",
     "EvalResult",
     "ForwardResult",
     "HiddenState",
@@ -26,7 +27,9 @@ EXPECTED = [
     "create_policy",
     "get_policy",
     "list_policies",
+    "load_policy",
     "register_policy",
+    "save_policy",
 ]
 
 

@@ -19,6 +19,7 @@ Example:
 
 from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
 from esper.tamiyo.policy.base import MaskArg, PolicyBundle
+from esper.tamiyo.policy.checkpoint import CheckpointError, load_policy, save_policy
 from esper.tamiyo.policy.heads import PolicyHeads
 from esper.tamiyo.policy.inputs import HiddenState, PolicyInputs
 from esper.tamiyo.policy.layout import MASKED_LOGIT
@@ -35,6 +36,7 @@ __all__ = [
     "ActionMasks",
     "ActionResult",
     "ActionSpace",
+    "CheckpointError",
     "EvalResult",
     "ForwardResult",
     "HiddenState",
@@ -49,5 +51,7 @@ __all__ = [
     "create_policy",
     "get_policy",
     "list_policies",
+    "load_policy",
     "register_policy",
+    "save_policy",
 ]

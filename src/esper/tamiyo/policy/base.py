@@ -11,9 +11,11 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, ClassVar, Self
 
 import torch
@@ -173,9 +175,10 @@ class PolicyBundle(ABC):
     def config(self) -> dict[str, Any]:
         """The arguments the bundle was built with, by name, defaults filled in.
 
-        `type(bundle)(**bundle.config)` builds an identical bundle (up to its weights).
-        Recorded when the bundle is created, whatever its class: a subclass need not
-        report its own.
+        `type(bundle)(**bundle.config)` builds an identical bundle (up to its weights)
+        when the constructor takes no `*args` or `**kwargs` (those appear under their
+        own names). Recorded when the bundle is created, whatever its class: a
+        subclass need not report its own.
         """
         args, kwargs = self._init_arguments
         bound = inspect.signature(type(self).__init__).bind(self, *args, **kwargs)
@@ -499,6 +502,21 @@ class PolicyBundle(ABC):
         if self._compile_kwargs is not None:
             self._compiled_paths = _compile_paths(self._compile_kwargs)
 
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write a checkpoint `load_policy` rebuilds this bundle from; returns its path.
+
+        The file holds the registered name, `config`, dtype, a format version and the
+        weights, and is written atomically: a crash mid-save leaves the previous file
+        as it was. See `esper.tamiyo.policy.checkpoint`.
+
+        Raises:
+            ValueError: The class is not registered (`register_policy`).
+            TypeError: A `config` value cannot be stored safely.
+        """
+        from esper.tamiyo.policy.checkpoint import save_policy  # noqa: PLC0415 - a cycle
+
+        return save_policy(self, path)
+
     def state_dict(self) -> dict[str, Any]:
         """The network's `state_dict`: the bundle's only state."""
         return self.network.state_dict()
@@ -808,6 +826,7 @@ _EvaluatePath = Callable[[PolicyBundle, PolicyInputs, torch.Tensor], _ComputeRes
 
 _FINAL_METHODS = (
     "__new__",
+    "save",
     "config",
     "compile",
     "get_action",

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 from esper.tamiyo.policy.base import PolicyBundle
 
-__all__ = ["create_policy", "get_policy", "list_policies", "register_policy"]
+__all__ = ["create_policy", "get_policy", "list_policies", "name_of", "register_policy"]
 
 BundleT = TypeVar("BundleT", bound=type[PolicyBundle])
 
@@ -69,6 +69,38 @@ def get_policy(name: str) -> type[PolicyBundle]:
     except KeyError:
         known = ", ".join(list_policies()) or "(none)"
         raise ValueError(f"unknown policy {name!r}; registered policies: {known}") from None
+
+
+def name_of(cls: type[PolicyBundle]) -> str:
+    """The name `cls` is registered under: the reverse of `get_policy`.
+
+    Checkpoints store this name, so that `get_policy(name_of(cls)) is cls` rebuilds the
+    same class. Only the exact class counts: a subclass of a registered class is not
+    registered by inheritance, since its parent's name would rebuild the parent.
+
+    Example:
+        >>> from esper.tamiyo.policy import LSTMPolicyBundle
+        >>> name_of(LSTMPolicyBundle)
+        'lstm'
+
+    Args:
+        cls: A `PolicyBundle` subclass.
+
+    Returns:
+        Its name; the first one it was registered under if it has several.
+
+    Raises:
+        ValueError: `cls` is not registered; the message says how to register it.
+    """
+    for name, registered in _REGISTRY.items():
+        if registered is cls:
+            return name
+    what = f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else repr(cls)
+    known = ", ".join(list_policies()) or "(none)"
+    raise ValueError(
+        f"{what} is not a registered policy (registered: {known}); decorate it with "
+        '@register_policy("a_name") and import its module first'
+    )
 
 
 def list_policies() -> list[str]:

@@ -1,0 +1,435 @@
+"""Checkpoint files of whole policy bundles: safe to load, written atomically.
+
+`save_policy` writes what it takes to rebuild a bundle: its registered name, its
+constructor config, its dtype and its weights. `load_policy` rebuilds the class from
+the registry and restores the weights, and reads the file with
+`torch.load(..., weights_only=True)`, so a checkpoint, whoever made it, can never run
+code: a file holding anything but tensors and plain containers is refused.
+
+A save never leaves a half-written checkpoint: the file is written next to its target
+under a temporary name, synced to disk, then renamed onto the target in one step. If
+anything fails the previous checkpoint is untouched.
+
+The file is a `torch.save` of one dict (format version 1):
+
+| key | value |
+|---|---|
+| `format` | `"esper.tamiyo.policy"`, what marks a checkpoint of this library |
+| `format_version` | `FORMAT_VERSION` when written |
+| `torch_version` | the torch version that wrote it, as a string |
+| `policy` | the registered name of the bundle's class (`registry.name_of`) |
+| `config` | `bundle.config`, an `ActionSpace` stored as a tagged dict |
+| `dtype` | the parameters' dtype, such as `"float32"` |
+| `state_dict` | `bundle.state_dict()` |
+
+Example:
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from esper.tamiyo.policy import MLPPolicyBundle
+    >>> bundle = MLPPolicyBundle(feature_dim=8, hidden_dim=16)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = save_policy(bundle, Path(folder) / "policy.pt")
+    ...     restored = load_policy(path)
+    >>> type(restored).__name__, restored.config == bundle.config
+    ('MLPPolicyBundle', True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import inspect
+import os
+import pickle
+import secrets
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, BinaryIO, Final
+
+import torch
+from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+from esper.tamiyo.policy import registry
+from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
+from esper.tamiyo.policy.base import PolicyBundle
+
+__all__ = ["FORMAT_VERSION", "CheckpointError", "load_policy", "save_policy"]
+
+FORMAT_VERSION: Final = 1
+"""The version of the file layout `save_policy` writes; `load_policy` reads up to it."""
+
+_FORMAT: Final = "esper.tamiyo.policy"
+_REQUIRED_KEYS: Final = ("policy", "config", "dtype", "state_dict")
+_TYPE_TAG: Final = "__esper_type__"
+_SCALARS: Final = (int, float, str, bool, type(None))
+_CONTAINERS: Final = (dict, OrderedDict, list, tuple, torch.Size)
+_WRAPPERS: Final = (nn.DataParallel, nn.parallel.DistributedDataParallel)  # weights in .module
+
+
+class CheckpointError(ValueError):
+    """A file cannot be loaded as a policy checkpoint; the message names it and says why."""
+
+
+# ---------------------------------------------------------------------- saving
+
+
+def save_policy(bundle: PolicyBundle, path: str | os.PathLike[str]) -> Path:
+    """Write `bundle` to `path` as a checkpoint `load_policy` can rebuild it from.
+
+    Everything is checked before the file is touched. The write is atomic: a crash or
+    an error leaves the previous file at `path` (if any) as it was, and no temporary
+    file behind. A compiled bundle saves the same keys as an uncompiled one (compile
+    the loaded bundle again if you want it compiled). A network wrapped in
+    `DataParallel` or `DistributedDataParallel` is saved without the wrapper's
+    `module.` prefix, so it loads into a plain bundle.
+
+    Args:
+        bundle: A bundle whose class is registered (`@register_policy`).
+        path: The file to write; its folder must exist. Replaced if it exists.
+
+    Returns:
+        `path`, as a `Path`.
+
+    Raises:
+        TypeError: `bundle` is not a `PolicyBundle`, or its config or state holds a
+            value a safe checkpoint cannot store (the message names it).
+        ValueError: The bundle's class is not registered.
+        FileNotFoundError: The folder of `path` does not exist.
+        OSError: Writing failed (disk full, no permission, ...); nothing changed.
+    """
+    if not isinstance(bundle, PolicyBundle):
+        raise TypeError(f"save_policy saves a PolicyBundle, got {type(bundle).__name__}")
+    target = Path(path)
+    payload = _payload(bundle)
+    folder = target.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            errno.ENOENT, f"cannot save the checkpoint: folder {folder} does not exist", str(path)
+        )
+    _write_atomically(payload, target)
+    return target
+
+
+def _payload(bundle: PolicyBundle) -> dict[str, Any]:
+    """The dict `save_policy` writes, every value checked to load with `weights_only`."""
+    cls = type(bundle)
+    name = registry.name_of(cls)
+    config: dict[str, Any] = {}
+    for key, value in _keyword_config(bundle).items():
+        config[key] = _encode(value, f"{cls.__name__}: config[{key!r}]")
+    state = bundle.state_dict()  # a fresh dict: stripping a prefix in place is safe
+    if isinstance(bundle.network, _WRAPPERS):
+        consume_prefix_in_state_dict_if_present(state, "module.")
+    _check_plain(state, f"{cls.__name__}: state_dict")
+    return {
+        "format": _FORMAT,
+        "format_version": FORMAT_VERSION,
+        "torch_version": str(torch.__version__),  # TorchVersion would not load safely
+        "policy": name,
+        "config": config,
+        "dtype": str(bundle.dtype).removeprefix("torch."),
+        "state_dict": state,
+    }
+
+
+def _keyword_config(bundle: PolicyBundle) -> dict[str, Any]:
+    """`bundle.config` as the keyword arguments `type(bundle)(**config)` takes.
+
+    `config` binds the constructor's signature: a `**kwargs` parameter holds a dict
+    (spread here), a `*args` one a tuple (empty: dropped; otherwise refused, as is a
+    positional-only parameter, since keywords cannot pass them).
+    """
+    cls = type(bundle)
+    config = bundle.config
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]  # no self
+    for param in parameters:
+        if param.kind is param.VAR_KEYWORD:
+            config.update(config.pop(param.name, {}))
+        elif param.kind is param.VAR_POSITIONAL and config.pop(param.name, ()) == ():
+            continue
+        elif param.kind in (param.VAR_POSITIONAL, param.POSITIONAL_ONLY):
+            star = "*" if param.kind is param.VAR_POSITIONAL else ""
+            raise TypeError(
+                f"cannot save {cls.__name__}: its constructor takes {star}{param.name} "
+                "positionally only, and load_policy rebuilds a bundle from keyword "
+                "arguments; make it a keyword parameter"
+            )
+    return config
+
+
+def _encode(value: object, where: str) -> object:
+    """A config value as plain data; an `ActionSpace` becomes a tagged dict."""
+    if type(value) in _SCALARS:
+        return value
+    if type(value) in (list, tuple):
+        assert isinstance(value, list | tuple)
+        items = [_encode(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    if type(value) is ActionSpace:
+        return {_TYPE_TAG: "ActionSpace", "sizes": dict(zip(HEAD_NAMES, value.sizes, strict=True))}
+    raise TypeError(
+        f"cannot save {where} = {value!r} ({type(value).__name__}): a checkpoint stores "
+        "only ints, floats, strs, bools, None, lists and tuples of them, and ActionSpace; "
+        "make the constructor take one of those"
+    )
+
+
+def _check_plain(value: object, where: str) -> None:
+    """Refuse anything `torch.load(weights_only=True)` would refuse to read back."""
+    if isinstance(value, torch.Tensor) or type(value) in _SCALARS:
+        return
+    if type(value) in _CONTAINERS:
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                _check_plain(key, f"{where} key {key!r}")
+                _check_plain(item, f"{where}[{key!r}]")
+        else:
+            assert isinstance(value, list | tuple)
+            for i, item in enumerate(value):
+                _check_plain(item, f"{where}[{i}]")
+        return
+    raise TypeError(
+        f"cannot save {where}: it is a {type(value).__name__}, which a safe checkpoint "
+        "cannot hold (only tensors, numbers, strings, None, dicts, lists and tuples); "
+        "return plain data from get_extra_state"
+    )
+
+
+def _write_atomically(payload: dict[str, Any], target: Path) -> None:
+    """`torch.save` to a temporary file beside `target`, sync it, rename it onto `target`."""
+    fd, temporary = _create_temporary(target)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    _fsync_folder(target.parent)
+
+
+def _create_temporary(target: Path) -> tuple[int, Path]:
+    """Create a new, hidden file beside `target`: `(descriptor, path)`.
+
+    Not `tempfile.mkstemp`: its files are private (mode 0600) and the checkpoint would
+    keep that mode; this one gets the permissions any new file gets (umask applies).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(temporary, flags, 0o666), temporary
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name beside the target", str(target))
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable, where the OS lets a folder be opened and synced."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder
+        return
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
+            raise
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def load_policy(
+    path: str | os.PathLike[str], *, map_location: str | torch.device | None = None
+) -> PolicyBundle:
+    """Rebuild the bundle saved at `path` by `save_policy`, weights included.
+
+    The file is read with `torch.load(..., weights_only=True)`: nothing in it can run
+    code. The class is looked up by its registered name, so the module that registers
+    it must be imported first (the built-in bundles always are). The bundle is built
+    from its saved config, converted to the saved dtype, moved to `map_location` and
+    given the saved weights. It is not compiled, whether the saved one was or not.
+
+    Args:
+        path: A file written by `save_policy`.
+        map_location: The device to put the bundle on (`"cpu"`, `"cuda:0"`, ...);
+            the CPU when `None`, whatever device the weights were saved from.
+
+    Returns:
+        The bundle, of the saved class.
+
+    Raises:
+        FileNotFoundError: There is no file at `path`.
+        CheckpointError: The file is truncated or corrupt, holds objects other than
+            tensors and plain data, is not a checkpoint of this library, was written
+            by a newer version of it, names an unregistered policy, or holds a config
+            or weights that do not build the policy. The message names the file.
+        RuntimeError: `map_location` is not a device torch can use here (torch's own
+            error, raised before the file is read).
+    """
+    file = Path(path)
+    # Resolved first, so an unavailable device is torch's own error, not a "corrupt file".
+    device = torch.empty(0, device="cpu" if map_location is None else map_location).device
+    payload = _read(file, device)
+    _check_format(file, payload)
+    return _rebuild(file, payload, device)
+
+
+def _rebuild(file: Path, payload: dict[str, Any], device: torch.device) -> PolicyBundle:
+    """Build the class from its config, in the saved dtype on `device`; load the weights."""
+    cls = _policy_class(file, payload["policy"])
+    config = _decode_config(file, payload["config"])
+    dtype = _dtype(file, payload["dtype"])
+    try:
+        bundle = cls(**config)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(
+            f"{file}: its config does not build {cls.__name__} ({error}); was it saved "
+            "by another version of the class?"
+        ) from error
+    bundle.to(device, dtype)
+    try:
+        bundle.load_state_dict(payload["state_dict"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{file}: its weights do not fit its config: {error}") from error
+    return bundle
+
+
+def _read(file: Path, device: torch.device) -> dict[str, Any]:
+    """`torch.load` with `weights_only=True`; what fails once the file is open is named.
+
+    The file is opened here, so a missing or unreadable file raises the usual
+    `OSError`; past that, any error (torch raises `OSError` too on some damaged zip
+    archives) means the content is bad.
+    """
+    if not file.exists():
+        raise FileNotFoundError(errno.ENOENT, "no policy checkpoint at this path", str(file))
+    if not file.is_file():
+        raise CheckpointError(f"{file} is not a file; give the path of a checkpoint file")
+    with file.open("rb") as stream:
+        payload = _load_stream(file, stream, device)
+    if not isinstance(payload, dict):
+        raise _not_ours(file, f"it holds a {type(payload).__name__}, not a dict")
+    return payload
+
+
+def _load_stream(file: Path, stream: BinaryIO, device: torch.device) -> object:
+    try:
+        return torch.load(stream, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        detail = _weights_only_detail(error)
+        if "GLOBAL" in detail:
+            raise CheckpointError(
+                f"{file} was refused: it holds an object other than tensors and plain data "
+                f"({detail}). Unpickling it could run code, so load_policy does not: the "
+                "file was not written by save_policy, or it was altered"
+            ) from None
+        raise _corrupt(file, error, detail) from None
+    except Exception as error:  # torch and pickle raise many kinds on damaged files
+        raise _corrupt(file, error) from error
+
+
+def _corrupt(file: Path, error: Exception, detail: str | None = None) -> CheckpointError:
+    if detail is None:
+        detail = str(error).split("\n", 1)[0] or "unexpected end of data"
+    return CheckpointError(
+        f"{file} cannot be read: it is truncated or corrupt ({type(error).__name__}: {detail}); "
+        "save the policy again or restore the file from a copy"
+    )
+
+
+def _weights_only_detail(error: pickle.UnpicklingError) -> str:
+    """The line of torch's `weights_only` refusal that names what it refused.
+
+    Without torch's advice around it, which suggests loading with
+    `weights_only=False`: exactly what must not be done with an untrusted file.
+    """
+    lines = [line.strip() for line in str(error).splitlines()]
+    for line in lines:
+        if "GLOBAL" in line or line.startswith("Unsupported"):
+            return line
+    return next((line for line in lines if line), "refused by weights_only")
+
+
+def _not_ours(file: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"{file} is not a policy checkpoint of esper.tamiyo.policy ({why}); write one with "
+        "save_policy. A bare state_dict loads with "
+        "bundle.load_state_dict(torch.load(path, weights_only=True))"
+    )
+
+
+def _check_format(file: Path, payload: dict[str, Any]) -> None:
+    """The marker first, then the version (a newer layout may differ), then the keys."""
+    if payload.get("format") != _FORMAT:
+        raise _not_ours(
+            file, f"no 'format': {_FORMAT!r} entry; keys: {sorted(map(str, payload))[:5]}"
+        )
+    version = payload.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise _not_ours(file, f"format_version is {version!r}, not a positive int")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{file} has checkpoint format version {version}, written by a newer "
+            f"esper-tamiyo-policy (under torch {payload.get('torch_version', '?')}); this version "
+            f"reads up to {FORMAT_VERSION}: upgrade esper-tamiyo-policy to load it"
+        )
+    missing = [key for key in _REQUIRED_KEYS if key not in payload]
+    if missing:
+        raise CheckpointError(
+            f"{file} is an incomplete policy checkpoint: missing keys {missing}; "
+            "save the policy again"
+        )
+
+
+def _policy_class(file: Path, name: object) -> type[PolicyBundle]:
+    if not isinstance(name, str):
+        raise _not_ours(file, f"its policy name is a {type(name).__name__}, not a str")
+    if name not in registry.list_policies():
+        known = ", ".join(registry.list_policies()) or "(none)"
+        raise CheckpointError(
+            f"{file} holds policy {name!r}, which is not registered (registered: {known}); "
+            f'import the module that registers it with @register_policy("{name}") before '
+            "loading"
+        )
+    return registry.get_policy(name)
+
+
+def _decode_config(file: Path, config: object) -> dict[str, Any]:
+    if not isinstance(config, dict) or not all(isinstance(key, str) for key in config):
+        raise _not_ours(file, "its config is not a dict of argument names")
+    return {key: _decode(file, value, f"config[{key!r}]") for key, value in config.items()}
+
+
+def _decode(file: Path, value: object, where: str) -> object:
+    """The inverse of `_encode`."""
+    if isinstance(value, list):
+        return [_decode(file, item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, tuple):
+        return tuple(_decode(file, item, f"{where}[{i}]") for i, item in enumerate(value))
+    if not isinstance(value, dict):
+        return value
+    if value.get(_TYPE_TAG) != "ActionSpace" or not isinstance(value.get("sizes"), dict):
+        raise CheckpointError(
+            f"{file}: {where} is a dict this version cannot decode ({value!r}); was it "
+            "written by a newer esper-tamiyo-policy?"
+        )
+    try:
+        return ActionSpace(**value["sizes"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{file}: {where} is not a valid ActionSpace: {error}") from None
+
+
+def _dtype(file: Path, name: object) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise _not_ours(file, f"its dtype {name!r} is not a floating torch dtype")
+    return dtype
