@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import FEATURE_DIM, small_lstm
-from esper.tamiyo.policy import HEAD_NAMES, ActionMasks, ActionSpace
+from esper.tamiyo.policy import HEAD_NAMES, ActionMasks, ActionSpace, LSTMPolicyBundle, categorical
 from esper.tamiyo.policy.testing import random_masks
 
 BUNDLE = small_lstm()  # read-only in these tests: built once, not per example
+
+
+def _opinionated() -> LSTMPolicyBundle:
+    """A bundle whose policies are far from uniform, logits spanning several units.
+
+    A sampler that ignored the logits would fail the chi-square test against it.
+    """
+    bundle = small_lstm()
+    with torch.no_grad():
+        bundle.network.heads.out_weight.mul_(300.0)
+    return bundle
+
+
+OPINIONATED = _opinionated()
 
 
 @st.composite
@@ -64,3 +80,53 @@ def test_stepping_through_a_sequence_equals_the_sequence_call(
         torch.testing.assert_close(out.value, whole.value[:, t])
         for name in HEAD_NAMES:
             torch.testing.assert_close(out.logits[name], whole.logits[name][:, t])
+
+
+def test_sampling_with_a_generator_equals_sampling_with_the_seeded_global_one() -> None:
+    """The two sampling paths (rand_like, and rand with generator=) draw the same noise."""
+    log_probs = torch.randn(64, 8, 16).log_softmax(-1)
+    torch.manual_seed(11)
+    from_global = categorical.sample(log_probs)
+    from_generator = categorical.sample(log_probs, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(from_global, from_generator)
+
+
+def _chi_square_bound(dof: int, z: float = 4.75) -> float:
+    """Upper chi-square quantile (Wilson-Hilferty); z = 4.75 is about 1 - 1e-6."""
+    term = 2.0 / (9.0 * dof)
+    return dof * (1.0 - term + z * math.sqrt(term)) ** 3
+
+
+@settings(max_examples=8)
+@given(batches())
+def test_sampled_frequencies_follow_the_masked_softmax(
+    case: tuple[torch.Tensor, ActionMasks, int],
+) -> None:
+    """Chi-square of 4000 samples of one row against its masked softmax, every head."""
+    features, masks, seed = case
+    draws = 4000
+    row = features[:1, :1].expand(draws, 1, FEATURE_DIM)  # one input, sampled 4000 times
+    row_masks = ActionMasks.from_mapping(
+        {
+            n: None if m is None else m[:1, :1].expand(draws, 1, -1)
+            for n, m in masks.as_dict().items()
+        }
+    )
+    with torch.no_grad():
+        logits = OPINIONATED.forward(
+            row[:1],
+            ActionMasks.from_mapping(
+                {n: None if m is None else m[:1] for n, m in row_masks.as_dict().items()}
+            ),
+        ).logits
+    taken = OPINIONATED.get_action(row, row_masks, generator=torch.Generator().manual_seed(seed))
+    for name in HEAD_NAMES:
+        p = logits[name][0, 0].softmax(-1).double()  # [A_h]
+        counts = torch.bincount(taken.action[name][:, 0], minlength=p.numel()).double()
+        support = p > 0
+        assert counts[~support].sum() == 0  # no masked action, ever
+        if int(support.sum()) < 2:
+            continue
+        expected = draws * p[support]
+        chi2 = float(((counts[support] - expected) ** 2 / expected).sum())
+        assert chi2 < _chi_square_bound(int(support.sum()) - 1), (name, chi2)

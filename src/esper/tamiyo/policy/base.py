@@ -704,7 +704,8 @@ class PolicyBundle(ABC):
         action_index = inputs.action_index
         # One scalar, one sync: the features' sum is NaN or Inf if any feature is (or
         # if the sum overflows: the slow path then finds nothing and returns), and
-        # dividing it by a False flag makes it Inf or NaN as well. Five kernels at most.
+        # dividing it by a False flag makes it Inf or NaN as well. Five kernels with
+        # masks; the actions' check adds its own.
         total = features.sum(dtype=_SUM_DTYPE.get(features.dtype))  # []
         if inputs.given_masks is not _NO_MASKS:
             total = total / valid.any(dim=-1).all()
@@ -714,6 +715,12 @@ class PolicyBundle(ABC):
             explain_invalid_values(
                 features, valid, action_index, self._layout.sizes, inputs.single_step
             )
+            # It returned: every value is fine, so the features' sum must have overflowed.
+            if math.isfinite(features.sum(dtype=_SUM_DTYPE.get(features.dtype)).item()):
+                raise AssertionError(
+                    "esper.tamiyo.policy: the value check flagged inputs its slow path "
+                    "finds valid; please report this"
+                )
 
     # The compute paths: the hook, then masking, sampling and scoring of all heads on
     # the padded layout. Tensors in, tensors out, no checks: what `torch.compile` would

@@ -13,7 +13,6 @@ import torch
 
 from esper.tamiyo.policy.action_space import HEAD_NAMES
 from esper.tamiyo.policy.base import PolicyBundle
-from esper.tamiyo.policy.bench import suite
 from esper.tamiyo.policy.loader import TargetError, load_bundle_class
 from esper.tamiyo.policy.registry import create_policy, get_policy, list_policies
 from esper.tamiyo.policy.testing import random_masks, run_checks
@@ -228,6 +227,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     """
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CommandError("--device cuda: torch sees no CUDA device here")
+    from esper.tamiyo.policy.bench import suite  # noqa: PLC0415 - only `bench` needs it
+
     options = suite.BenchOptions(
         quick=args.quick,
         repeats=args.repeats,

@@ -118,8 +118,9 @@ class HeadLayout:
     def pack_masks(self, masks: ActionMasks, batch: int, steps: int) -> torch.Tensor:
         """Pack per-head masks into the padded layout with one `cat` and one gather.
 
-        For a single step (`T == 1`) the masks are packed as `[B, A_h]`, the shape a
-        rollout gives them in, so none needs reshaping first.
+        When every mask is `[B, A_h]` (a rollout step) they are packed as they are;
+        otherwise as `[B, T, A_h]`, unsqueezing any `[B, A_h]` mask given beside
+        `[B, 1, A_h]` ones.
 
         Args:
             masks: Checked masks, each `[B, A_h]` (only when `T == 1`), `[B, 1, A_h]` or
@@ -130,15 +131,19 @@ class HeadLayout:
         Returns:
             `[B, T, H, A_max]` bool, True where the action is valid; padding is False.
         """
-        columns: list[torch.Tensor] = []
-        flat = steps == 1
-        lead = (batch, -1) if flat else (batch, steps, -1)
-        for head, name in enumerate(HEAD_NAMES):
+        given: list[torch.Tensor | None] = []
+        flat = steps == 1  # pack [B, A_h] masks as they are, with no reshape each
+        for name in HEAD_NAMES:
             mask = getattr(masks, name)
+            given.append(mask)
+            flat = flat and (mask is None or mask.dim() == 2)
+        columns: list[torch.Tensor] = []
+        lead = (batch, -1) if flat else (batch, steps, -1)
+        for head, mask in enumerate(given):
             if mask is None:
                 columns.append(self._true_rows[head].expand(*lead))
-            elif flat and mask.dim() == 3:
-                columns.append(mask.select(1, 0))  # [B, 1, A_h] -> [B, A_h]
+            elif not flat and mask.dim() == 2:
+                columns.append(mask.unsqueeze(1))  # [B, 1, A_h]: [B, A_h] beside [B, 1, A_h]
             else:
                 columns.append(mask)
         columns.append(self._padding_column(lead))
