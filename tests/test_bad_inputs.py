@@ -16,7 +16,13 @@ import pytest
 import torch
 
 from conftest import FEATURE_DIM, TinyStatelessBundle, small_lstm
-from esper.tamiyo.policy import HEAD_NAMES, ActionMasks, PolicyBundle
+from esper.tamiyo.policy import (
+    HEAD_NAMES,
+    ActionMasks,
+    MLPPolicyBundle,
+    PolicyBundle,
+    UniformPolicyBundle,
+)
 from esper.tamiyo.policy.testing import random_masks
 
 B, T = 3, 4
@@ -81,7 +87,7 @@ class Case:
     kwargs: Callable[[], dict[str, Any]]
     error: type[Exception]
     match: str
-    stateless: bool = False
+    bundles: str = "all"  # "all", "recurrent" (the small LSTM only) or "stateless"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -166,36 +172,57 @@ CASES = [
     # hidden
     Case("hidden not a tuple", "get_action",
          lambda: {"features": _x2(), "masks": None, "hidden": torch.zeros(1, B, 16)},
-         TypeError, r"hidden must be a tuple of 2 tensor\(s\).*got Tensor"),
+         TypeError, r"hidden must be a tuple of 2 tensor\(s\).*got Tensor", bundles="recurrent"),
     Case("hidden wrong count", "get_action",
          lambda: {"features": _x2(), "masks": None, "hidden": (torch.zeros(1, B, 16),)},
-         ValueError, r"hidden must hold 2 tensor\(s\), got 1"),
+         ValueError, r"hidden must hold 2 tensor\(s\), got 1", bundles="recurrent"),
     Case("hidden element not a tensor", "forward",
          lambda: {"features": _x2(), "masks": None, "hidden": (torch.zeros(1, B, 16), None)},
-         TypeError, r"hidden\[1\] must be a torch.Tensor, got NoneType"),
+         TypeError, r"hidden\[1\] must be a torch.Tensor, got NoneType", bundles="recurrent"),
     Case("hidden wrong batch", "evaluate_actions",
          lambda: {"features": _x2(), "actions": _actions(), "masks": None,
                   "hidden": (torch.zeros(1, B + 2, 16), torch.zeros(1, B + 2, 16))},
-         ValueError, rf"hidden\[0\] has batch {B + 2} in dimension 1 but the features have batch {B}"),
+         ValueError, rf"hidden\[0\] has batch {B + 2} in dimension 1 but the features have batch {B}", bundles="recurrent"),
     Case("hidden wrong width", "get_value",
          lambda: {"features": _x2(), "hidden": (torch.zeros(1, B, 16), torch.zeros(1, B, 15))},
-         ValueError, rf"hidden\[1\] has shape \(1, {B}, 15\); expected \(1, {B}, 16\)"),
+         ValueError, rf"hidden\[1\] has shape \(1, {B}, 15\); expected \(1, {B}, 16\)", bundles="recurrent"),
     Case("hidden wrong layer count", "get_action",
          lambda: {"features": _x2(), "masks": None,
                   "hidden": (torch.zeros(2, B, 16), torch.zeros(2, B, 16))},
-         ValueError, rf"hidden\[0\] has shape \(2, {B}, 16\); expected \(1, {B}, 16\)"),
+         ValueError, rf"hidden\[0\] has shape \(2, {B}, 16\); expected \(1, {B}, 16\)", bundles="recurrent"),
     Case("hidden integer", "get_action",
          lambda: {"features": _x2(), "masks": None,
                   "hidden": (torch.zeros(1, B, 16, dtype=torch.long), torch.zeros(1, B, 16))},
-         TypeError, r"hidden\[0\] must be floating point"),
+         TypeError, r"hidden\[0\] must be floating point", bundles="recurrent"),
     Case("hidden float64 on a float32 bundle", "evaluate_actions",
          lambda: {"features": _x3(), "actions": _actions((B, T)), "masks": None,
                   "hidden": (torch.zeros(1, B, 16), torch.zeros(1, B, 16, dtype=torch.float64))},
-         TypeError, r"hidden\[1\] has dtype torch.float64 but the bundle's parameters are torch.float32"),
+         TypeError, r"hidden\[1\] has dtype torch.float64 but the bundle's parameters are torch.float32", bundles="recurrent"),
     Case("hidden given to a stateless bundle", "get_action",
          lambda: {"features": _x2(), "masks": None,
                   "hidden": (torch.zeros(1, B, 16), torch.zeros(1, B, 16))},
-         ValueError, r"hidden must be None: TinyStatelessBundle is stateless", stateless=True),
+         ValueError, r"hidden must be None: \w+ is stateless \(is_recurrent=False\)", bundles="stateless"),
+    Case("mask on another device", "get_action",
+         lambda: {"features": _x2(),
+                  "masks": _with(_masks2(), op=torch.ones(B, 6, dtype=torch.bool, device="meta"))},
+         ValueError, r"masks\['op'\] is on meta but the bundle is on cpu"),
+    Case("ActionMasks with a float mask", "forward",
+         lambda: {"features": _x2(), "masks": ActionMasks(style=torch.ones(B, 4))},
+         TypeError, r"masks\['style'\] must have dtype torch.bool"),
+    # episodes and sampling
+    Case("episode_start not bool", "get_action",
+         lambda: {"features": _x2(), "masks": None, "episode_start": torch.zeros(B)},
+         TypeError, r"episode_start must have dtype torch.bool"),
+    Case("episode_start [B] with a sequence", "evaluate_actions",
+         lambda: {"features": _x3(), "actions": _actions((B, T)), "masks": None,
+                  "episode_start": torch.zeros(B, dtype=torch.bool)},
+         ValueError, rf"episode_start has shape \({B},\); expected \[B, T\] = \({B}, {T}\)"),
+    Case("generator not a Generator", "get_action",
+         lambda: {"features": _x2(), "masks": None, "generator": 0},
+         TypeError, r"generator must be a torch.Generator or None, got int"),
+    Case("initial_hidden of 0 rows", "initial_hidden",
+         lambda: {"batch_size": 0},
+         ValueError, r"batch_size must be a positive int, got 0"),
     # actions
     Case("actions not a mapping", "evaluate_actions",
          lambda: {"features": _x2(), "actions": torch.zeros(B, 8, dtype=torch.long), "masks": None},
@@ -249,9 +276,27 @@ def _reference(bundle: PolicyBundle) -> torch.Tensor:
     return bundle.forward(x, None).value.detach()
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_refused_clearly_and_the_bundle_keeps_working(case: Case) -> None:
-    bundle = TinyStatelessBundle() if case.stateless else small_lstm()
+BUNDLES: dict[str, Callable[[], PolicyBundle]] = {
+    "lstm": small_lstm,
+    "mlp": lambda: MLPPolicyBundle(FEATURE_DIM, hidden_dim=8),
+    "uniform": lambda: UniformPolicyBundle(FEATURE_DIM),
+    "tiny stateless": TinyStatelessBundle,
+}
+_KINDS = {
+    "all": tuple(BUNDLES),
+    "recurrent": ("lstm",),
+    "stateless": ("mlp", "uniform", "tiny stateless"),
+}
+ROWS = [(case, name) for case in CASES for name in _KINDS[case.bundles]]
+
+
+@pytest.mark.parametrize(
+    ("case", "bundle_name"), ROWS, ids=[f"{c.id} [{name}]" for c, name in ROWS]
+)
+def test_bad_input_is_refused_clearly_and_the_bundle_keeps_working(
+    case: Case, bundle_name: str
+) -> None:
+    bundle = BUNDLES[bundle_name]()
     calls = []
     bundle.network.register_forward_pre_hook(lambda *_: calls.append(1))
     before = _reference(bundle)
@@ -263,7 +308,13 @@ def test_bad_input_is_refused_clearly_and_the_bundle_keeps_working(case: Case) -
 
 
 def test_matrix_covers_every_public_method() -> None:
-    assert {c.method for c in CASES} == {"get_action", "forward", "evaluate_actions", "get_value"}
+    assert {c.method for c in CASES} == {
+        "get_action",
+        "forward",
+        "evaluate_actions",
+        "get_value",
+        "initial_hidden",
+    }
 
 
 @pytest.mark.parametrize("bad", [0, -2])
