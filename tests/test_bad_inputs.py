@@ -2,8 +2,9 @@
 
 The whole matrix is the `CASES` table: one row per kind of bad input, giving the
 public method, how to break its arguments, the exception and what the message must
-say. Each row also checks that the network never ran and that the bundle gives the
-same answers after the refusal as before it.
+say. Each row runs on every bundle it applies to (`BUNDLES`), and also checks that the
+network never ran and that the bundle gives the same answers after the refusal as
+before it.
 """
 
 from __future__ import annotations
