@@ -39,8 +39,10 @@ QUICK_ROWS = {
     "normalize/3d/checked",
     "get_action/B=1",
     "get_action/B=1/unchecked",
+    "get_action/B=1/old_unvalidated",
     "get_action/B=32",
     "get_action/B=32/unchecked",
+    "get_action/B=32/old_unvalidated",
     "evaluate/B=8,T=16",
     "memory/B=8,T=16",
 }
@@ -268,3 +270,27 @@ def test_the_compiled_section_times_old_eager_and_compiled_side_by_side() -> Non
         assert row.error is None, row.error
         assert row.ratio is not None
         assert row.ratio > 0
+
+
+def test_the_unvalidated_baseline_restores_torch_distributions_validation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The baseline without validation turns it off for its call only."""
+    old = SeedLSTMBundle(4, hidden_dim=8, embed_dim=8)
+    case = suite.make_case(suite.matching_bundle(old), (2,), 4, torch.Generator().manual_seed(0))
+    seen: list[bool] = []
+    real = torch.distributions.Categorical.__init__
+
+    def spy(self: torch.distributions.Categorical, *args: Any, **kwargs: Any) -> None:
+        seen.append(torch.distributions.Distribution._validate_args)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.distributions.Categorical, "__init__", spy)
+    before = torch.distributions.Distribution._validate_args
+    suite.old_get_action_unvalidated(old, case)
+    assert seen
+    assert not any(seen)
+    assert torch.distributions.Distribution._validate_args == before
+    seen.clear()
+    suite.old_get_action(old, case)
+    assert all(seen)

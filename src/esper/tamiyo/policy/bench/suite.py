@@ -24,7 +24,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -350,9 +351,36 @@ def make_case(
 # ------------------------------------------------------------------ what is timed
 
 
+@contextmanager
+def _distribution_validation(enabled: bool) -> Iterator[None]:
+    """`torch.distributions` argument validation set for the block, then restored.
+
+    Set explicitly on every call of the seed design: PyTorch validates by default, but
+    the first `torch.compile` in a process switches validation off for good
+    (`torch._dynamo` does so when it loads), which would change the baseline mid-run.
+    """
+    before = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(enabled)
+    try:
+        yield
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(before)
+
+
 def old_get_action(bundle: SeedLSTMBundle, case: Case) -> object:
-    """One `get_action` of the seed design on `case`."""
-    return bundle.get_action(case.features, case.hidden, **case.old_masks)
+    """One `get_action` of the seed design on `case`, as it ran: validation on."""
+    with _distribution_validation(True):
+        return bundle.get_action(case.features, case.hidden, **case.old_masks)
+
+
+def old_get_action_unvalidated(bundle: SeedLSTMBundle, case: Case) -> object:
+    """`old_get_action` with `torch.distributions` argument validation off.
+
+    The seed design ran with PyTorch's default, validation on (off only under
+    `python -O`); this variant shows how much of its time that validation is.
+    """
+    with _distribution_validation(False):
+        return bundle.get_action(case.features, case.hidden, **case.old_masks)
 
 
 def new_get_action(bundle: PolicyBundle, case: Case) -> object:
@@ -376,7 +404,8 @@ def old_training_step(bundle: SeedLSTMBundle, case: Case) -> None:
     """Zero the gradients, then `evaluate_actions` and backward, seed design."""
     assert case.actions is not None
     bundle.network.zero_grad(set_to_none=True)
-    out = bundle.evaluate_actions(case.features, case.actions, case.hidden, **case.old_masks)
+    with _distribution_validation(True):
+        out = bundle.evaluate_actions(case.features, case.actions, case.hidden, **case.old_masks)
     torch.autograd.backward(ppo_loss(out.log_prob, out.entropy, out.value))
 
 
@@ -462,13 +491,18 @@ def measure_normalization(ctx: Context) -> list[Comparison]:
 
 
 def measure_get_action(ctx: Context) -> list[Comparison]:
-    """Section 2: `get_action` at T=1 for each batch size, new with checks on and off."""
+    """Section 2: `get_action` at T=1 for each batch size, new with checks on and off.
+
+    Also against the seed design with `torch.distributions` validation off, the
+    strongest baseline it could have run as.
+    """
     rows: list[Comparison] = []
     bundles = ctx.bundles
     for batch in ctx.options.batch_sizes:
         case = make_case(bundles.new, (batch,), ctx.options.feature_dim, ctx.generator)
         calls = {
             "old": functools.partial(old_get_action, bundles.old, case),
+            "old_lax": functools.partial(old_get_action_unvalidated, bundles.old, case),
             "new": functools.partial(new_get_action, bundles.new, case),
             "unchecked": functools.partial(new_get_action, bundles.new_unchecked, case),
         }
@@ -478,6 +512,12 @@ def measure_get_action(ctx: Context) -> list[Comparison]:
         rows.append(_timed_row(key, "get_action", f"B={batch}", old, timings["new"]))
         name = f"B={batch}, check_values=False"
         rows.append(_timed_row(f"{key}/unchecked", "get_action", name, old, timings["unchecked"]))
+        name = f"B={batch}, old without torch.distributions validation"
+        rows.append(
+            _timed_row(
+                f"{key}/old_unvalidated", "get_action", name, timings["old_lax"], timings["new"]
+            )
+        )
     return rows
 
 
