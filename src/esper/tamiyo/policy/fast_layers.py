@@ -17,24 +17,32 @@ from torch.nn.modules import module as _module
 
 __all__ = ["hookless", "layer_norm", "linear"]
 
-_GLOBAL_HOOKS = (
-    "_global_backward_pre_hooks",
-    "_global_backward_hooks",
-    "_global_forward_hooks",
-    "_global_forward_pre_hooks",
+# The registries of global module hooks: dicts torch mutates in place, so holding
+# them here reads the current contents at the cost of one truth test each.
+_GLOBAL_HOOKS = tuple(
+    getattr(_module, name, {})
+    for name in (
+        "_global_backward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+    )
 )
 
 
 def hookless(layer: nn.Module) -> bool:
     """Whether calling `layer` would skip every hook, as `nn.Module.__call__` decides."""
-    if (
+    backward_pre, backward, forward, forward_pre = _GLOBAL_HOOKS
+    return not (
         layer._forward_hooks
         or layer._forward_pre_hooks
         or layer._backward_hooks
         or layer._backward_pre_hooks
-    ):
-        return False
-    return not any(getattr(_module, name, None) for name in _GLOBAL_HOOKS)
+        or backward_pre
+        or backward
+        or forward
+        or forward_pre
+    )
 
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ class LSTMPolicyNetwork(nn.Module):
         # lists on every access. `_current_cell_weights` renews them when a parameter
         # is replaced (reassigned, `assign=True` loads, `torch.func.functional_call`).
         self._cell_weight_names = _weight_names(num_layers)
-        self._cell_weights = _cell_weights(self.lstm)
+        self._set_cell_weights()
         self._init_weights(hidden_dim)
 
     @torch.no_grad()
@@ -104,12 +104,19 @@ class LSTMPolicyNetwork(nn.Module):
         (a compiled bundle uses the references it was traced with).
         """
         params = self.lstm._parameters
-        for names, weights in zip(self._cell_weight_names, self._cell_weights, strict=True):
-            for name, weight in zip(names, weights, strict=True):
-                if params[name] is not weight:
-                    self._cell_weights = _cell_weights(self.lstm)
-                    return self._cell_weights
+        for name, weight in zip(self._cell_weight_names, self._flat_cell_weights, strict=True):
+            if params[name] is not weight:
+                self._set_cell_weights()
+                break
         return self._cell_weights
+
+    def _set_cell_weights(self) -> None:
+        """Take references to the LSTM's parameters as registered now."""
+        self._cell_weights = _cell_weights(self.lstm)
+        flat: list[torch.Tensor] = []
+        for layer in self._cell_weights:
+            flat.extend(layer)
+        self._flat_cell_weights = tuple(flat)
 
     def _single_step(
         self, features: torch.Tensor, hidden: HiddenState
@@ -203,20 +210,21 @@ class LSTMPolicyBundle(PolicyBundle):
 _CellWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _weight_names(num_layers: int) -> tuple[tuple[str, str, str, str], ...]:
-    """`nn.LSTM`'s parameter names per layer, in `torch.lstm_cell`'s argument order."""
-    names: list[tuple[str, str, str, str]] = []
+def _weight_names(num_layers: int) -> tuple[str, ...]:
+    """`nn.LSTM`'s parameter names, layer by layer in `torch.lstm_cell`'s argument order."""
+    names: list[str] = []
     for k in range(num_layers):
-        names.append((f"weight_ih_l{k}", f"weight_hh_l{k}", f"bias_ih_l{k}", f"bias_hh_l{k}"))
+        names.extend((f"weight_ih_l{k}", f"weight_hh_l{k}", f"bias_ih_l{k}", f"bias_hh_l{k}"))
     return tuple(names)
 
 
 def _cell_weights(lstm: nn.LSTM) -> tuple[_CellWeights, ...]:
     """Each layer's `(w_ih, w_hh, b_ih, b_hh)`, as registered now."""
     params = lstm._parameters
+    names = _weight_names(lstm.num_layers)
     layers: list[_CellWeights] = []
-    for names in _weight_names(lstm.num_layers):
-        w_ih, w_hh, b_ih, b_hh = (params[name] for name in names)
+    for first in range(0, len(names), 4):
+        w_ih, w_hh, b_ih, b_hh = (params[name] for name in names[first : first + 4])
         if w_ih is None or w_hh is None or b_ih is None or b_hh is None:
             raise TypeError("LSTMPolicyNetwork needs an nn.LSTM with both bias vectors")
         layers.append((w_ih, w_hh, b_ih, b_hh))
