@@ -21,7 +21,9 @@ from esper.tamiyo.policy import (
     HEAD_NAMES,
     ActionMasks,
     MLPPolicyBundle,
+    NetworkOutput,
     PolicyBundle,
+    PolicyInputs,
     UniformPolicyBundle,
 )
 from esper.tamiyo.policy.testing import random_masks
@@ -277,6 +279,13 @@ def _reference(bundle: PolicyBundle) -> torch.Tensor:
     return bundle.forward(x, None).value.detach()
 
 
+def _call_with(bundle: PolicyBundle, case: Case, rng: list[torch.Tensor]) -> None:
+    """Build the row's arguments (which may refuse already), note the RNG, call."""
+    kwargs = case.kwargs()
+    rng.append(torch.random.get_rng_state())
+    getattr(bundle, case.method)(**kwargs)
+
+
 BUNDLES: dict[str, Callable[[], PolicyBundle]] = {
     "lstm": small_lstm,
     "mlp": lambda: MLPPolicyBundle(FEATURE_DIM, hidden_dim=8),
@@ -298,13 +307,23 @@ def test_bad_input_is_refused_clearly_and_the_bundle_keeps_working(
     case: Case, bundle_name: str
 ) -> None:
     bundle = BUNDLES[bundle_name]()
-    calls = []
-    bundle.network.register_forward_pre_hook(lambda *_: calls.append(1))
+    calls: list[str] = []
+    bundle.network.register_forward_pre_hook(lambda *_: calls.append("network"))
+    hook = bundle._forward
+
+    def counted_hook(inputs: PolicyInputs) -> NetworkOutput:
+        calls.append("hook")
+        return hook(inputs)
+
+    bundle._forward = counted_hook  # type: ignore[method-assign]
     before = _reference(bundle)
     calls.clear()
+    rng: list[torch.Tensor] = []
     with pytest.raises(case.error, match=case.match):
-        getattr(bundle, case.method)(**case.kwargs())
-    assert not calls, "the network ran before the bad input was refused"
+        _call_with(bundle, case, rng)
+    assert not calls, "the hook or the network ran before the bad input was refused"
+    if rng:
+        assert torch.equal(torch.random.get_rng_state(), rng[0]), "the refusal drew randomness"
     torch.testing.assert_close(_reference(bundle), before, rtol=0, atol=0)
 
 

@@ -223,3 +223,17 @@ def test_config_records_the_constructor_arguments_of_any_bundle() -> None:
     tiny = TinyStatelessBundle(4)
     assert tiny.config == {"feature_dim": 4, "action_space": None}
     assert copy.deepcopy(bundle).config == bundle.config
+
+
+class _ListConfigured(TinyStatelessBundle):
+    def __init__(self, feature_dim: int, widths: list[int]) -> None:
+        super().__init__(feature_dim)
+        self.widths = widths
+
+
+def test_config_is_a_snapshot_of_the_arguments() -> None:
+    """Mutating a list after passing it changes neither config nor later checkpoints."""
+    widths = [1, 2]
+    bundle = _ListConfigured(4, widths)
+    widths.append(99)
+    assert bundle.config == {"feature_dim": 4, "widths": [1, 2]}

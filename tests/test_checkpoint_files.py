@@ -392,7 +392,19 @@ def _unknown_tag(path: Path) -> None:
     edit_payload(path, lambda payload: payload["config"].update(action_space={"t": 1}))
 
 
+def _flip_bits_in_the_weights(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    start = len(data) // 3
+    for index in range(start, start + 200):
+        data[index] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "bit-flips": (
+        _flip_bits_in_the_weights,
+        r"is corrupt: the checksum of its record 'archive/data/\d+' does not match",
+    ),
     "truncated": (
         _truncate,
         r"cannot be read: it is truncated or corrupt \((OSError|RuntimeError)",
@@ -512,3 +524,13 @@ def test_bundle_save_is_save_policy(tmp_path: Path) -> None:
     x = torch.randn(3, 5)
     assert torch.equal(restored.get_value(x), bundle.get_value(x))
     assert restored.config == bundle.config
+
+
+def test_loading_leaves_the_callers_random_state_alone(tmp_path: Path) -> None:
+    """Rebuilding draws initial weights; the caller's next samples must not change."""
+    path = save_policy(build("lstm"), tmp_path / "p.pt")
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    load_policy(path)
+    assert torch.equal(torch.rand(4), expected)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch._dynamo
 
 from conftest import FEATURE_DIM, TinyStatelessBundle, load_guide_example, small_lstm
 from esper.tamiyo.policy import (
@@ -214,3 +215,72 @@ def test_a_bad_generator_is_refused() -> None:
     bundle = small_lstm()
     with pytest.raises(TypeError, match=r"generator must be a torch\.Generator or None, got int"):
         bundle.get_action(torch.randn(2, FEATURE_DIM), None, generator=3)  # type: ignore[arg-type]
+
+
+class _RecordingLSTM(_CountingLSTM):
+    """Records what each hook call was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[PolicyInputs] = []
+
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        self.seen.append(inputs)
+        return super()._forward(inputs)
+
+
+def test_each_stretch_gets_its_own_slice_of_masks_flags_and_actions() -> None:
+    bundle = _RecordingLSTM()
+    x = torch.randn(2, T, FEATURE_DIM)
+    masks = random_masks((2, T))
+    flags = torch.zeros(2, T, dtype=torch.bool)
+    flags[1, 3] = True
+    actions = bundle.get_action(x, masks).action
+    bundle.seen.clear()
+    bundle.evaluate_actions(x, actions, masks, episode_start=flags)
+    assert [inputs.seq_len for inputs in bundle.seen] == [3, T - 3]
+    for inputs, (begin, end) in zip(bundle.seen, [(0, 3), (3, T)], strict=True):
+        assert torch.equal(inputs.features, x[:, begin:end])
+        assert inputs.episode_start is not None
+        assert torch.equal(inputs.episode_start, flags[:, begin:end])
+        assert inputs.actions is not None
+        for head in HEAD_NAMES:
+            mask = getattr(masks, head)
+            assert mask is not None
+            assert torch.equal(getattr(inputs.masks, head), mask[:, begin:end])
+            assert torch.equal(inputs.actions[head], actions[head][:, begin:end])
+
+
+def test_flags_of_b_fit_a_b_1_f_step() -> None:
+    """Like masks and actions, [B] flags fit features [B, 1, F] as well as [B, F]."""
+    bundle = small_lstm()
+    hidden = _some_state(bundle)
+    starts = torch.tensor([True, False, False, True])
+    x = torch.randn(B, FEATURE_DIM)
+    flat = bundle.forward(x, None, hidden, episode_start=starts)
+    sequenced = bundle.forward(x.unsqueeze(1), None, hidden, episode_start=starts)
+    torch.testing.assert_close(sequenced.value[:, 0], flat.value)
+
+
+@pytest.mark.filterwarnings(
+    "ignore:The .grad attribute of a Tensor that is not a leaf Tensor:UserWarning"
+)
+def test_a_compiled_bundle_runs_resets_inside_a_sequence_eagerly() -> None:
+    """Reset patterns change every batch: they must not recompile the update path."""
+    torch._dynamo.reset()
+    bundle = small_lstm().compile(backend="eager")
+    x = torch.randn(2, T, FEATURE_DIM)
+    actions = bundle.get_action(x, None).action
+    frames = torch._dynamo.utils.counters["frames"]
+    bundle.evaluate_actions(x, actions, None)  # compiles once
+    compiled = frames["total"]
+    eager = small_lstm()
+    eager.load_state_dict(bundle.state_dict())
+    for step in range(1, T):
+        flags = torch.zeros(2, T, dtype=torch.bool)
+        flags[0, step] = True
+        got = bundle.evaluate_actions(x, actions, None, episode_start=flags)
+        want = eager.evaluate_actions(x, actions, None, episode_start=flags)
+        torch.testing.assert_close(got.value, want.value)
+    assert frames["total"] == compiled
+    torch._dynamo.reset()

@@ -168,7 +168,7 @@ class PolicyBundle(ABC):
         reporting its own arguments.
         """
         self = super().__new__(cls)
-        self._init_arguments = (args, kwargs)
+        self._init_arguments = (_snapshot(args), _snapshot(kwargs))
         return self
 
     @property
@@ -259,7 +259,9 @@ class PolicyBundle(ABC):
             check_generator(generator, self._device)
         inputs, valid = self._prepare(features, masks, hidden, episode_start=episode_start)
         with torch.no_grad():
-            paths = self._compiled_paths
+            # Resets inside a sequence split it into stretches, a Python loop whose shape
+            # changes with every pattern: that runs eager rather than recompile each time.
+            paths = self._compiled_paths if not inputs.reset_steps else None
             if paths is None:
                 actions, chosen, value, new_hidden = self._act(
                     inputs, valid, deterministic, generator
@@ -344,7 +346,7 @@ class PolicyBundle(ABC):
                 including an action out of range or masked.
         """
         inputs, valid = self._prepare(features, masks, hidden, actions, episode_start)
-        paths = self._compiled_paths
+        paths = self._compiled_paths if not inputs.reset_steps else None  # see get_action
         if paths is None:
             chosen, entropy, value, new_hidden = self._evaluate(inputs, valid)
         else:
@@ -786,7 +788,12 @@ class PolicyBundle(ABC):
         hidden = inputs.hidden
         bounds = (0, *inputs.reset_steps, inputs.features.shape[1])
         for begin, end in itertools.pairwise(bounds):
-            if begin > 0 and hidden is not None:
+            if begin > 0:
+                if hidden is None:
+                    raise RuntimeError(
+                        f"{type(self).__name__}._forward returned no hidden state for a "
+                        "stretch of a sequence; a recurrent hook returns its new state"
+                    )
                 hidden = reset_hidden(hidden, starts[:, begin])
             out = self._checked_hook(steps_of(inputs, begin, end, hidden))
             logits.append(out.logits)
@@ -903,3 +910,18 @@ def _compile_paths(compile_kwargs: dict[str, Any]) -> tuple[_ActPath, _EvaluateP
     act: _ActPath = torch.compile(PolicyBundle._act, **compile_kwargs)
     evaluate: _EvaluatePath = torch.compile(PolicyBundle._evaluate, **compile_kwargs)
     return act, evaluate
+
+
+def _snapshot(value: Any) -> Any:
+    """A copy of the lists, tuples and dicts in `value`; everything else as it is.
+
+    So `config` reports the arguments as they were passed, even if the caller mutates
+    a list it passed afterwards.
+    """
+    if isinstance(value, list):
+        return [_snapshot(item) for item in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):  # not a NamedTuple
+        return tuple(_snapshot(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _snapshot(item) for key, item in value.items()}
+    return value

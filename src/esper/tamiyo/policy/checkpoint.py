@@ -42,6 +42,7 @@ import inspect
 import os
 import pickle
 import secrets
+import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -79,8 +80,10 @@ def save_policy(bundle: PolicyBundle, path: str | os.PathLike[str]) -> Path:
     """Write `bundle` to `path` as a checkpoint `load_policy` can rebuild it from.
 
     Everything is checked before the file is touched. The write is atomic: a crash or
-    an error leaves the previous file at `path` (if any) as it was, and no temporary
-    file behind. A compiled bundle saves the same keys as an uncompiled one (compile
+    an error leaves the previous file at `path` (if any) as it was. An error removes
+    the temporary file; a killed process or a power loss can leave one, named
+    `.<name>.<random>.tmp`, beside the target. A symbolic link at `path` is replaced by
+    the file, which gets fresh permissions (from the umask). A compiled bundle saves the same keys as an uncompiled one (compile
     the loaded bundle again if you want it compiled). A network wrapped in
     `DataParallel` or `DistributedDataParallel` is saved without the wrapper's
     `module.` prefix, so it loads into a plain bundle.
@@ -289,7 +292,8 @@ def _rebuild(file: Path, payload: dict[str, Any], device: torch.device) -> Polic
     config = _decode_config(file, payload["config"])
     dtype = _dtype(file, payload["dtype"])
     try:
-        bundle = cls(**config)
+        with torch.random.fork_rng():  # building draws initial weights: keep the caller's RNG
+            bundle = cls(**config)
     except (TypeError, ValueError) as error:
         raise CheckpointError(
             f"{file}: its config does not build {cls.__name__} ({error}); was it saved "
@@ -314,11 +318,32 @@ def _read(file: Path, device: torch.device) -> dict[str, Any]:
         raise FileNotFoundError(errno.ENOENT, "no policy checkpoint at this path", str(file))
     if not file.is_file():
         raise CheckpointError(f"{file} is not a file; give the path of a checkpoint file")
+    _check_crcs(file)
     with file.open("rb") as stream:
         payload = _load_stream(file, stream, device)
     if not isinstance(payload, dict):
         raise _not_ours(file, f"it holds a {type(payload).__name__}, not a dict")
     return payload
+
+
+def _check_crcs(file: Path) -> None:
+    """Refuse a file whose stored data fails its zip checksums.
+
+    `torch.save` writes a zip archive with a CRC-32 per record, and `torch.load` does
+    not check them: a bit flipped in the weights would load silently.
+    """
+    if not zipfile.is_zipfile(file):
+        return  # not an archive at all: torch.load names what it is
+    try:
+        with zipfile.ZipFile(file) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise _corrupt(file, error) from error
+    if bad is not None:
+        raise CheckpointError(
+            f"{file} is corrupt: the checksum of its record {bad!r} does not match its "
+            "data (a damaged copy?); load an intact copy"
+        )
 
 
 def _load_stream(file: Path, stream: BinaryIO, device: torch.device) -> object:

@@ -256,7 +256,7 @@ def check_episode_start(
             f"got {episode_start.dtype}; convert it with .bool()"
         )
     shape = tuple(episode_start.shape)
-    if single_step and shape in ((batch,), (batch, 1)):
+    if steps == 1 and shape in ((batch,), (batch, 1)):
         flags = episode_start.view(batch, 1)
     elif not single_step and shape == (batch, steps):
         flags = episode_start
@@ -274,7 +274,7 @@ def check_generator(generator: object, device: torch.device) -> None:
         raise TypeError(
             f"generator must be a torch.Generator or None, got {type(generator).__name__}"
         )
-    if generator.device.type != device.type:
+    if generator.device != device:
         raise ValueError(
             f"generator is on {generator.device} but the bundle is on {device}; make one "
             f"with torch.Generator(device=bundle.device)"
