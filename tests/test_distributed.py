@@ -36,6 +36,7 @@ from esper.tamiyo.policy import (
     ActionSpace,
     LSTMPolicyBundle,
     UniformPolicyBundle,
+    load_policy,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -97,7 +98,7 @@ def _error(call: Any) -> str:
     return ""
 
 
-def _train(rank: int) -> Record:
+def _train(rank: int, out_dir: Path) -> Record:
     """Everything one rank does; returns what the parent checks."""
     record: Record = {}
     # Different initial weights on each rank: wrapping must copy rank 0's to the others.
@@ -218,6 +219,16 @@ def _train(rank: int) -> Record:
     optimizer.step()
     record["params_step2"] = _params(bundle.network)
 
+    # A network with a buffer: DDP would broadcast it at every training forward, a
+    # collective the ranks' different numbers of stretches would mismatch. Without that
+    # sync the step works as above.
+    buffered = _small_bundle()
+    buffered.network.register_buffer("running_scale", torch.ones(1))
+    wrapped = DistributedDataParallel(buffered.network, forward_sync_buffers=False)
+    buffered.network = wrapped  # type: ignore[assignment]
+    torch.autograd.backward(ppo_loss(buffered, resets))
+    record["grad_buffered"] = _grads(buffered.network)
+
     # Checkpoints.
     wrapped_state = bundle.state_dict()
     record["wrapped_keys"] = list(wrapped_state)
@@ -235,6 +246,9 @@ def _train(rank: int) -> Record:
     other = _small_bundle()
     other.load_state_dict(stripped)
     record["params_prefix_stripped_load"] = _params(other.network)
+    loaded = load_policy(bundle.save(out_dir / f"bundle{rank}.pt"))  # strips the prefix
+    record["params_save_load"] = _params(loaded.network)
+    record["loaded_network"] = type(loaded.network).__name__
     bundle.network = ddp.module  # unwrapped for good
     record["unwrapped_keys"] = list(bundle.state_dict())
     record["wrap_uniform"] = _error(lambda: DistributedDataParallel(UniformPolicyBundle().network))
@@ -267,7 +281,8 @@ def _rank_main(rank: int, init_file: str, out_dir: str, port: int) -> None:
             timeout=timedelta(seconds=60),
         )
         try:
-            record = _train(rank)
+            record = _train(rank, Path(out_dir))
+            dist.barrier()  # as the guide's script does before shutting down
         finally:
             dist.destroy_process_group()
         _run_guide_script(rank, port, out_dir)
@@ -378,16 +393,18 @@ def test_several_network_calls_in_one_update_are_averaged(ranks: list[Record]) -
     for rank, record in enumerate(ranks):
         gap = _gap(record["grad_step2"], mean)
         assert gap < 1e-6, f"rank {rank}: step-2 gradient is {gap} from the mean of local ones"
+    assert torch.equal(zero["grad_buffered"], one["grad_buffered"]), "buffered network"
 
 
 def test_checkpoints_of_a_wrapped_bundle(ranks: list[Record]) -> None:
-    """state_dict() gains DDP's 'module.' prefix; unwrap (or strip it) to load elsewhere."""
+    """state_dict() gains DDP's 'module.' prefix; unwrap, strip it, or use bundle.save."""
     record = ranks[0]
     assert record["wrapped_keys"] == [f"module.{key}" for key in record["plain_keys"]]
     assert record["load_wrapped_into_plain"].startswith("ValueError: "), record
     assert record["load_plain_into_wrapped"].startswith("ValueError: "), record
-    for key in ("params_unwrapped_load", "params_prefix_stripped_load"):
+    for key in ("params_unwrapped_load", "params_prefix_stripped_load", "params_save_load"):
         assert torch.equal(record[key], record["params_step2"]), key
+    assert record["loaded_network"] == "LSTMPolicyNetwork"
     assert record["unwrapped_keys"] == record["plain_keys"]
 
 
