@@ -59,16 +59,13 @@ import argparse
 import gc
 import json
 import math
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -79,6 +76,13 @@ from esper.tamiyo.policy import (
     HiddenState,
     LSTMPolicyBundle,
     PolicyInputs,
+)
+from esper.tamiyo.policy.bench.harness import git_commit
+from esper.tamiyo.policy.bench.harness import machine_info as harness_machine_info
+from esper.tamiyo.policy.bench.suite import (
+    MaskTuple,
+    normalize_closure,
+    normalize_module_helper,
 )
 
 FEATURE_DIM = 64
@@ -118,134 +122,11 @@ NOTES: tuple[str, ...] = (
 )
 """Caveats printed under the table and stored in the JSON."""
 
-MaskTuple = tuple[torch.Tensor | None, ...]
-"""The eight masks in `HEAD_NAMES` order."""
-
 Runner = Callable[[int], None]
 """Runs `n` calls of one option on one input case."""
 
 
 # ---------------------------------------------------------------------------- the options
-
-
-def normalize_closure(
-    features: torch.Tensor,
-    *,
-    slot: torch.Tensor | None = None,
-    blueprint: torch.Tensor | None = None,
-    style: torch.Tensor | None = None,
-    tempo: torch.Tensor | None = None,
-    alpha_target: torch.Tensor | None = None,
-    alpha_speed: torch.Tensor | None = None,
-    alpha_curve: torch.Tensor | None = None,
-    op: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, MaskTuple]:
-    """Option 1, the old design: a helper closure defined anew on every call.
-
-    Deliberately reproduces the code the review flagged (the package itself forbids
-    nested functions in bundle methods).
-
-    Args:
-        features: `[B, F]` or `[B, 1, F]`.
-        slot: Mask `[B, A]` or `[B, 1, A]`, or `None`; likewise for the other heads.
-        blueprint: As `slot`.
-        style: As `slot`.
-        tempo: As `slot`.
-        alpha_target: As `slot`.
-        alpha_speed: As `slot`.
-        alpha_curve: As `slot`.
-        op: As `slot`.
-
-    Returns:
-        Features `[B, 1, F]` and the masks `[B, 1, A]` in `HEAD_NAMES` order.
-    """
-    need_expand = features.dim() == 2
-    if need_expand:
-        features = features.unsqueeze(1)
-
-    def expand_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-        if mask is None:
-            return None
-        if need_expand and mask.dim() == 2:
-            return mask.unsqueeze(1)
-        return mask
-
-    slot = expand_mask(slot)
-    blueprint = expand_mask(blueprint)
-    style = expand_mask(style)
-    tempo = expand_mask(tempo)
-    alpha_target = expand_mask(alpha_target)
-    alpha_speed = expand_mask(alpha_speed)
-    alpha_curve = expand_mask(alpha_curve)
-    op = expand_mask(op)
-    return features, (slot, blueprint, style, tempo, alpha_target, alpha_speed, alpha_curve, op)
-
-
-def _expand_mask(mask: torch.Tensor | None, need_expand: bool) -> torch.Tensor | None:
-    """Option 2's helper: `mask` with a `T` axis of 1 added when `need_expand` and 2-D."""
-    if mask is None:
-        return None
-    if need_expand and mask.dim() == 2:
-        return mask.unsqueeze(1)
-    return mask
-
-
-def normalize_module_helper(
-    features: torch.Tensor,
-    *,
-    slot: torch.Tensor | None = None,
-    blueprint: torch.Tensor | None = None,
-    style: torch.Tensor | None = None,
-    tempo: torch.Tensor | None = None,
-    alpha_target: torch.Tensor | None = None,
-    alpha_speed: torch.Tensor | None = None,
-    alpha_curve: torch.Tensor | None = None,
-    op: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, MaskTuple]:
-    """Option 2, the review's suggested fix: option 1 with a module-level helper.
-
-    Args:
-        features: `[B, F]` or `[B, 1, F]`.
-        slot: Mask `[B, A]` or `[B, 1, A]`, or `None`; likewise for the other heads.
-        blueprint: As `slot`.
-        style: As `slot`.
-        tempo: As `slot`.
-        alpha_target: As `slot`.
-        alpha_speed: As `slot`.
-        alpha_curve: As `slot`.
-        op: As `slot`.
-
-    Returns:
-        Features `[B, 1, F]` and the masks `[B, 1, A]` in `HEAD_NAMES` order.
-    """
-    need_expand = features.dim() == 2
-    if need_expand:
-        features = features.unsqueeze(1)
-    slot = _expand_mask(slot, need_expand)
-    blueprint = _expand_mask(blueprint, need_expand)
-    style = _expand_mask(style, need_expand)
-    tempo = _expand_mask(tempo, need_expand)
-    alpha_target = _expand_mask(alpha_target, need_expand)
-    alpha_speed = _expand_mask(alpha_speed, need_expand)
-    alpha_curve = _expand_mask(alpha_curve, need_expand)
-    op = _expand_mask(op, need_expand)
-    return features, (slot, blueprint, style, tempo, alpha_target, alpha_speed, alpha_curve, op)
-
-
-class NormalizingBundle(Protocol):
-    """Option 3's bundle type: structural, so it costs nothing at run time.
-
-    A bundle satisfying it calls the shared `normalize_inputs` at the top of its
-    `forward`; nothing but review enforces that it does.
-    """
-
-    feature_dim: int
-
-    def forward(
-        self, features: torch.Tensor, masks: dict[str, torch.Tensor | None]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and values for `features` under `masks`."""
-        ...
 
 
 def normalize_inputs(
@@ -377,14 +258,14 @@ def _run_keyword_masks(normalize: Callable[..., object], case: Case) -> Runner:
         for _ in range(n):
             normalize(
                 features,
-                slot=slot,
-                blueprint=blueprint,
-                style=style,
-                tempo=tempo,
-                alpha_target=alpha_target,
-                alpha_speed=alpha_speed,
-                alpha_curve=alpha_curve,
-                op=op,
+                slot_mask=slot,
+                blueprint_mask=blueprint,
+                style_mask=style,
+                tempo_mask=tempo,
+                alpha_target_mask=alpha_target,
+                alpha_speed_mask=alpha_speed,
+                alpha_curve_mask=alpha_curve,
+                op_mask=op,
             )
 
     return run
@@ -446,14 +327,14 @@ def _outputs(
     """Option key to the features and masks (in `HEAD_NAMES` order) it produces on `case`."""
     slot, blueprint, style, tempo, alpha_target, alpha_speed, alpha_curve, op = case.masks
     keywords: dict[str, torch.Tensor | None] = {
-        "slot": slot,
-        "blueprint": blueprint,
-        "style": style,
-        "tempo": tempo,
-        "alpha_target": alpha_target,
-        "alpha_speed": alpha_speed,
-        "alpha_curve": alpha_curve,
-        "op": op,
+        "slot_mask": slot,
+        "blueprint_mask": blueprint,
+        "style_mask": style,
+        "tempo_mask": tempo,
+        "alpha_target_mask": alpha_target,
+        "alpha_speed_mask": alpha_speed,
+        "alpha_curve_mask": alpha_curve,
+        "op_mask": op,
     }
     results = {
         "closure": normalize_closure(case.features, **keywords),
@@ -609,33 +490,12 @@ def measure_case(
 # ---------------------------------------------------------------------------- reporting
 
 
-def _git_commit() -> str:
-    """Short commit of the checkout holding this script, or `unknown`."""
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return done.stdout.strip() or "unknown"
-
-
 def machine_info() -> dict[str, Any]:
-    """What produced the numbers: platform, processor, Python, torch, threads, commit."""
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "git_commit": _git_commit(),
-    }
+    """What produced the numbers: the bench harness's record, with the commit."""
+    info = harness_machine_info(torch.device("cpu"))
+    info["torch_threads"] = info.pop("threads")
+    info["git_commit"] = git_commit()
+    return info
 
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:
