@@ -49,6 +49,27 @@ def test_a_masked_action_is_never_sampled(bundle: LSTMPolicyBundle, batch: int) 
             assert bool(taken.all()), f"a masked {name} action was sampled"
 
 
+@pytest.mark.parametrize("seeded", [False, True])
+def test_a_uniform_draw_of_zero_does_not_hand_the_only_valid_action_to_a_masked_one(
+    bundle: LSTMPolicyBundle, monkeypatch: pytest.MonkeyPatch, seeded: bool
+) -> None:
+    """`torch.rand` returns exactly 0 once in 2**24 draws: Gumbel noise must stay finite.
+
+    Found by the PPO demo, whose rollouts draw millions: the sole valid action got
+    `-inf` noise and a masked action (log-prob -1e4) was sampled.
+    """
+    monkeypatch.setattr(torch, "rand_like", lambda t: torch.zeros_like(t))
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.zeros(shape, dtype=kw["dtype"]))
+    lead = (16,)
+    generator = torch.Generator().manual_seed(0) if seeded else None
+    out = bundle.get_action(
+        torch.randn(*lead, FEATURE_DIM), one_hot_masks(lead, CHOICE), generator=generator
+    )
+    for name in HEAD_NAMES:
+        assert torch.all(out.action[name] == CHOICE[name]), name
+        assert torch.all(out.log_prob[name] == 0.0), name
+
+
 def test_masked_actions_are_never_sampled_even_against_huge_logits(
     bundle: LSTMPolicyBundle,
 ) -> None:

@@ -58,9 +58,11 @@ def sample(
     """Draw one action per head with the Gumbel-max trick, or take the mode.
 
     `argmax(log_p + g)` with `g = -log(-log(u))`, `u ~ U[0, 1)`, is an exact sample
-    of the categorical. The noise is bounded above by about 17 (`u` below 1 by at
-    least one ulp), so it can never lift a masked action (log-prob below -9000)
-    over a valid one; `u = 0` gives `-inf`, which is never chosen.
+    of the categorical. `u` is raised to the dtype's smallest normal number, so the
+    noise is finite: between about -4.5 and 17 in float32 (`u` below 1 by at least one
+    ulp). It can never lift a masked action (log-prob below -9000) over a valid one.
+    Unclamped, `torch.rand`'s `u = 0` (one draw in 2**24 in float32) would give the
+    valid action `-inf` and hand a head with one valid action to a masked one.
 
     Args:
         log_probs: `[..., A_max]` normalized log-probabilities.
@@ -79,7 +81,8 @@ def sample(
             log_probs.shape, dtype=log_probs.dtype, device=log_probs.device, generator=generator
         )
     # log_p + g = log_p - log(-log(u)), computed in place on the noise buffer.
-    return (log_probs - noise.log_().neg_().log_()).argmax(dim=-1)
+    noise = noise.clamp_(min=torch.finfo(noise.dtype).tiny).log_().neg_().log_()
+    return (log_probs - noise).argmax(dim=-1)
 
 
 def log_prob_of(log_probs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
