@@ -58,7 +58,7 @@ def test_a_uniform_draw_of_zero_does_not_hand_the_only_valid_action_to_a_masked_
     Found by the PPO demo, whose rollouts draw millions: the sole valid action got
     `-inf` noise and a masked action (log-prob -1e4) was sampled.
     """
-    monkeypatch.setattr(torch, "rand_like", lambda t: torch.zeros_like(t))
+    monkeypatch.setattr(torch, "rand_like", torch.zeros_like)
     monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.zeros(shape, dtype=kw["dtype"]))
     lead = (16,)
     generator = torch.Generator().manual_seed(0) if seeded else None

@@ -1,4 +1,7 @@
-"""The command line: `demo`, `list` and `check` work; bad arguments give one clear line."""
+"""The command line: `list` and `check` work; bad arguments give one clear line.
+
+`demo` has its own tests, in test_demo_command.py.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +14,6 @@ import pytest
 from conftest import GUIDE_EXAMPLE
 from esper.tamiyo.policy import LSTMPolicyBundle, list_policies, registry
 from esper.tamiyo.policy.cli import main
-
-
-def test_demo_runs_a_masked_rollout_for_every_bundle(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--steps", "3", "--batch", "2", "--feature-dim", "5"]) == 0
-    out = capsys.readouterr().out
-    assert "LSTMPolicyBundle" in out
-    assert "µs per get_action" in out
-    assert "Every sampled action was valid under its mask." in out
-    assert "blueprint" in out
 
 
 @pytest.mark.parametrize("bad", ["0", "-4", "x"])
@@ -36,14 +30,14 @@ def test_bad_numbers_are_refused_without_a_traceback(
 
 def test_module_entry_point_runs() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "esper.tamiyo.policy", "demo", "--steps", "2", "--batch", "1"],
+        [sys.executable, "-m", "esper.tamiyo.policy", "list"],
         capture_output=True,
         text=True,
         check=False,
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert "lstm" in result.stdout
+    assert "LSTMPolicyBundle" in result.stdout
 
 
 BROKEN = Path(__file__).resolve().parent / "broken_bundle.py"

@@ -3,79 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from esper.tamiyo.policy.action_space import HEAD_NAMES
-from esper.tamiyo.policy.base import PolicyBundle
 from esper.tamiyo.policy.loader import TargetError, load_bundle_class
 from esper.tamiyo.policy.registry import create_policy, get_policy, list_policies
-from esper.tamiyo.policy.testing import random_masks, run_checks
+from esper.tamiyo.policy.testing import run_checks
 
-__all__ = ["CommandError", "main", "run_check", "run_demo", "run_list"]
-
-
-def _demo_bundle(
-    name: str, bundle: PolicyBundle, steps: int, batch: int, feature_dim: int, seed: int
-) -> tuple[list[str], float]:
-    """Run a masked rollout; return one table row per step of env 0 and µs per call."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden = bundle.initial_hidden(batch)
-    rows: list[str] = []
-    times: list[float] = []
-    for step in range(steps):
-        features = torch.randn(batch, feature_dim, generator=gen)
-        masks = random_masks((batch,), space=bundle.action_space, keep=0.6, generator=gen)
-        start = time.perf_counter()
-        result = bundle.get_action(features, masks, hidden)
-        times.append(time.perf_counter() - start)
-        hidden = result.hidden
-        for head in HEAD_NAMES:
-            mask = getattr(masks, head)
-            taken = result.action[head]
-            if mask is not None and not bool(mask.gather(1, taken.unsqueeze(1)).all()):
-                raise RuntimeError(f"{name}: a masked {head} action was sampled")  # never
-        if step < 3:
-            cells = "".join(f"{int(result.action[h][0]):>13d}" for h in HEAD_NAMES)
-            logp = float(sum(result.log_prob[h][0] for h in HEAD_NAMES))
-            rows.append(f"  {name:<8}{step:>5d}{cells}{logp:>10.2f}{float(result.value[0]):>9.3f}")
-    return rows, statistics.median(times[1:] or times) * 1e6
-
-
-def run_demo(
-    steps: int = 50, batch: int = 8, feature_dim: int = 32, seed: int = 0, threads: int = 1
-) -> int:
-    """Build each registered bundle and run a short masked rollout on random features.
-
-    Prints the first actions each bundle chose (environment 0) and its median time per
-    `get_action` call. Returns the process exit code.
-    """
-    # Small tensors: one thread is fastest, and steady on a shared machine.
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    print(
-        f"Masked rollouts: {steps} steps, batch {batch}, feature_dim {feature_dim}, "
-        f"seed {seed}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)\n"
-    )
-    print("First steps of environment 0 (log_prob: summed over the eight heads):")
-    header = "".join(f"{h:>13s}" for h in HEAD_NAMES)
-    print(f"  {'policy':<8}{'step':>5s}{header}{'log_prob':>10s}{'value':>9s}")
-    summary: list[str] = []
-    for name in list_policies():
-        bundle = create_policy(name, feature_dim=feature_dim)
-        rows, micros = _demo_bundle(name, bundle, steps, batch, feature_dim, seed)
-        print("\n".join(rows))
-        recurrent = "yes" if bundle.is_recurrent else "no"
-        summary.append(f"  {name:<8}{type(bundle).__name__:<22}{recurrent:>10s}{micros:>20.0f}")
-    print(f"\n  {'policy':<8}{'class':<22}{'recurrent':>10s}{'µs per get_action':>20s}")
-    print("\n".join(summary))
-    print("\nEvery sampled action was valid under its mask.")
-    return 0
+__all__ = ["CommandError", "main", "run_check", "run_list"]
 
 
 def _positive_int(text: str) -> int:
@@ -161,14 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="esper-policy", description="Tamiyo policy bundles: demo and tools."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = commands.add_parser(
-        "demo", help="run a short masked rollout with every registered bundle"
-    )
-    demo.add_argument("--steps", type=_positive_int, default=50, help="rollout steps (50)")
-    demo.add_argument("--batch", type=_positive_int, default=8, help="environments (8)")
-    demo.add_argument("--feature-dim", type=_positive_int, default=32, help="features (32)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    demo.add_argument("--threads", type=_positive_int, default=1, help="torch threads (1)")
+    _add_demo_parser(commands)
     listing = commands.add_parser(
         "list", help="list the registered policies with their parameter counts"
     )
@@ -193,6 +124,60 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=_seed, default=0, help="random seed (0)")
     _add_bench_parser(commands)
     return parser
+
+
+def _add_demo_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="train the LSTM bundle with PPO on a built-in task and compare it with baselines",
+        description="Train LSTMPolicyBundle with recurrent, masked PPO on SeedLifecycleTask, "
+        "train MLPPolicyBundle the same way, evaluate both and UniformPolicyBundle on the same "
+        "seeded episodes, and save checkpoints, a learning-curve PNG and results.json. Exit 0 "
+        "when every acceptance check holds. Needs the demo extra (tqdm, matplotlib).",
+    )
+    demo.add_argument(
+        "--steps", type=_positive_int, default=120_000,
+        help="training environment steps per policy (120000)",
+    )  # fmt: skip
+    demo.add_argument("--seed", type=_seed, default=0, help="random seed (0)")
+    demo.add_argument(
+        "--output", type=Path, metavar="DIR", help="output folder (demo-runs/<date-time>)"
+    )
+    demo.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (cpu)")
+    demo.add_argument(
+        "--load", type=Path, metavar="PATH", help="evaluate this checkpoint instead of training"
+    )
+    demo.add_argument("--envs", type=_positive_int, default=64, help="environments (64)")
+    demo.add_argument(
+        "--eval-episodes", type=_positive_int, default=1000, help="evaluation episodes (1000)"
+    )
+    demo.add_argument("--threads", type=_positive_int, default=1, help="torch threads (1)")
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    """Run `esper-policy demo` with parsed arguments; returns the exit code.
+
+    Raises:
+        CommandError: An option cannot work here.
+    """
+    from esper.tamiyo.policy.demo.run import DemoError, DemoOptions, run_demo  # noqa: PLC0415
+
+    options = DemoOptions(
+        steps=args.steps,
+        envs=args.envs,
+        seed=args.seed,
+        output=args.output,
+        device=args.device,
+        eval_episodes=args.eval_episodes,
+        threads=args.threads,
+        progress=not args.no_progress,
+        load=args.load,
+    )
+    try:
+        return run_demo(options)
+    except DemoError as error:
+        raise CommandError(str(error)) from None
 
 
 def _add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -247,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = torch.get_num_threads()
     try:
         if args.command == "demo":
-            return run_demo(args.steps, args.batch, args.feature_dim, args.seed, args.threads)
+            return _run_demo(args)
         if args.command == "list":
             return run_list(args.feature_dim)
         if args.command == "check":

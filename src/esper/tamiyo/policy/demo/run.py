@@ -1,0 +1,357 @@
+"""`esper-policy demo`: train the LSTM bundle with PPO and show it beat the baselines.
+
+The run, start to end:
+
+1. train `LSTMPolicyBundle` on `SeedLifecycleTask` with `PPOTrainer`, with a
+   progress bar;
+2. train `MLPPolicyBundle` the same way (same settings, seeds and episodes): the
+   same heads without memory;
+3. evaluate both, greedily, and `UniformPolicyBundle`, sampling, on the same seeded
+   episodes, and print a table with the acceptance checks;
+4. save both checkpoints, a learning-curve PNG and `results.json` in the output
+   folder, and name it.
+
+`--load PATH` evaluates a saved checkpoint on the same episodes instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from esper.tamiyo.policy.base import PolicyBundle
+from esper.tamiyo.policy.checkpoint import CheckpointError, load_policy
+from esper.tamiyo.policy.demo.evaluation import Evaluation, evaluate_policy
+from esper.tamiyo.policy.demo.ppo import IterationStats, PPOConfig, PPOTrainer
+from esper.tamiyo.policy.demo.task import SeedLifecycleTask, TaskConfig
+from esper.tamiyo.policy.lstm import LSTMPolicyBundle
+from esper.tamiyo.policy.mlp import MLPPolicyBundle
+from esper.tamiyo.policy.registry import name_of
+from esper.tamiyo.policy.uniform import UniformPolicyBundle
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+__all__ = ["Acceptance", "DemoError", "DemoOptions", "build_policy", "check_acceptance", "run_demo"]
+
+TRAINED = ("lstm", "mlp")
+"""The policies the demo trains, in order."""
+EVAL_SEED_OFFSET = 1_000_003
+"""Evaluation episodes use `seed + EVAL_SEED_OFFSET`, apart from the training episodes."""
+_EXTRA_HINT = "install the demo extra: pip install 'esper-tamiyo-policy[demo]'"
+
+
+class DemoError(Exception):
+    """A demo option that cannot work; the message says which and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class DemoOptions:
+    """What `esper-policy demo` does.
+
+    Attributes:
+        steps: Training environment steps per policy, all environments together.
+        envs: Environments stepped together in training (a multiple of the PPO
+            minibatch count, 4).
+        seed: Seeds weights, episodes and sampling: the same seed gives the same run.
+        output: Folder for checkpoints, plot and results; `demo-runs/<time>` if `None`.
+        device: Where to train and evaluate (`"cpu"`, `"cuda"`, `"cuda:1"`, ...).
+        eval_episodes: Evaluation episodes per policy.
+        threads: torch threads. One is fastest for these small tensors, and keeps
+            a run exactly repeatable.
+        progress: Show progress bars.
+        load: Evaluate this checkpoint instead of training.
+    """
+
+    steps: int = 120_000
+    envs: int = 64
+    seed: int = 0
+    output: Path | None = None
+    device: str = "cpu"
+    eval_episodes: int = 1000
+    threads: int = 1
+    progress: bool = True
+    load: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Acceptance:
+    """One acceptance check of the demo: a sentence and whether it holds."""
+
+    check: str
+    passed: bool
+
+
+@dataclass(slots=True)
+class _Run:
+    histories: dict[str, list[IterationStats]] = field(default_factory=dict)
+    bundles: dict[str, PolicyBundle] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def build_policy(name: str, feature_dim: int) -> PolicyBundle:
+    """The demo's `"lstm"` or `"mlp"` bundle: 64 wide, so training takes seconds."""
+    if name == "lstm":
+        return LSTMPolicyBundle(feature_dim, hidden_dim=64, embed_dim=64)
+    if name == "mlp":
+        return MLPPolicyBundle(feature_dim, hidden_dim=64)
+    raise ValueError(f"the demo trains {' and '.join(TRAINED)}, not {name!r}")
+
+
+def check_acceptance(evaluations: dict[str, Evaluation], chance: float) -> list[Acceptance]:
+    """The demo's claims about its evaluations, each checked.
+
+    Args:
+        evaluations: `"lstm"`, `"mlp"` and `"uniform"` to their scores.
+        chance: Success rate of guessing the memory decision.
+    """
+    lstm, mlp, uniform = evaluations["lstm"], evaluations["mlp"], evaluations["uniform"]
+    lowest = uniform.mean_return < min(lstm.mean_return, mlp.mean_return)
+    invalid = sum(e.invalid_actions for e in evaluations.values())
+    return [
+        Acceptance("the LSTM takes the memory decision right in at least 90% of episodes",
+                   lstm.success_rate >= 0.9),
+        Acceptance(f"the MLP stays within 10 points of chance ({chance:.0%}) on it",
+                   abs(mlp.success_rate - chance) <= 0.10),
+        Acceptance("the uniform baseline has the lowest mean return", lowest),
+        Acceptance("no policy took an invalid action", invalid == 0),
+    ]  # fmt: skip
+
+
+def run_demo(options: DemoOptions) -> int:
+    """Run the demo; returns the exit code: 0 when every acceptance check holds.
+
+    Raises:
+        DemoError: An option cannot work here (no such device, a checkpoint that
+            does not fit the task, a missing optional package, ...).
+    """
+    device = _resolve_device(options.device)
+    if options.envs % PPOConfig().minibatches != 0:
+        raise DemoError(
+            f"--envs {options.envs}: must be a multiple of {PPOConfig().minibatches}, "
+            "the PPO minibatch count"
+        )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(options.threads)
+    try:
+        if options.load is not None:
+            return _evaluate_checkpoint(options.load, options, device)
+        return _train_and_compare(options, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_and_compare(options: DemoOptions, device: torch.device) -> int:
+    progress_bar = _import_optional()
+    output = _output_folder(options)
+    config = TaskConfig()
+    print(
+        f"Training on SeedLifecycleTask: {options.envs} environments, "
+        f"{options.steps:,} steps per policy, seed {options.seed}, {device}, "
+        f"{torch.get_num_threads()} thread(s), torch {torch.__version__}"
+    )
+    run = _Run()
+    for name in TRAINED:
+        started = time.perf_counter()
+        torch.manual_seed(options.seed)
+        bundle = build_policy(name, config.feature_dim).to(device)
+        task = SeedLifecycleTask(options.envs, config, seed=options.seed, device=device)
+        trainer = PPOTrainer(bundle, task, seed=options.seed)
+        per_iteration = trainer.steps_per_iteration
+        with progress_bar(
+            total=-(-options.steps // per_iteration) * per_iteration, desc=f"train {name:<4}", unit="step", unit_scale=True,
+            disable=not options.progress, dynamic_ncols=True,
+        ) as bar:  # fmt: skip
+            run.histories[name] = trainer.train(options.steps, _show_progress(bar))
+        run.bundles[name] = bundle
+        run.seconds[f"train_{name}"] = time.perf_counter() - started
+    started = time.perf_counter()
+    evaluations = _evaluate_all(run.bundles, options, config)
+    run.seconds["evaluate"] = time.perf_counter() - started
+    acceptance = check_acceptance(evaluations, config.chance)
+    _print_table(evaluations, options, config)
+    _print_acceptance(acceptance)
+    files = _save(run, evaluations, acceptance, options, config, output)
+    total = sum(run.seconds.values())
+    print(f"\nDone in {total:.0f} s. Saved in {output}/: {', '.join(f.name for f in files)}")
+    return 0 if all(a.passed for a in acceptance) else 1
+
+
+def _evaluate_checkpoint(path: Path, options: DemoOptions, device: torch.device) -> int:
+    config = TaskConfig()
+    try:
+        bundle = load_policy(path, map_location=device)
+    except FileNotFoundError:
+        raise DemoError(f"--load {path}: no such file") from None
+    except CheckpointError as error:
+        raise DemoError(f"--load: {error}") from None
+    if bundle.feature_dim not in (None, config.feature_dim):
+        raise DemoError(
+            f"--load {path}: the {name_of(type(bundle))!r} bundle in it takes "
+            f"{bundle.feature_dim} features, the demo task gives {config.feature_dim}; "
+            "load a checkpoint that `esper-policy demo` saved"
+        )
+    evaluations = {
+        str(path): evaluate_policy(
+            bundle, episodes=options.eval_episodes, seed=options.seed + EVAL_SEED_OFFSET
+        ),
+        "uniform": _evaluate_uniform(options, config, device),
+    }
+    _print_table(evaluations, options, config)
+    return 0
+
+
+def _evaluate_all(
+    bundles: dict[str, PolicyBundle], options: DemoOptions, config: TaskConfig
+) -> dict[str, Evaluation]:
+    seed = options.seed + EVAL_SEED_OFFSET
+    evaluations = {
+        name: evaluate_policy(bundle, episodes=options.eval_episodes, seed=seed, config=config)
+        for name, bundle in bundles.items()
+    }
+    device = next(iter(bundles.values())).device
+    evaluations["uniform"] = _evaluate_uniform(options, config, device)
+    return evaluations
+
+
+def _evaluate_uniform(options: DemoOptions, config: TaskConfig, device: torch.device) -> Evaluation:
+    uniform = UniformPolicyBundle(config.feature_dim).to(device)
+    return evaluate_policy(
+        uniform,
+        episodes=options.eval_episodes,
+        seed=options.seed + EVAL_SEED_OFFSET,
+        deterministic=False,
+        config=config,
+    )
+
+
+def _print_table(
+    evaluations: dict[str, Evaluation], options: DemoOptions, config: TaskConfig
+) -> None:
+    width = max(len("policy"), *(len(name) for name in evaluations))
+    print(
+        f"\nEvaluation on {options.eval_episodes} seeded episodes "
+        f"(seed {options.seed} + {EVAL_SEED_OFFSET}); chance on the memory decision "
+        f"is {config.chance:.0%}:"
+    )
+    print(
+        f"  {'policy':<{width}}  {'acts':<7}  {'mean return':>11}  "
+        f"{'memory decision':>15}  {'invalid actions':>15}"
+    )
+    for name, score in evaluations.items():
+        acts = "greedy" if score.deterministic else "samples"
+        print(
+            f"  {name:<{width}}  {acts:<7}  {score.mean_return:>11.3f}  "
+            f"{score.success_rate:>15.1%}  {score.invalid_actions:>15d}"
+        )
+
+
+def _print_acceptance(acceptance: list[Acceptance]) -> None:
+    print("\nAcceptance:")
+    for item in acceptance:
+        print(f"  [{'PASS' if item.passed else 'FAIL'}] {item.check}")
+
+
+def _save(
+    run: _Run,
+    evaluations: dict[str, Evaluation],
+    acceptance: list[Acceptance],
+    options: DemoOptions,
+    config: TaskConfig,
+    output: Path,
+) -> list[Path]:
+    from esper.tamiyo.policy.demo.plot import plot_learning_curves  # noqa: PLC0415
+
+    files = [bundle.save(output / f"{name}.pt") for name, bundle in run.bundles.items()]
+    files.append(
+        plot_learning_curves(
+            run.histories, evaluations["uniform"], config, output / "learning_curves.png"
+        )
+    )
+    results: dict[str, Any] = {
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
+        "task": {"feature_dim": config.feature_dim, "episode_steps": config.episode_steps,
+                 "num_cues": config.num_cues, "chance": config.chance},
+        "evaluations": {name: asdict(score) for name, score in evaluations.items()},
+        "acceptance": [asdict(item) for item in acceptance],
+        "histories": {name: [_history_row(s) for s in history]
+                      for name, history in run.histories.items()},
+        "seconds": run.seconds,
+        "machine": {"torch": torch.__version__, "python": platform.python_version(),
+                    "processor": platform.processor() or platform.machine()},
+    }  # fmt: skip
+    path = output / "results.json"
+    path.write_text(json.dumps(results, indent=1, allow_nan=False, default=_finite) + "\n")
+    files.append(path)
+    return files
+
+
+def _history_row(stats: IterationStats) -> dict[str, Any]:
+    return {
+        "env_steps": stats.env_steps,
+        "mean_return": _finite(stats.mean_return),
+        "success_rate": _finite(stats.success_rate),
+        "invalid_actions": stats.invalid_actions,
+        "approx_kl": stats.update.approx_kl,
+        "first_ratio_error": stats.update.first_ratio_error,
+    }
+
+
+def _finite(value: object) -> object:
+    """JSON has no NaN: an iteration in which no episode ended records `null`."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _show_progress(bar: tqdm[Any]) -> Callable[[IterationStats], None]:
+    def show(stats: IterationStats) -> None:
+        bar.update(stats.env_steps - bar.n)
+        if stats.episodes:
+            bar.set_postfix(
+                {"return": f"{stats.mean_return:.2f}", "success": f"{stats.success_rate:.0%}"},
+                refresh=False,
+            )
+
+    return show
+
+
+def _import_optional() -> type[tqdm[Any]]:
+    """tqdm, checked with matplotlib up front, so a missing package fails before training."""
+    try:
+        import matplotlib  # noqa: F401, PLC0415
+        from tqdm import tqdm  # noqa: PLC0415
+    except ImportError as error:
+        raise DemoError(f"the demo needs {error.name}: {_EXTRA_HINT}") from None
+    return tqdm
+
+
+def _output_folder(options: DemoOptions) -> Path:
+    folder = options.output or Path("demo-runs") / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise DemoError(f"--output {folder}: a file is in the way of this folder") from None
+    return folder
+
+
+def _resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DemoError(
+            f"--device {name}: not a torch device name (cpu, cuda, cuda:1, ...)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DemoError(f"--device {name}: torch sees no CUDA device here")
+    if device.type not in ("cpu", "cuda"):
+        raise DemoError(f"--device {name}: the demo runs on cpu or cuda")
+    return device
