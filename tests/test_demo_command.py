@@ -6,15 +6,17 @@ import contextlib
 import io
 import json
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from esper.tamiyo.policy import LSTMPolicyBundle
+from esper.tamiyo.policy import ActionSpace, LSTMPolicyBundle, MLPPolicyBundle, UniformPolicyBundle
 from esper.tamiyo.policy.cli import main
-from esper.tamiyo.policy.demo import TaskConfig
+from esper.tamiyo.policy.demo import PPOTrainer, TaskConfig
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ACCEPTANCE_STEPS = "80000"  # the default is 120000; at 45000 one seed in 8 fell short
@@ -136,6 +138,33 @@ def test_load_refuses_a_file_that_is_not_a_checkpoint(
     assert "--load: " in _error_of(["demo", "--load", str(path)], capsys)
 
 
+def test_load_scores_a_saved_uniform_policy_by_sampling(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = UniformPolicyBundle(TaskConfig().feature_dim).save(tmp_path / "uniform.pt")
+    assert main(["demo", "--load", str(path), "--eval-episodes", "200"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    loaded = next(row for row in rows if row[:1] == [str(path)])
+    builtin = next(row for row in rows if row[:1] == ["uniform"])
+    assert loaded[1:] == builtin[1:]  # the same policy on the same episodes
+    assert loaded[1] == "samples"
+
+
+def test_load_refuses_a_checkpoint_with_other_heads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = MLPPolicyBundle(TaskConfig().feature_dim, action_space=ActionSpace(slot=4))
+    path = bundle.save(tmp_path / "other.pt")
+    err = _error_of(["demo", "--load", str(path)], capsys)
+    assert "the 'mlp' bundle in it has heads ActionSpace(slot=4" in err
+    assert "the demo task uses ActionSpace(slot=3" in err
+
+
+def test_load_refuses_training_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _error_of(["demo", "--load", "x.pt", "--steps", "5", "--output", "out"], capsys)
+    assert "--load evaluates a checkpoint and trains nothing: --steps, --output" in err
+
+
 def test_load_refuses_a_checkpoint_built_for_other_features(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -149,12 +178,54 @@ def test_the_demo_refuses_options_that_cannot_work(
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "torch sees no CUDA device" in _error_of(["demo", "--device", "cuda"], capsys)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    err = _error_of(["demo", "--device", "cuda:1"], capsys)
+    assert "--device cuda:1: torch sees 1 CUDA device(s) here" in err
+    assert "the demo runs on cpu or cuda" in _error_of(["demo", "--device", "meta"], capsys)
     assert "not a torch device name" in _error_of(["demo", "--device", "gpu0"], capsys)
     assert "must be a multiple of 4" in _error_of(["demo", "--envs", "6"], capsys)
     blocker = tmp_path / "file"
     blocker.write_text("")
     err = _error_of(["demo", "--output", str(blocker / "run"), "--steps", "1"], capsys)
     assert "a file is in the way" in err
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(**kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(kwargs["dir"]))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    trained: list[int] = []
+    monkeypatch.setattr(PPOTrainer, "iterate", lambda self: trained.append(1))
+    err = _error_of(["demo", "--output", str(tmp_path)], capsys)
+    assert f"--output {tmp_path}: cannot write there: [Errno 13] Permission denied" in err
+    assert trained == []
+
+
+def test_a_failed_write_after_training_is_reported_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "mlp.pt").mkdir()  # a folder where the checkpoint goes
+    argv = ["demo", "--steps", "256", "--envs", "8", "--eval-episodes", "8"]
+    err = _error_of([*argv, "--output", str(tmp_path), "--no-progress"], capsys)
+    assert f"--output {tmp_path}: could not write the results:" in err
+    assert "mlp.pt" in err
+
+
+def test_default_output_folders_never_collide(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt: "20261125-120000")
+    argv = ["demo", "--steps", "128", "--envs", "8", "--eval-episodes", "8", "--no-progress"]
+    for _ in range(2):
+        main(argv)
+    printed = capsys.readouterr().out
+    assert "Saved in demo-runs/20261125-120000/: " in printed
+    assert "Saved in demo-runs/20261125-120000-2/: " in printed
 
 
 def test_the_demo_says_how_to_install_a_missing_optional_package(

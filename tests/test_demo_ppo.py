@@ -132,6 +132,28 @@ def test_a_training_run_changes_the_weights_and_every_parameter_gets_a_gradient(
 def test_the_trainer_refuses_environments_that_do_not_split_into_minibatches() -> None:
     with pytest.raises(ValueError, match="6 environments do not split into 4 minibatches"):
         PPOTrainer(demo_lstm(), SeedLifecycleTask(6), PPOConfig(minibatches=4))
+    with pytest.raises(ValueError, match="a minibatch would hold a single step"):
+        PPOTrainer(demo_lstm(), SeedLifecycleTask(4), PPOConfig(rollout_steps=1, minibatches=4))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"minibatches": 0}, ValueError, "minibatches must be at least 1, got 0"),
+        ({"epochs": 0}, ValueError, "epochs must be at least 1, got 0"),
+        ({"rollout_steps": 2.5}, TypeError, "rollout_steps must be an int"),
+        ({"learning_rate": 0.0}, ValueError, r"learning_rate must be in \(0.0, inf\], got 0.0"),
+        ({"gamma": 1.5}, ValueError, r"gamma must be in \[0.0, 1.0\], got 1.5"),
+        ({"gae_lambda": -0.1}, ValueError, r"gae_lambda must be in \[0.0, 1.0\]"),
+        ({"clip": True}, TypeError, "clip must be a number, got True"),
+        ({"entropy_coef": float("nan")}, ValueError, "entropy_coef must be in"),
+    ],
+)
+def test_ppo_config_refuses_settings_that_cannot_train(
+    kwargs: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        PPOConfig(**kwargs)  # type: ignore[arg-type]
 
 
 def test_evaluation_restores_training_mode_and_meets_the_same_episodes() -> None:

@@ -127,8 +127,8 @@ def test_every_combination_of_valid_choices_is_legal_and_every_other_refused(see
     """The heads are sampled independently: masks must be a product of legal choices.
 
     From states reached by a uniform policy, every (slot, op) pair is tried in a copy
-    of the task; the task's rules (checked apart from the masks) must accept exactly
-    the pairs the masks allow.
+    of the task: the task accepts exactly the pairs the masks allow (its own rules
+    refuse none of them), and each allowed pair obeys the rules as written here.
     """
     task = SeedLifecycleTask(256, seed=seed)
     policy = UniformPolicyBundle()
@@ -144,20 +144,47 @@ def test_every_combination_of_valid_choices_is_legal_and_every_other_refused(see
                 allowed = valid(masks, "slot")[:, slot] & valid(masks, "op")[:, op]
                 refused = outcome.episodes.invalid_actions - task.invalid_actions  # [N]
                 assert torch.equal(refused, (~allowed).long()), (slot, op.name)
+                assert bool((~allowed | rule(task, slot, op)).all()), (slot, op.name)
         step = policy.get_action(features, masks, generator=generator)
         outcome = task.step(step.action)
         features, masks = outcome.features, outcome.masks
     assert stages_seen == {int(stage) for stage in Stage}
 
 
-def test_a_refused_action_is_counted_and_taken_as_wait() -> None:
+def rule(task: SeedLifecycleTask, slot: int, op: Op) -> torch.Tensor:
+    """`[N]` whether the task's rules, as the issue states them, allow `op` on `slot`."""
+    stage, timer = task.stage[:, slot], task.timer[:, slot]
+    is_open = task.t >= task.open_step
+    live = (stage == Stage.TRAINING) | (stage == Stage.BLENDING) | (stage == Stage.HOLDING)
+    return {
+        Op.WAIT: torch.ones_like(is_open),
+        Op.GERMINATE: (stage == Stage.EMPTY) & is_open,  # no germinating an occupied slot
+        Op.ADVANCE: (stage == Stage.TRAINING) & (timer == 0),  # trained seeds only
+        Op.SET_ALPHA_TARGET: stage == Stage.BLENDING,
+        Op.FOSSILIZE: stage == Stage.HOLDING,  # only once blended and evaluated
+        Op.PRUNE: live,
+    }[op]
+
+
+@pytest.mark.parametrize(
+    "forced",
+    [
+        {"op": Op.GERMINATE},  # germination is not open yet
+        {"style": 99},  # out of range
+        {"slot": -1},
+        {"op": len(Op)},
+    ],
+)
+def test_a_refused_action_is_counted_and_taken_as_wait(forced: dict[str, int]) -> None:
     task = SeedLifecycleTask(8, seed=0)
     _, masks = task.reset()
     waited, refused = copy.deepcopy(task), copy.deepcopy(task)
     expected = waited.step(first_valid(masks))
-    germinate = first_valid(masks, force=True, op=Op.GERMINATE)  # germination is not open at step 0
-    result = refused.step(germinate)
-    assert torch.equal(result.episodes.invalid_actions, torch.ones(8, dtype=torch.long))
+    action = first_valid(masks)
+    for head, value in forced.items():
+        action[head][:3] = value  # rows 0-2 refused, the others valid
+    result = refused.step(action)
+    assert result.episodes.invalid_actions.tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
     assert torch.equal(result.features, expected.features)
     assert torch.equal(refused.stage, waited.stage)
 
@@ -260,6 +287,7 @@ def test_step_refuses_a_malformed_action_and_keeps_working(
         ({"episode_steps": 8}, "episode_steps=8 leaves no time"),
         ({"action_space": ActionSpace(op=5)}, "the task uses 6 op actions, the action space has 5"),
         ({"action_space": ActionSpace(slot=4)}, "the task has 1 to 3 slots"),
+        ({"action_space": ActionSpace(alpha_curve=5)}, "the task uses 3 alpha_curve actions"),
     ],
 )
 def test_task_config_refuses_shapes_the_task_cannot_have(
@@ -269,9 +297,19 @@ def test_task_config_refuses_shapes_the_task_cannot_have(
         TaskConfig(**kwargs)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.0, True])
-def test_the_task_refuses_a_bad_number_of_environments(bad: object) -> None:
-    with pytest.raises(ValueError, match="num_envs must be a positive int"):
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    [
+        (0, ValueError, "num_envs must be at least 1, got 0"),
+        (-1, ValueError, "num_envs must be at least 1, got -1"),
+        (2.0, TypeError, r"num_envs must be an int, got float \(2.0\)"),
+        (True, TypeError, r"num_envs must be an int, got bool \(True\)"),
+    ],
+)
+def test_the_task_refuses_a_bad_number_of_environments(
+    bad: object, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
         SeedLifecycleTask(bad)  # type: ignore[arg-type]
 
 

@@ -12,7 +12,7 @@ import esper.tamiyo.policy as package
 
 SUBMODULES = sorted(
     info.name
-    for info in pkgutil.iter_modules(package.__path__, package.__name__ + ".")
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
     if not info.name.endswith("__main__")
 )
 MODULES = [*SUBMODULES, package.__name__]

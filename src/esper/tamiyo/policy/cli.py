@@ -136,18 +136,20 @@ def _add_demo_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "when every acceptance check holds. Needs the demo extra (tqdm, matplotlib).",
     )
     demo.add_argument(
-        "--steps", type=_positive_int, default=120_000,
-        help="training environment steps per policy (120000)",
-    )  # fmt: skip
+        "--steps", type=_positive_int, help="training environment steps per policy (120000)"
+    )
     demo.add_argument("--seed", type=_seed, default=0, help="random seed (0)")
     demo.add_argument(
-        "--output", type=Path, metavar="DIR", help="output folder (demo-runs/<date-time>)"
+        "--output",
+        type=Path,
+        metavar="DIR",
+        help="output folder (a new demo-runs/<date-time>); files in it are replaced",
     )
     demo.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (cpu)")
     demo.add_argument(
         "--load", type=Path, metavar="PATH", help="evaluate this checkpoint instead of training"
     )
-    demo.add_argument("--envs", type=_positive_int, default=64, help="environments (64)")
+    demo.add_argument("--envs", type=_positive_int, help="training environments (64)")
     demo.add_argument(
         "--eval-episodes", type=_positive_int, default=1000, help="evaluation episodes (1000)"
     )
@@ -163,9 +165,16 @@ def _run_demo(args: argparse.Namespace) -> int:
     """
     from esper.tamiyo.policy.demo.run import DemoError, DemoOptions, run_demo  # noqa: PLC0415
 
+    training_only = {"--steps": args.steps, "--envs": args.envs, "--output": args.output}
+    given = [flag for flag, value in training_only.items() if value is not None]
+    if args.load is not None and given:
+        raise CommandError(
+            f"--load evaluates a checkpoint and trains nothing: {', '.join(given)} would be ignored"
+        )
+    defaults = DemoOptions()
     options = DemoOptions(
-        steps=args.steps,
-        envs=args.envs,
+        steps=defaults.steps if args.steps is None else args.steps,
+        envs=defaults.envs if args.envs is None else args.envs,
         seed=args.seed,
         output=args.output,
         device=args.device,

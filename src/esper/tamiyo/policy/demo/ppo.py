@@ -20,6 +20,7 @@ the sum of the heads' normalized entropies.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from esper.tamiyo.policy.base import PolicyBundle
 from esper.tamiyo.policy.demo.task import EpisodeStats, SeedLifecycleTask
 from esper.tamiyo.policy.inputs import HiddenState
 from esper.tamiyo.policy.masks import ActionMasks
+from esper.tamiyo.policy.validation import check_positive_int
 
 __all__ = ["IterationStats", "PPOConfig", "PPOTrainer", "Rollout", "UpdateStats", "gae"]
 
@@ -65,6 +67,27 @@ class PPOConfig:
     epochs: int = 4
     minibatches: int = 4
     max_grad_norm: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("rollout_steps", "epochs", "minibatches"):
+            check_positive_int(getattr(self, name), name, "PPOConfig")
+        for name, low, high, open_low in (
+            ("learning_rate", 0.0, math.inf, True),
+            ("gamma", 0.0, 1.0, False),
+            ("gae_lambda", 0.0, 1.0, False),
+            ("clip", 0.0, math.inf, True),
+            ("value_coef", 0.0, math.inf, False),
+            ("entropy_coef", 0.0, math.inf, False),
+            ("max_grad_norm", 0.0, math.inf, True),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"PPOConfig: {name} must be a number, got {value!r}")
+            if not (low < value if open_low else low <= value) or not value <= high:
+                bracket = "(" if open_low else "["
+                raise ValueError(
+                    f"PPOConfig: {name} must be in {bracket}{low}, {high}], got {value}"
+                )
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -202,6 +225,11 @@ class PPOTrainer:
                 f"PPOTrainer: {task.num_envs} environments do not split into "
                 f"{config.minibatches} minibatches of whole rows; pick num_envs divisible "
                 f"by minibatches"
+            )
+        if task.num_envs // config.minibatches * config.rollout_steps < 2:
+            raise ValueError(
+                "PPOTrainer: a minibatch would hold a single step, whose advantage cannot "
+                "be normalized; use more environments or rollout steps, or fewer minibatches"
             )
         self.bundle = bundle
         self.task = task

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,7 @@ from esper.tamiyo.policy.lstm import LSTMPolicyBundle
 from esper.tamiyo.policy.mlp import MLPPolicyBundle
 from esper.tamiyo.policy.registry import name_of
 from esper.tamiyo.policy.uniform import UniformPolicyBundle
+from esper.tamiyo.policy.validation import check_positive_int
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -80,6 +82,10 @@ class DemoOptions:
     threads: int = 1
     progress: bool = True
     load: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "envs", "eval_episodes", "threads"):
+            check_positive_int(getattr(self, name), name, "DemoOptions")
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +140,7 @@ def run_demo(options: DemoOptions) -> int:
             does not fit the task, a missing optional package, ...).
     """
     device = _resolve_device(options.device)
-    if options.envs % PPOConfig().minibatches != 0:
+    if options.load is None and options.envs % PPOConfig().minibatches != 0:
         raise DemoError(
             f"--envs {options.envs}: must be a multiple of {PPOConfig().minibatches}, "
             "the PPO minibatch count"
@@ -179,7 +185,10 @@ def _train_and_compare(options: DemoOptions, device: torch.device) -> int:
     acceptance = check_acceptance(evaluations, config.chance)
     _print_table(evaluations, options, config)
     _print_acceptance(acceptance)
-    files = _save(run, evaluations, acceptance, options, config, output)
+    try:
+        files = _save(run, evaluations, acceptance, options, config, output)
+    except OSError as error:
+        raise DemoError(f"--output {output}: could not write the results: {error}") from None
     total = sum(run.seconds.values())
     print(f"\nDone in {total:.0f} s. Saved in {output}/: {', '.join(f.name for f in files)}")
     return 0 if all(a.passed for a in acceptance) else 1
@@ -193,17 +202,22 @@ def _evaluate_checkpoint(path: Path, options: DemoOptions, device: torch.device)
         raise DemoError(f"--load {path}: no such file") from None
     except CheckpointError as error:
         raise DemoError(f"--load: {error}") from None
+    what = f"--load {path}: the {name_of(type(bundle))!r} bundle in it"
+    hint = "load a checkpoint that `esper-policy demo` saved"
     if bundle.feature_dim not in (None, config.feature_dim):
         raise DemoError(
-            f"--load {path}: the {name_of(type(bundle))!r} bundle in it takes "
-            f"{bundle.feature_dim} features, the demo task gives {config.feature_dim}; "
-            "load a checkpoint that `esper-policy demo` saved"
+            f"{what} takes {bundle.feature_dim} features, the demo task gives "
+            f"{config.feature_dim}; {hint}"
         )
+    if bundle.action_space != config.action_space:
+        raise DemoError(
+            f"{what} has heads {bundle.action_space}, the demo task uses "
+            f"{config.action_space}; {hint}"
+        )
+    uniform = UniformPolicyBundle(config.feature_dim).to(device)
     evaluations = {
-        str(path): evaluate_policy(
-            bundle, episodes=options.eval_episodes, seed=options.seed + EVAL_SEED_OFFSET
-        ),
-        "uniform": _evaluate_uniform(options, config, device),
+        str(path): _evaluate(bundle, options, config),
+        "uniform": _evaluate(uniform, options, config),
     }
     _print_table(evaluations, options, config)
     return 0
@@ -212,23 +226,26 @@ def _evaluate_checkpoint(path: Path, options: DemoOptions, device: torch.device)
 def _evaluate_all(
     bundles: dict[str, PolicyBundle], options: DemoOptions, config: TaskConfig
 ) -> dict[str, Evaluation]:
-    seed = options.seed + EVAL_SEED_OFFSET
-    evaluations = {
-        name: evaluate_policy(bundle, episodes=options.eval_episodes, seed=seed, config=config)
-        for name, bundle in bundles.items()
-    }
+    evaluations: dict[str, Evaluation] = {}
+    for name, bundle in bundles.items():
+        evaluations[name] = _evaluate(bundle, options, config)
     device = next(iter(bundles.values())).device
-    evaluations["uniform"] = _evaluate_uniform(options, config, device)
+    uniform = UniformPolicyBundle(config.feature_dim).to(device)
+    evaluations["uniform"] = _evaluate(uniform, options, config)
     return evaluations
 
 
-def _evaluate_uniform(options: DemoOptions, config: TaskConfig, device: torch.device) -> Evaluation:
-    uniform = UniformPolicyBundle(config.feature_dim).to(device)
+def _evaluate(bundle: PolicyBundle, options: DemoOptions, config: TaskConfig) -> Evaluation:
+    """Score `bundle` on the demo's evaluation episodes.
+
+    A trained policy acts greedily. The uniform policy samples: greedy, it would
+    always take each head's first valid action, a constant policy, not a baseline.
+    """
     return evaluate_policy(
-        uniform,
+        bundle,
         episodes=options.eval_episodes,
         seed=options.seed + EVAL_SEED_OFFSET,
-        deterministic=False,
+        deterministic=not isinstance(bundle, UniformPolicyBundle),
         config=config,
     )
 
@@ -289,27 +306,25 @@ def _save(
                     "processor": platform.processor() or platform.machine()},
     }  # fmt: skip
     path = output / "results.json"
-    path.write_text(json.dumps(results, indent=1, allow_nan=False, default=_finite) + "\n")
+    path.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
     files.append(path)
     return files
 
 
 def _history_row(stats: IterationStats) -> dict[str, Any]:
-    return {
+    row: dict[str, Any] = {
         "env_steps": stats.env_steps,
-        "mean_return": _finite(stats.mean_return),
-        "success_rate": _finite(stats.success_rate),
+        "episodes": stats.episodes,
         "invalid_actions": stats.invalid_actions,
-        "approx_kl": stats.update.approx_kl,
-        "first_ratio_error": stats.update.first_ratio_error,
     }
-
-
-def _finite(value: object) -> object:
-    """JSON has no NaN: an iteration in which no episode ended records `null`."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
+    for name, value in (
+        ("mean_return", stats.mean_return),
+        ("success_rate", stats.success_rate),
+        *asdict(stats.update).items(),
+    ):
+        # JSON has no NaN: an iteration in which no episode ended records null.
+        row[name] = None if math.isnan(value) else value
+    return row
 
 
 def _show_progress(bar: tqdm[Any]) -> Callable[[IterationStats], None]:
@@ -335,12 +350,37 @@ def _import_optional() -> type[tqdm[Any]]:
 
 
 def _output_folder(options: DemoOptions) -> Path:
-    folder = options.output or Path("demo-runs") / time.strftime("%Y%m%d-%H%M%S")
+    """The output folder, made and proven writable before any training.
+
+    The default is a new folder, `demo-runs/<date-time>` (`-2`, `-3`, ... when a run in
+    the same second took the name); files in a given `--output` are replaced.
+    """
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if options.output is not None:
+            folder = options.output
+            folder.mkdir(parents=True, exist_ok=True)
+        else:
+            folder = _new_folder(Path("demo-runs") / time.strftime("%Y%m%d-%H%M%S"))
+        with tempfile.TemporaryFile(dir=folder):
+            pass  # a folder we cannot write to fails here, not after training
     except (FileExistsError, NotADirectoryError):
-        raise DemoError(f"--output {folder}: a file is in the way of this folder") from None
+        raise DemoError(f"--output {options.output}: a file is in the way of this folder") from None
+    except OSError as error:
+        raise DemoError(
+            f"--output {options.output or 'demo-runs'}: cannot write there: {error}"
+        ) from None
     return folder
+
+
+def _new_folder(base: Path) -> Path:
+    for attempt in range(1, 100):
+        folder = base if attempt == 1 else base.with_name(f"{base.name}-{attempt}")
+        try:
+            folder.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        return folder
+    raise FileExistsError(f"{base}: 99 runs in one second")
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -352,6 +392,10 @@ def _resolve_device(name: str) -> torch.device:
         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DemoError(f"--device {name}: torch sees no CUDA device here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DemoError(
+            f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s) here"
+        )
     if device.type not in ("cpu", "cuda"):
         raise DemoError(f"--device {name}: the demo runs on cpu or cuda")
     return device

@@ -16,12 +16,12 @@ What each choice does:
 | head | effect |
 |---|---|
 | `slot` | the slot acted on; slots deeper in the host weigh more (`SLOT_WEIGHTS`) |
-| `blueprint` | +1 quality if it is the cue's blueprint, -1 otherwise |
+| `blueprint` | quality 1 if it is the cue's blueprint, `WRONG_BLUEPRINT_QUALITY` otherwise |
 | `style` | scales quality (`STYLE_FACTORS`) |
 | `tempo` | training steps before the seed can blend, and a quality factor (`TEMPOS`) |
 | `alpha_target` | how much of the seed is blended in (`ALPHA_TARGETS`) |
 | `alpha_speed` | blending steps (`BLEND_STEPS`) |
-| `alpha_curve` | the shape of alpha while blending (linear, ease in, ease out) |
+| `alpha_curve` | the shape of alpha while blending (`ALPHA_CURVES`) |
 | `op` | the operation (`Op`) |
 
 The host's accuracy is the sum over slots of `weight * quality * alpha` for seeds that
@@ -57,8 +57,10 @@ import torch.nn.functional as F
 
 from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
 from esper.tamiyo.policy.masks import ActionMasks
+from esper.tamiyo.policy.validation import check_positive_int
 
 __all__ = [
+    "ALPHA_CURVES",
     "ALPHA_TARGETS",
     "BLEND_STEPS",
     "FOCUS_ORDER",
@@ -107,6 +109,8 @@ ALPHA_TARGETS: Final = (0.5, 0.75, 1.0)
 """Blend fraction of each alpha target."""
 BLEND_STEPS: Final = (4, 3, 2, 1)
 """Steps of blending at each alpha speed."""
+ALPHA_CURVES: Final = ("linear", "ease in", "ease out")
+"""How alpha moves from its start to its target while blending, by alpha curve."""
 FOCUS_ORDER: Final = (Stage.HOLDING, Stage.TRAINING, Stage.EMPTY, Stage.BLENDING)
 """Which stage's slots a step offers, first match wins (trained seeds for TRAINING)."""
 
@@ -139,12 +143,15 @@ class TaskConfig:
     action_space: ActionSpace = ActionSpace()
 
     def __post_init__(self) -> None:
+        check_positive_int(self.episode_steps, "episode_steps", "TaskConfig")
+        check_positive_int(self.num_cues, "num_cues", "TaskConfig")
         space = self.action_space
         expected = {
             "style": len(STYLE_FACTORS),
             "tempo": len(TEMPOS),
             "alpha_target": len(ALPHA_TARGETS),
             "alpha_speed": len(BLEND_STEPS),
+            "alpha_curve": len(ALPHA_CURVES),
             "op": len(Op),
         }
         for head, size in expected.items():
@@ -181,7 +188,7 @@ class TaskConfig:
 
     @property
     def feature_dim(self) -> int:
-        """Width `F` of the features: the cue, time, and eight numbers per slot."""
+        """Width `F` of the features: cue, time, germination open, 8 numbers per slot."""
         return self.num_cues + 2 + self.num_slots * (len(Stage) + 3)
 
     @property
@@ -264,10 +271,7 @@ class SeedLifecycleTask:
         seed: int = 0,
         device: torch.device | str = "cpu",
     ) -> None:
-        if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
-            raise ValueError(
-                f"SeedLifecycleTask: num_envs must be a positive int, got {num_envs!r}"
-            )
+        check_positive_int(num_envs, "num_envs", "SeedLifecycleTask")
         self.config = config
         self.num_envs = num_envs
         self.device = torch.device(device)
@@ -404,14 +408,19 @@ class SeedLifecycleTask:
                     f"got {taken.dtype}"
                 )
         before = self._accuracy()  # [N]
-        slot = F.one_hot(action["slot"].clamp(0, self.config.num_slots - 1), self.config.num_slots)
-        slot = slot.bool()  # [N, S]
-        valid = _within_masks(action, self._masks) & self._legal(action["op"], slot)  # [N]
+        num_slots = self.config.num_slots
+        asked = F.one_hot(action["slot"].clamp(0, num_slots - 1), num_slots).bool()  # [N, S]
+        valid = _within_masks(action, self._masks) & self._legal(action["op"], asked)  # [N]
         self.invalid_actions += (~valid).long()
-        op = torch.where(valid, action["op"], Op.WAIT)  # [N]
-        self._germinate(slot & (op == Op.GERMINATE).unsqueeze(1), action)
+        # A refused row waits: action 0 of every head (WAIT, slot 0, ...), always in range.
+        safe: dict[str, torch.Tensor] = {}
+        for head in HEAD_NAMES:
+            safe[head] = action[head].long().masked_fill(~valid, 0)  # [N]
+        slot = F.one_hot(safe["slot"], num_slots).bool()  # [N, S]
+        op = safe["op"]  # [N]
+        self._germinate(slot & (op == Op.GERMINATE).unsqueeze(1), safe)
         self._start_blend(
-            slot & ((op == Op.ADVANCE) | (op == Op.SET_ALPHA_TARGET)).unsqueeze(1), action
+            slot & ((op == Op.ADVANCE) | (op == Op.SET_ALPHA_TARGET)).unsqueeze(1), safe
         )
         self._set_stage(slot & (op == Op.FOSSILIZE).unsqueeze(1), Stage.FOSSILIZED)
         self._clear(slot & (op == Op.PRUNE).unsqueeze(1))
