@@ -346,6 +346,10 @@ def _random_bytes(path: Path) -> None:
     path.write_bytes(random.Random(0).randbytes(4096))
 
 
+def _json(path: Path) -> None:
+    path.write_text('{\n  "scores": [1, 2]\n}\n')
+
+
 def _empty(path: Path) -> None:
     path.write_bytes(b"")
 
@@ -409,7 +413,11 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
         _truncate,
         r"cannot be read: it is truncated or corrupt \((OSError|RuntimeError)",
     ),
-    "random-bytes": (_random_bytes, "cannot be read: it is truncated or corrupt"),
+    "random-bytes": (_random_bytes, r"is not a policy checkpoint: save_policy writes a zip"),
+    "json": (
+        _json,
+        r"this file is not one \(it begins with b'\{\\n  \"scores\": \[1'\)",
+    ),
     "empty": (_empty, r"truncated or corrupt \(EOFError: unexpected end of data\)"),
     "not-ours": (_plain_dict, r"not a policy checkpoint of esper\.tamiyo\.policy.*\['x'\]"),
     "bare-state-dict": (_bare_state_dict, r"not a policy checkpoint.*bundle\.load_state_dict"),

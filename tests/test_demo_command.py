@@ -14,7 +14,14 @@ from typing import Any
 import pytest
 import torch
 
-from esper.tamiyo.policy import ActionSpace, LSTMPolicyBundle, MLPPolicyBundle, UniformPolicyBundle
+from conftest import GUIDE_EXAMPLE, load_guide_example
+from esper.tamiyo.policy import (
+    ActionSpace,
+    LSTMPolicyBundle,
+    MLPPolicyBundle,
+    UniformPolicyBundle,
+    registry,
+)
 from esper.tamiyo.policy.cli import main
 from esper.tamiyo.policy.demo import PPOTrainer, TaskConfig
 
@@ -158,6 +165,27 @@ def test_load_refuses_a_checkpoint_with_other_heads(
     err = _error_of(["demo", "--load", str(path)], capsys)
     assert "the 'mlp' bundle in it has heads ActionSpace(slot=4" in err
     assert "the demo task uses ActionSpace(slot=3" in err
+
+
+def test_load_imports_the_file_that_registers_a_contributed_bundle(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bundle of one's own: `--import` runs its registration, then `--load` works."""
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    gru = load_guide_example(keep_registration=True).GRUPolicyBundle
+    path = gru(TaskConfig().feature_dim, hidden_dim=8).save(tmp_path / "gru.pt")
+    for name, module in list(sys.modules.items()):  # as in a new process
+        if getattr(module, "__file__", None) == str(GUIDE_EXAMPLE):
+            monkeypatch.delitem(sys.modules, name)
+    del registry._REGISTRY["gru"]
+    err = _error_of(["demo", "--load", str(path)], capsys)
+    assert "'gru', which is not registered" in err
+    assert "(--import the module or file that registers it)" in err
+    argv = ["demo", "--load", str(path), "--import", str(GUIDE_EXAMPLE), "--eval-episodes", "16"]
+    assert main(argv) == 0
+    assert f"{path}  greedy" in capsys.readouterr().out
+    missing = _error_of(["demo", "--import", str(tmp_path / "nope.py")], capsys)
+    assert f"--import: no such file: {tmp_path / 'nope.py'}" in missing
 
 
 def test_load_refuses_training_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

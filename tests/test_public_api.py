@@ -51,6 +51,7 @@ DEMO_EXPECTED = [
     "UpdateStats",
     "evaluate_policy",
     "gae",
+    "train_policy",
 ]
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,8 +51,28 @@ def test_register_returns_the_class_and_lists_it_sorted() -> None:
 
 
 def test_a_taken_name_is_refused() -> None:
-    with pytest.raises(ValueError, match="policy name 'lstm' is already taken by LSTMPolicyBundle"):
+    taken = r"policy name 'lstm' is already taken by esper\.tamiyo\.policy\.lstm\.LSTMPolicyBundle"
+    with pytest.raises(ValueError, match=taken):
         register_policy("lstm")(TinyStatelessBundle)
+    assert get_policy("lstm") is LSTMPolicyBundle
+
+
+def test_a_reloaded_module_registers_its_class_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-run notebook cell or `importlib.reload` defines the same class again."""
+    (tmp_path / "reloadable.py").write_text(
+        "from esper.tamiyo.policy import UniformPolicyBundle, register_policy\n\n"
+        "@register_policy('reloaded_tiny')\n"
+        "class Reloaded(UniformPolicyBundle):\n"
+        "    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("reloadable")
+    first = get_policy("reloaded_tiny")
+    importlib.reload(module)
+    assert get_policy("reloaded_tiny") is module.Reloaded is not first
+    monkeypatch.delitem(sys.modules, "reloadable")
 
 
 def test_an_unknown_name_lists_the_known_ones() -> None:

@@ -318,12 +318,32 @@ def _read(file: Path, device: torch.device) -> dict[str, Any]:
         raise FileNotFoundError(errno.ENOENT, "no policy checkpoint at this path", str(file))
     if not file.is_file():
         raise CheckpointError(f"{file} is not a file; give the path of a checkpoint file")
+    _check_archive_signature(file)
     _check_crcs(file)
     with file.open("rb") as stream:
         payload = _load_stream(file, stream, device)
     if not isinstance(payload, dict):
         raise _not_ours(file, f"it holds a {type(payload).__name__}, not a dict")
     return payload
+
+
+_ZIP_SIGNATURE = b"PK\x03\x04"
+
+
+def _check_archive_signature(file: Path) -> None:
+    """Refuse a non-empty file that does not begin like a zip archive.
+
+    `torch.save` writes zip archives: a JSON file, a picture or a log given by mistake
+    is named as such rather than as a damaged checkpoint.
+    """
+    with file.open("rb") as stream:
+        head = stream.read(16)
+    if head and not head.startswith(_ZIP_SIGNATURE):
+        raise CheckpointError(
+            f"{file} is not a policy checkpoint: save_policy writes a zip archive (the "
+            f"format of torch.save) and this file is not one (it begins with {head!r}); "
+            "give the path of a file that save_policy wrote"
+        )
 
 
 def _check_crcs(file: Path) -> None:

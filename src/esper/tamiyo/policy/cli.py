@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from esper.tamiyo.policy.loader import TargetError, load_bundle_class
+from esper.tamiyo.policy.loader import TargetError, import_module_or_file, load_bundle_class
 from esper.tamiyo.policy.registry import create_policy, get_policy, list_policies
 from esper.tamiyo.policy.testing import run_checks
 
@@ -136,7 +136,10 @@ def _add_demo_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "when every acceptance check holds. Needs the demo extra (tqdm, matplotlib).",
     )
     demo.add_argument(
-        "--steps", type=_positive_int, help="training environment steps per policy (120000)"
+        "--steps",
+        type=_positive_int,
+        help="training environment steps per policy, rounded up to whole rollouts of "
+        "ENVS x 16 (120000)",
     )
     demo.add_argument("--seed", type=_seed, default=0, help="random seed (0)")
     demo.add_argument(
@@ -149,7 +152,17 @@ def _add_demo_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     demo.add_argument(
         "--load", type=Path, metavar="PATH", help="evaluate this checkpoint instead of training"
     )
-    demo.add_argument("--envs", type=_positive_int, help="training environments (64)")
+    demo.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE|FILE.py",
+        help="import this first, so that --load can rebuild a bundle it registers (repeatable)",
+    )
+    demo.add_argument(
+        "--envs", type=_positive_int, help="training environments, a multiple of 4 (64)"
+    )
     demo.add_argument(
         "--eval-episodes", type=_positive_int, default=1000, help="evaluation episodes (1000)"
     )
@@ -171,6 +184,11 @@ def _run_demo(args: argparse.Namespace) -> int:
         raise CommandError(
             f"--load evaluates a checkpoint and trains nothing: {', '.join(given)} would be ignored"
         )
+    for target in args.imports:
+        try:
+            import_module_or_file(target)
+        except TargetError as error:
+            raise CommandError(f"--import: {error}") from None
     defaults = DemoOptions()
     options = DemoOptions(
         steps=defaults.steps if args.steps is None else args.steps,

@@ -15,7 +15,7 @@ from types import ModuleType
 from esper.tamiyo.policy.base import PolicyBundle
 from esper.tamiyo.policy.registry import get_policy, list_policies
 
-__all__ = ["TargetError", "load_bundle_class"]
+__all__ = ["TargetError", "import_module_or_file", "load_bundle_class"]
 
 
 class TargetError(ValueError):
@@ -47,7 +47,7 @@ def load_bundle_class(target: str) -> type[PolicyBundle]:
     where, _, name = target.rpartition(":")
     if not where or not name:
         raise TargetError(f"{target!r}: expected MODULE:CLASS or FILE.py:CLASS")
-    module = _load_module(where)
+    module = import_module_or_file(where)
     obj = getattr(module, name, None)
     if obj is None:
         raise TargetError(f"{where!r} has no attribute {name!r}")
@@ -60,8 +60,16 @@ def load_bundle_class(target: str) -> type[PolicyBundle]:
     return obj
 
 
-def _load_module(where: str) -> ModuleType:
-    """Import `where`, a dotted module name or the path of a `.py` file."""
+def import_module_or_file(where: str) -> ModuleType:
+    """Import `where`, a dotted module name or the path of a `.py` file.
+
+    A module (or file) that is already imported is returned as it is, not run again,
+    so its `@register_policy` calls do not run twice.
+
+    Raises:
+        TargetError: The file does not exist, or importing raised; the message gives
+            the exception in one line.
+    """
     is_file = where.endswith(".py") or os.sep in where or "/" in where
     try:
         return _load_file(Path(where)) if is_file else _import_name(where)

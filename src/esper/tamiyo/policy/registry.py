@@ -23,22 +23,19 @@ def register_policy(name: str) -> Callable[[BundleT], BundleT]:
         ... class GRUPolicyBundle(PolicyBundle): ...
 
     Args:
-        name: Registry key, a non-empty string not yet taken.
+        name: Registry key, a non-empty string not yet taken. A class defined again
+            under the same module and name (a reloaded module, a re-run notebook cell)
+            replaces its earlier definition.
 
     Raises:
         TypeError: `name` is not a string, or the decorated object is not a concrete
             `PolicyBundle` subclass.
-        ValueError: `name` is empty or taken.
+        ValueError: `name` is empty or taken by another class.
     """
     if not isinstance(name, str):
         raise TypeError(f"policy name must be a str, got {type(name).__name__}")
     if not name:
         raise ValueError("policy name must not be empty")
-    if name in _REGISTRY:
-        raise ValueError(
-            f"policy name {name!r} is already taken by {_REGISTRY[name].__qualname__}; "
-            "choose another name"
-        )
 
     def decorator(cls: BundleT) -> BundleT:
         if not (isinstance(cls, type) and issubclass(cls, PolicyBundle)):
@@ -50,12 +47,21 @@ def register_policy(name: str) -> Callable[[BundleT], BundleT]:
             raise TypeError(
                 f"register_policy({name!r}): {cls.__qualname__} is abstract; implement {missing}"
             )
-        if name in _REGISTRY:  # taken between the decorator's creation and its use
-            raise ValueError(f"policy name {name!r} is already taken by {_REGISTRY[name]!r}")
+        taken = _REGISTRY.get(name)
+        if taken is not None and not _same_definition(taken, cls):
+            raise ValueError(
+                f"policy name {name!r} is already taken by {taken.__module__}."
+                f"{taken.__qualname__}; choose another name"
+            )
         _REGISTRY[name] = cls
         return cls
 
     return decorator
+
+
+def _same_definition(registered: type[PolicyBundle], cls: type[PolicyBundle]) -> bool:
+    """`cls` is `registered` defined again: same module, same qualified name."""
+    return (registered.__module__, registered.__qualname__) == (cls.__module__, cls.__qualname__)
 
 
 def get_policy(name: str) -> type[PolicyBundle]:

@@ -25,6 +25,7 @@ from esper.tamiyo.policy.demo.ppo import (
     Rollout,
     UpdateStats,
     gae,
+    train_policy,
 )
 from esper.tamiyo.policy.demo.task import (
     EpisodeStats,
@@ -50,4 +51,5 @@ __all__ = [
     "UpdateStats",
     "evaluate_policy",
     "gae",
+    "train_policy",
 ]

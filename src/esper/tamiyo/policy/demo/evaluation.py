@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from esper.tamiyo.policy.base import PolicyBundle
+from esper.tamiyo.policy import PolicyBundle
 from esper.tamiyo.policy.demo.task import SeedLifecycleTask, TaskConfig
 
 __all__ = ["Evaluation", "evaluate_policy"]

@@ -26,25 +26,31 @@ from dataclasses import dataclass
 
 import torch
 
-from esper.tamiyo.policy.action_space import HEAD_NAMES
-from esper.tamiyo.policy.base import PolicyBundle
-from esper.tamiyo.policy.demo.task import EpisodeStats, SeedLifecycleTask
-from esper.tamiyo.policy.inputs import HiddenState
-from esper.tamiyo.policy.masks import ActionMasks
+from esper.tamiyo.policy import HEAD_NAMES, ActionMasks, HiddenState, PolicyBundle
+from esper.tamiyo.policy.demo.task import EpisodeStats, SeedLifecycleTask, TaskConfig
 from esper.tamiyo.policy.validation import check_positive_int
 
-__all__ = ["IterationStats", "PPOConfig", "PPOTrainer", "Rollout", "UpdateStats", "gae"]
+__all__ = [
+    "IterationStats",
+    "PPOConfig",
+    "PPOTrainer",
+    "Rollout",
+    "UpdateStats",
+    "gae",
+    "train_policy",
+]
 
 
 @dataclass(frozen=True, slots=True)
 class PPOConfig:
-    """PPO settings. The defaults train the demo's LSTM in about a minute on 2 cores.
+    """PPO settings. The defaults train the demo's LSTM in about 15 s on 2 CPU cores.
 
     Attributes:
         rollout_steps: Steps per rollout, `T`; each update trains on `[N, T]`.
         learning_rate: Adam's step size.
         anneal_lr: Decay the step size linearly to 0 over each `train` call, which
-            keeps the end of training stable.
+            keeps the end of training stable. Each call starts the decay again: to
+            train in chunks, turn it off or anneal the optimizer's step size yourself.
         gamma: Discount.
         gae_lambda: GAE's λ.
         clip: PPO's clip range ε on the probability ratio.
@@ -416,6 +422,49 @@ class PPOTrainer:
         return [policy_loss, value_loss, entropy.mean(), approx_kl, clipped], ratio.detach()
 
 
+def train_policy(
+    bundle: PolicyBundle,
+    env_steps: int,
+    *,
+    num_envs: int = 64,
+    seed: int = 0,
+    config: PPOConfig = PPOConfig(),
+    task_config: TaskConfig = TaskConfig(),
+    on_iteration: Callable[[IterationStats], None] | None = None,
+) -> list[IterationStats]:
+    """Train `bundle` on `SeedLifecycleTask` with the demo's recipe.
+
+    `esper-policy demo` trains its LSTM and MLP with this. Build the bundle right
+    after `torch.manual_seed(seed)` and the whole run repeats exactly (same machine,
+    same thread count).
+
+    Example:
+        >>> from esper.tamiyo.policy import MLPPolicyBundle
+        >>> _ = torch.manual_seed(0)
+        >>> bundle = MLPPolicyBundle(TaskConfig().feature_dim, hidden_dim=16)
+        >>> history = train_policy(bundle, env_steps=2048, num_envs=8)
+        >>> len(history), history[-1].env_steps
+        (16, 2048)
+
+    Args:
+        bundle: The policy, built for `task_config.feature_dim` features; the task
+            runs on its device.
+        env_steps: Environment steps, all environments together, rounded up to whole
+            rollouts of `num_envs * config.rollout_steps`. 120,000 in the demo: the
+            LSTM first reaches 90% success after about 35,000.
+        num_envs: Environments stepped together.
+        seed: Seeds the episodes and the action sampling.
+        config: PPO settings.
+        task_config: The task's shape.
+        on_iteration: Called after each iteration.
+
+    Returns:
+        Each iteration's statistics.
+    """
+    task = SeedLifecycleTask(num_envs, task_config, seed=seed, device=bundle.device)
+    return PPOTrainer(bundle, task, config, seed=seed).train(env_steps, on_iteration)
+
+
 def gae(
     reward: torch.Tensor,
     value: torch.Tensor,
@@ -449,7 +498,11 @@ def gae(
 
 
 def _joint(per_head: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum over the heads: the joint action's log-probability (or entropy), `[N, ...]`."""
+    """Sum over the heads, `[N, ...]`.
+
+    Of log-probabilities, the joint action's: the heads are independent. Of normalized
+    entropies, the bonus `entropy_coef` weighs (each head counts up to 1).
+    """
     return torch.stack([per_head[h] for h in HEAD_NAMES]).sum(dim=0)
 
 

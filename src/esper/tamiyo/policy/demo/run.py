@@ -31,8 +31,8 @@ import torch
 from esper.tamiyo.policy.base import PolicyBundle
 from esper.tamiyo.policy.checkpoint import CheckpointError, load_policy
 from esper.tamiyo.policy.demo.evaluation import Evaluation, evaluate_policy
-from esper.tamiyo.policy.demo.ppo import IterationStats, PPOConfig, PPOTrainer
-from esper.tamiyo.policy.demo.task import SeedLifecycleTask, TaskConfig
+from esper.tamiyo.policy.demo.ppo import IterationStats, PPOConfig, train_policy
+from esper.tamiyo.policy.demo.task import TaskConfig
 from esper.tamiyo.policy.lstm import LSTMPolicyBundle
 from esper.tamiyo.policy.mlp import MLPPolicyBundle
 from esper.tamiyo.policy.registry import name_of
@@ -169,14 +169,15 @@ def _train_and_compare(options: DemoOptions, device: torch.device) -> int:
         started = time.perf_counter()
         torch.manual_seed(options.seed)
         bundle = build_policy(name, config.feature_dim).to(device)
-        task = SeedLifecycleTask(options.envs, config, seed=options.seed, device=device)
-        trainer = PPOTrainer(bundle, task, seed=options.seed)
-        per_iteration = trainer.steps_per_iteration
+        per_iteration = options.envs * PPOConfig().rollout_steps
         with progress_bar(
-            total=-(-options.steps // per_iteration) * per_iteration, desc=f"train {name:<4}", unit="step", unit_scale=True,
-            disable=not options.progress, dynamic_ncols=True,
+            total=-(-options.steps // per_iteration) * per_iteration, desc=f"train {name:<4}",
+            unit="step", unit_scale=True, disable=not options.progress, dynamic_ncols=True,
         ) as bar:  # fmt: skip
-            run.histories[name] = trainer.train(options.steps, _show_progress(bar))
+            run.histories[name] = train_policy(
+                bundle, options.steps, num_envs=options.envs, seed=options.seed,
+                task_config=config, on_iteration=_show_progress(bar),
+            )  # fmt: skip
         run.bundles[name] = bundle
         run.seconds[f"train_{name}"] = time.perf_counter() - started
     started = time.perf_counter()
@@ -201,7 +202,10 @@ def _evaluate_checkpoint(path: Path, options: DemoOptions, device: torch.device)
     except FileNotFoundError:
         raise DemoError(f"--load {path}: no such file") from None
     except CheckpointError as error:
-        raise DemoError(f"--load: {error}") from None
+        hint = (
+            " (--import the module or file that registers it)" if "registered" in str(error) else ""
+        )
+        raise DemoError(f"--load: {error}{hint}") from None
     what = f"--load {path}: the {name_of(type(bundle))!r} bundle in it"
     hint = "load a checkpoint that `esper-policy demo` saved"
     if bundle.feature_dim not in (None, config.feature_dim):
