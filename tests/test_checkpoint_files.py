@@ -30,6 +30,7 @@ from esper.tamiyo.policy import (
 from esper.tamiyo.policy.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
+    UnregisteredPolicyError,
     load_policy,
     save_policy,
 )
@@ -342,6 +343,10 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def _cut_in_the_signature(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:2])
+
+
 def _random_bytes(path: Path) -> None:
     path.write_bytes(random.Random(0).randbytes(4096))
 
@@ -418,6 +423,7 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
         _json,
         r"this file is not one \(it begins with b'\{\\n  \"scores\": \[1'\)",
     ),
+    "cut-in-the-signature": (_cut_in_the_signature, "cannot be read: it is truncated or corrupt"),
     "empty": (_empty, r"truncated or corrupt \(EOFError: unexpected end of data\)"),
     "not-ours": (_plain_dict, r"not a policy checkpoint of esper\.tamiyo\.policy.*\['x'\]"),
     "bare-state-dict": (_bare_state_dict, r"not a policy checkpoint.*bundle\.load_state_dict"),
@@ -452,6 +458,27 @@ def test_a_bad_file_is_refused_naming_the_file_and_the_cause(tmp_path: Path, cas
     with pytest.raises(CheckpointError, match=cause) as caught:
         load_policy(path)
     assert str(caught.value).startswith(f"{path}")
+
+
+def test_an_unregistered_policy_has_its_own_error_class(tmp_path: Path) -> None:
+    """Callers (the demo's --load) can tell "import its module" from a damaged file."""
+    path = save_policy(build("lstm"), tmp_path / "p.pt")
+    _unknown_name(path)
+    with pytest.raises(UnregisteredPolicyError, match="'transformer', which is not registered"):
+        load_policy(path)
+
+
+def test_a_checkpoint_in_torchs_legacy_format_loads(tmp_path: Path) -> None:
+    """torch.save's pre-zip format (a pickle stream) is still read, as torch.load reads it."""
+    bundle = build("mlp")
+    payload = torch.load(save_policy(bundle, tmp_path / "zip.pt"), weights_only=True)
+    legacy = tmp_path / "legacy.pt"
+    torch.save(payload, legacy, _use_new_zipfile_serialization=False)
+    assert legacy.read_bytes()[:1] == b"\x80"
+    same = load_policy(legacy)
+    for key, value in bundle.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(same.state_dict()[key], value), key
 
 
 def test_a_missing_file_is_named() -> None:

@@ -184,8 +184,10 @@ def test_load_imports_the_file_that_registers_a_contributed_bundle(
     argv = ["demo", "--load", str(path), "--import", str(GUIDE_EXAMPLE), "--eval-episodes", "16"]
     assert main(argv) == 0
     assert f"{path}  greedy" in capsys.readouterr().out
-    missing = _error_of(["demo", "--import", str(tmp_path / "nope.py")], capsys)
-    assert f"--import: no such file: {tmp_path / 'nope.py'}" in missing
+    missing = _error_of(["demo", "--load", str(path), "--import", str(tmp_path / "no.py")], capsys)
+    assert f"--import: no such file: {tmp_path / 'no.py'}" in missing
+    alone = _error_of(["demo", "--import", str(GUIDE_EXAMPLE)], capsys)
+    assert "--import is for --load" in alone
 
 
 def test_load_refuses_training_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

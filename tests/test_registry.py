@@ -16,12 +16,16 @@ from esper.tamiyo.policy import (
     NetworkOutput,
     PolicyBundle,
     PolicyInputs,
+    UniformPolicyBundle,
     create_policy,
     get_policy,
     list_policies,
+    load_policy,
     register_policy,
     registry,
 )
+from esper.tamiyo.policy.loader import TargetError, load_bundle_class
+from esper.tamiyo.policy.registry import name_of
 
 
 @pytest.fixture(autouse=True)
@@ -57,22 +61,59 @@ def test_a_taken_name_is_refused() -> None:
     assert get_policy("lstm") is LSTMPolicyBundle
 
 
-def test_a_reloaded_module_registers_its_class_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A re-run notebook cell or `importlib.reload` defines the same class again."""
+def test_a_reloaded_module_registers_its_class_again(tmp_path: Path) -> None:
+    """A re-run notebook cell or `importlib.reload` defines the same class again.
+
+    Bundles made from the earlier definition can still be saved under its name.
+    """
     (tmp_path / "reloadable.py").write_text(
         "from esper.tamiyo.policy import UniformPolicyBundle, register_policy\n\n"
         "@register_policy('reloaded_tiny')\n"
         "class Reloaded(UniformPolicyBundle):\n"
         "    pass\n"
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    module = importlib.import_module("reloadable")
-    first = get_policy("reloaded_tiny")
-    importlib.reload(module)
-    assert get_policy("reloaded_tiny") is module.Reloaded is not first
-    monkeypatch.delitem(sys.modules, "reloadable")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        module = importlib.import_module("reloadable")
+        first = module.Reloaded
+        made_before = first()
+        importlib.reload(module)
+        assert get_policy("reloaded_tiny") is module.Reloaded is not first
+        assert name_of(type(made_before)) == "reloaded_tiny"
+        same = load_policy(made_before.save(tmp_path / "before.pt"))
+        assert type(same) is module.Reloaded
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("reloadable", None)
+
+
+def test_a_class_made_by_a_function_twice_is_two_classes_and_refused() -> None:
+    def make() -> type[PolicyBundle]:
+        class Local(UniformPolicyBundle):
+            pass
+
+        return Local
+
+    register_policy("local")(make())
+    with pytest.raises(ValueError, match=r"'local' is already taken by .*<locals>\.Local"):
+        register_policy("local")(make())
+
+
+def test_two_files_of_the_same_name_do_not_replace_each_other(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "bundle.py").write_text(
+            "from esper.tamiyo.policy import UniformPolicyBundle, register_policy\n\n"
+            "@register_policy('same_file_name')\n"
+            "class Mine(UniformPolicyBundle):\n"
+            "    pass\n"
+        )
+    first = load_bundle_class(f"{tmp_path / 'a' / 'bundle.py'}:Mine")
+    with pytest.raises(TargetError, match="'same_file_name' is already taken"):
+        load_bundle_class(f"{tmp_path / 'b' / 'bundle.py'}:Mine")
+    assert get_policy("same_file_name") is first
 
 
 def test_an_unknown_name_lists_the_known_ones() -> None:

@@ -56,7 +56,13 @@ from esper.tamiyo.policy import registry
 from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
 from esper.tamiyo.policy.base import PolicyBundle
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "load_policy", "save_policy"]
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "UnregisteredPolicyError",
+    "load_policy",
+    "save_policy",
+]
 
 FORMAT_VERSION: Final = 1
 """The version of the file layout `save_policy` writes; `load_policy` reads up to it."""
@@ -71,6 +77,14 @@ _WRAPPERS: Final = (nn.DataParallel, nn.parallel.DistributedDataParallel)  # wei
 
 class CheckpointError(ValueError):
     """A file cannot be loaded as a policy checkpoint; the message names it and says why."""
+
+
+class UnregisteredPolicyError(CheckpointError):
+    """The checkpoint names a policy no imported module has registered.
+
+    Import the module that registers it, then load again (`esper-policy demo
+    --import`).
+    """
 
 
 # ---------------------------------------------------------------------- saving
@@ -328,20 +342,24 @@ def _read(file: Path, device: torch.device) -> dict[str, Any]:
 
 
 _ZIP_SIGNATURE = b"PK\x03\x04"
+_PICKLE_PROTOCOL = b"\x80"  # torch.save(..., _use_new_zipfile_serialization=False)
 
 
 def _check_archive_signature(file: Path) -> None:
-    """Refuse a non-empty file that does not begin like a zip archive.
+    """Refuse a file that begins like neither format `torch.load` reads.
 
-    `torch.save` writes zip archives: a JSON file, a picture or a log given by mistake
-    is named as such rather than as a damaged checkpoint.
+    `torch.save` writes a zip archive (or, with its legacy option, a pickle stream): a
+    JSON file, a picture or a log given by mistake is named as such rather than as a
+    damaged checkpoint. An empty file, or one cut inside the zip signature, goes on to
+    be reported as truncated.
     """
     with file.open("rb") as stream:
         head = stream.read(16)
-    if head and not head.startswith(_ZIP_SIGNATURE):
+    cut_short = _ZIP_SIGNATURE.startswith(head)  # also true of an empty file
+    if not (cut_short or head.startswith((_ZIP_SIGNATURE, _PICKLE_PROTOCOL))):
         raise CheckpointError(
-            f"{file} is not a policy checkpoint: save_policy writes a zip archive (the "
-            f"format of torch.save) and this file is not one (it begins with {head!r}); "
+            f"{file} is not a policy checkpoint: save_policy writes a zip archive, as "
+            f"torch.save does, and this file is not one (it begins with {head!r}); "
             "give the path of a file that save_policy wrote"
         )
 
@@ -353,7 +371,7 @@ def _check_crcs(file: Path) -> None:
     not check them: a bit flipped in the weights would load silently.
     """
     if not zipfile.is_zipfile(file):
-        return  # not an archive at all: torch.load names what it is
+        return  # empty, cut short, or legacy pickle: torch.load says what is wrong
     try:
         with zipfile.ZipFile(file) as archive:
             bad = archive.testzip()
@@ -440,7 +458,7 @@ def _policy_class(file: Path, name: object) -> type[PolicyBundle]:
         raise _not_ours(file, f"its policy name is a {type(name).__name__}, not a str")
     if name not in registry.list_policies():
         known = ", ".join(registry.list_policies()) or "(none)"
-        raise CheckpointError(
+        raise UnregisteredPolicyError(
             f"{file} holds policy {name!r}, which is not registered (registered: {known}); "
             f'import the module that registers it with @register_policy("{name}") before '
             "loading"

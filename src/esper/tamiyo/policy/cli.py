@@ -184,6 +184,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         raise CommandError(
             f"--load evaluates a checkpoint and trains nothing: {', '.join(given)} would be ignored"
         )
+    if args.imports and args.load is None:
+        raise CommandError("--import is for --load: it registers the bundle a checkpoint names")
     for target in args.imports:
         try:
             import_module_or_file(target)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -94,7 +95,9 @@ def _load_file(path: Path) -> ModuleType:
         file = getattr(module, "__file__", None)
         if file is not None and Path(file).resolve() == resolved:
             return module
-    module_name = f"_esper_check_{path.stem}"
+    # One name per file: two files named alike must not replace each other's module.
+    digest = hashlib.sha1(str(resolved).encode(), usedforsecurity=False).hexdigest()[:8]
+    module_name = f"_esper_check_{path.stem}_{digest}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise TargetError(f"cannot load {path} as a Python module")

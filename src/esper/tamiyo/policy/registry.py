@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -23,9 +24,10 @@ def register_policy(name: str) -> Callable[[BundleT], BundleT]:
         ... class GRUPolicyBundle(PolicyBundle): ...
 
     Args:
-        name: Registry key, a non-empty string not yet taken. A class defined again
-            under the same module and name (a reloaded module, a re-run notebook cell)
-            replaces its earlier definition.
+        name: Registry key, a non-empty string taken by no other class. The same
+            class defined again (a reloaded module, a re-run notebook cell: same
+            module, file and qualified name, not local to a function) replaces its
+            earlier definition.
 
     Raises:
         TypeError: `name` is not a string, or the decorated object is not a concrete
@@ -60,8 +62,19 @@ def register_policy(name: str) -> Callable[[BundleT], BundleT]:
 
 
 def _same_definition(registered: type[PolicyBundle], cls: type[PolicyBundle]) -> bool:
-    """`cls` is `registered` defined again: same module, same qualified name."""
-    return (registered.__module__, registered.__qualname__) == (cls.__module__, cls.__qualname__)
+    """`cls` is `registered` defined again: same module, file and qualified name.
+
+    A class local to a function is never the same definition: each call makes a
+    different class under the same name.
+    """
+    if "<locals>" in cls.__qualname__:
+        return False
+    return _definition(registered) == _definition(cls)
+
+
+def _definition(cls: type[PolicyBundle]) -> tuple[str, str, str | None]:
+    module = sys.modules.get(cls.__module__)
+    return cls.__module__, cls.__qualname__, getattr(module, "__file__", None)
 
 
 def get_policy(name: str) -> type[PolicyBundle]:
@@ -101,6 +114,9 @@ def name_of(cls: type[PolicyBundle]) -> str:
     for name, registered in _REGISTRY.items():
         if registered is cls:
             return name
+    for name, registered in _REGISTRY.items():
+        if isinstance(cls, type) and _same_definition(registered, cls):
+            return name  # an instance made before its class was defined again
     what = f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else repr(cls)
     known = ", ".join(list_policies()) or "(none)"
     raise ValueError(

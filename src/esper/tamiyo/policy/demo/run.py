@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from esper.tamiyo.policy.base import PolicyBundle
-from esper.tamiyo.policy.checkpoint import CheckpointError, load_policy
+from esper.tamiyo.policy.checkpoint import CheckpointError, UnregisteredPolicyError, load_policy
 from esper.tamiyo.policy.demo.evaluation import Evaluation, evaluate_policy
 from esper.tamiyo.policy.demo.ppo import IterationStats, PPOConfig, train_policy
 from esper.tamiyo.policy.demo.task import TaskConfig
@@ -169,13 +169,14 @@ def _train_and_compare(options: DemoOptions, device: torch.device) -> int:
         started = time.perf_counter()
         torch.manual_seed(options.seed)
         bundle = build_policy(name, config.feature_dim).to(device)
-        per_iteration = options.envs * PPOConfig().rollout_steps
+        ppo = PPOConfig()
+        per_iteration = options.envs * ppo.rollout_steps
         with progress_bar(
             total=-(-options.steps // per_iteration) * per_iteration, desc=f"train {name:<4}",
             unit="step", unit_scale=True, disable=not options.progress, dynamic_ncols=True,
         ) as bar:  # fmt: skip
             run.histories[name] = train_policy(
-                bundle, options.steps, num_envs=options.envs, seed=options.seed,
+                bundle, options.steps, num_envs=options.envs, seed=options.seed, config=ppo,
                 task_config=config, on_iteration=_show_progress(bar),
             )  # fmt: skip
         run.bundles[name] = bundle
@@ -201,11 +202,11 @@ def _evaluate_checkpoint(path: Path, options: DemoOptions, device: torch.device)
         bundle = load_policy(path, map_location=device)
     except FileNotFoundError:
         raise DemoError(f"--load {path}: no such file") from None
+    except UnregisteredPolicyError as error:
+        hint = "--import the module or file that registers it"
+        raise DemoError(f"--load: {error} ({hint})") from None
     except CheckpointError as error:
-        hint = (
-            " (--import the module or file that registers it)" if "registered" in str(error) else ""
-        )
-        raise DemoError(f"--load: {error}{hint}") from None
+        raise DemoError(f"--load: {error}") from None
     what = f"--load {path}: the {name_of(type(bundle))!r} bundle in it"
     hint = "load a checkpoint that `esper-policy demo` saved"
     if bundle.feature_dim not in (None, config.feature_dim):
