@@ -10,10 +10,12 @@ each rank runs the guide's own script, with the environment `torchrun` would giv
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import os
 import re
 import runpy
+import signal
 import socket
 import time
 import warnings
@@ -270,6 +272,9 @@ def _run_guide_script(rank: int, port: int, out_dir: str) -> None:
 
 def _rank_main(rank: int, init_file: str, out_dir: str, port: int) -> None:
     """Entry point of a spawned rank: join the group, train, run the guide, save a record."""
+    # If the parent's deadline passes, it sends SIGUSR1 first: each rank then prints
+    # where it is stuck to stderr, which pytest shows with the failure.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     torch.set_num_threads(1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -316,6 +321,10 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     deadline = time.monotonic() + DEADLINE_S
     while not context.join(timeout=1.0):  # raises with the rank's traceback if one failed
         if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.pid is not None and process.is_alive():
+                    os.kill(process.pid, signal.SIGUSR1)  # each rank prints its stacks
+            time.sleep(2.0)
             for process in context.processes:
                 process.kill()
             pytest.fail(f"the two ranks did not finish within {DEADLINE_S} s (deadlock?)")
