@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from esper.tamiyo.policy.demo import PPOConfig, evaluate_policy, task, train_policy
+from esper.tamiyo.policy.demo import PPOConfig, TaskConfig, evaluate_policy, train_policy
 from esper.tamiyo.policy.demo.run import EVAL_SEED_OFFSET, build_policy
 
 
@@ -45,18 +45,14 @@ RECIPES = {
 
 
 def run(recipe: Recipe, seed: int, steps: int) -> list[str]:
-    saved = task.WRONG_BLUEPRINT_QUALITY
-    task.WRONG_BLUEPRINT_QUALITY = recipe.wrong_quality  # type: ignore[misc]
-    try:
-        torch.manual_seed(seed)
-        bundle = build_policy("lstm", task.TaskConfig().feature_dim)
-        config = PPOConfig(learning_rate=recipe.learning_rate, anneal_lr=recipe.anneal)
-        started = time.perf_counter()
-        history = train_policy(bundle, steps, seed=seed, config=config)
-        seconds = time.perf_counter() - started
-        score = evaluate_policy(bundle, seed=seed + EVAL_SEED_OFFSET)
-    finally:
-        task.WRONG_BLUEPRINT_QUALITY = saved  # type: ignore[misc]
+    task_config = TaskConfig(wrong_blueprint_quality=recipe.wrong_quality)
+    torch.manual_seed(seed)
+    bundle = build_policy("lstm", task_config.feature_dim)
+    config = PPOConfig(learning_rate=recipe.learning_rate, anneal_lr=recipe.anneal)
+    started = time.perf_counter()
+    history = train_policy(bundle, steps, seed=seed, config=config, task_config=task_config)
+    seconds = time.perf_counter() - started
+    score = evaluate_policy(bundle, seed=seed + EVAL_SEED_OFFSET, config=task_config)
     rates = [(s.env_steps, s.success_rate) for s in history if not math.isnan(s.success_rate)]
     first = next((step for step, rate in rates if rate >= 0.9), None)
     after = [rate for step, rate in rates if first is not None and step > first]

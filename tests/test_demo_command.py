@@ -190,6 +190,17 @@ def test_load_imports_the_file_that_registers_a_contributed_bundle(
     assert "--import is for --load" in alone
 
 
+def test_load_gives_the_import_hint_only_for_an_unregistered_policy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "registered" / "policy.pt"  # the word in the path must not matter
+    path.parent.mkdir()
+    path.write_bytes(b"PK\x03\x04 cut short")
+    err = _error_of(["demo", "--load", str(path)], capsys)
+    assert "cannot be read: it is truncated or corrupt" in err
+    assert "--import" not in err
+
+
 def test_load_refuses_training_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     err = _error_of(["demo", "--load", "x.pt", "--steps", "5", "--output", "out"], capsys)
     assert "--load evaluates a checkpoint and trains nothing: --steps, --output" in err

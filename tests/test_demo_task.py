@@ -215,6 +215,19 @@ def test_a_policy_that_guesses_the_blueprint_succeeds_at_chance_and_earns_less()
     torch.testing.assert_close(returns, expected)
 
 
+@pytest.mark.parametrize("quality", [-1.0, 0.0, 0.5])
+def test_the_wrong_blueprint_quality_sets_what_a_guess_earns(quality: float) -> None:
+    n = 2000
+    task = SeedLifecycleTask(n, TaskConfig(wrong_blueprint_quality=quality), seed=4)
+    _, masks = task.reset()
+    for _ in range(CONFIG.episode_steps):
+        outcome = task.step(oracle(task, masks, torch.ones(n, dtype=torch.long)))
+        masks = outcome.masks
+    right = outcome.episodes.success
+    expected = torch.where(right, CONFIG.best_return, CONFIG.best_return * quality)
+    torch.testing.assert_close(outcome.episodes.episode_return, expected)
+
+
 def test_a_pruned_seed_gives_back_what_it_added() -> None:
     task = SeedLifecycleTask(1, seed=0)
     _, masks = task.reset()
@@ -288,6 +301,11 @@ def test_step_refuses_a_malformed_action_and_keeps_working(
         ({"action_space": ActionSpace(op=5)}, "the task uses 6 op actions, the action space has 5"),
         ({"action_space": ActionSpace(slot=4)}, "the task has 1 to 3 slots"),
         ({"action_space": ActionSpace(alpha_curve=5)}, "the task uses 3 alpha_curve actions"),
+        (
+            {"wrong_blueprint_quality": 1.0},
+            r"wrong_blueprint_quality must be in \[-1, 1\), got 1.0",
+        ),
+        ({"wrong_blueprint_quality": -2}, r"wrong_blueprint_quality must be in \[-1, 1\), got -2"),
     ],
 )
 def test_task_config_refuses_shapes_the_task_cannot_have(

@@ -10,6 +10,7 @@ each rank runs the guide's own script, with the environment `torchrun` would giv
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import io
 import os
@@ -272,9 +273,11 @@ def _run_guide_script(rank: int, port: int, out_dir: str) -> None:
 
 def _rank_main(rank: int, init_file: str, out_dir: str, port: int) -> None:
     """Entry point of a spawned rank: join the group, train, run the guide, save a record."""
-    # If the parent's deadline passes, it sends SIGUSR1 first: each rank then prints
-    # where it is stuck to stderr, which pytest shows with the failure.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # If the parent's deadline passes, it sends SIGUSR1 first: each rank then writes
+    # where it is stuck to its own file, which the failure message shows.
+    stacks = (Path(out_dir) / f"rank{rank}.stacks").open("w")
+    if hasattr(signal, "SIGUSR1"):  # POSIX only
+        faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     torch.set_num_threads(1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -296,6 +299,25 @@ def _rank_main(rank: int, init_file: str, out_dir: str, port: int) -> None:
 
 
 # ---------------------------------------------------------------------- the parent
+
+
+def _stop(processes: Iterable[Any]) -> None:
+    """Ask each live rank for its stacks (POSIX), then kill it."""
+    processes = list(processes)
+    if hasattr(signal, "SIGUSR1"):
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):  # it may have just exited
+                if process.pid is not None and process.is_alive():
+                    os.kill(process.pid, signal.SIGUSR1)
+        time.sleep(2.0)
+    for process in processes:
+        process.kill()
+
+
+def _stacks_of(out_dir: Path, rank: int) -> str:
+    file = out_dir / f"rank{rank}.stacks"
+    text = file.read_text() if file.exists() else ""
+    return f"--- rank {rank} ---\n" + (text or "(no stacks: it had not reached _rank_main)")
 
 
 def _free_port() -> int:
@@ -321,13 +343,12 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     deadline = time.monotonic() + DEADLINE_S
     while not context.join(timeout=1.0):  # raises with the rank's traceback if one failed
         if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.pid is not None and process.is_alive():
-                    os.kill(process.pid, signal.SIGUSR1)  # each rank prints its stacks
-            time.sleep(2.0)
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the two ranks did not finish within {DEADLINE_S} s (deadlock?)")
+            _stop(context.processes)
+            stacks = "\n".join(_stacks_of(out_dir, rank) for rank in range(WORLD_SIZE))
+            pytest.fail(
+                f"the two ranks did not finish within {DEADLINE_S} s (deadlock?); "
+                f"where they were:\n{stacks}"
+            )
     return out_dir
 
 

@@ -11,9 +11,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
-FENCE = re.compile(r"^(```|~~~).*?^\1", flags=re.MULTILINE | re.DOTALL)
-# [text](target "title"), [text](<target with spaces>); text may hold brackets.
-LINK = re.compile(r"\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*(<[^>]*>|[^)\s]+)(?:\s+\"[^\"]*\")?\s*\)")
+FENCE = re.compile(r"^[ \t]*(```|~~~).*?^[ \t]*\1", flags=re.MULTILINE | re.DOTALL)
+CODE_SPAN = re.compile(r"(`+).+?\1")
+# [text](target), with an optional "title", 'title' or (title); <target with spaces>;
+# the text may hold brackets. Reference-style links ([text][ref]) are not used here.
+LINK = re.compile(
+    r"\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*(<[^>]*>|[^)\s]+)"
+    r"""(?:\s+(?:"[^"]*"|'[^']*'|\([^)]*\)))?\s*\)"""
+)
 
 
 def _prose(document: Path) -> str:
@@ -40,7 +45,7 @@ def anchors(text: str) -> set[str]:
 
 def broken_links(document: Path) -> list[str]:
     broken: list[str] = []
-    for raw in LINK.findall(_prose(document)):
+    for raw in LINK.findall(CODE_SPAN.sub("", _prose(document))):  # code spans are not links
         target = raw.strip("<>")
         if re.match(r"[a-z]+:", target):
             continue  # http:, https:, mailto:
@@ -63,10 +68,19 @@ def test_the_link_check_sees_what_github_renders(tmp_path: Path) -> None:
     page = tmp_path / "page.md"
     page.write_text(
         "# Top\n\n```sh\n# not a heading\n[x](fenced-links-are-not-checked.md)\n```\n\n"
+        "1. a step\n\n   ```sh\n   [y](indented-fences-too.md)\n   ```\n\n"
         '[a](#top) [b](#not-a-heading) [c](nope.md "title") [d](<other doc.md#same-1>)\n'
         "[`k[0]`](gone.md) [e](other%20doc.md#same) [f](other%20doc.md#same-2)\n"
+        "[g](single.md 'title') [h](paren.md (title)) `[code](not-a-link.md)`\n"
     )
-    assert broken_links(page) == ["#not-a-heading", "nope.md", "gone.md", "other%20doc.md#same-2"]
+    assert broken_links(page) == [
+        "#not-a-heading",
+        "nope.md",
+        "gone.md",
+        "other%20doc.md#same-2",
+        "single.md",
+        "paren.md",
+    ]
 
 
 def test_the_adr_index_lists_every_record() -> None:

@@ -33,18 +33,16 @@ with torch.random.fork_rng():
 
 
 def _pooled_cells(observed: torch.Tensor, expected: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Merge the least likely cells until the merged cell expects at least 5 draws.
+    """Merge the two least likely cells until every cell expects at least 5 draws.
 
     Pearson's chi-square holds only when every cell expects about 5 draws or more; a
     cell expecting 0.01 that is hit once alone would add 98.
     """
-    order = expected.argsort()
-    observed, expected = observed[order], expected[order]
-    merged = int((expected.cumsum(0) < 5).sum()) + 1  # the smallest cells, up to >= 5
-    if merged <= 1:
-        return observed, expected
-    head_o, head_e = observed[:merged].sum().unsqueeze(0), expected[:merged].sum().unsqueeze(0)
-    return torch.cat((head_o, observed[merged:])), torch.cat((head_e, expected[merged:]))
+    cells = sorted(zip(expected.tolist(), observed.tolist(), strict=True))
+    while len(cells) > 1 and cells[0][0] < 5:
+        (e0, o0), (e1, o1) = cells[0], cells[1]
+        cells = sorted([(e0 + e1, o0 + o1), *cells[2:]])
+    return torch.tensor([o for _, o in cells]), torch.tensor([e for e, _ in cells])
 
 
 @st.composite

@@ -27,6 +27,7 @@ EXPECTED = [
     "PolicyHeads",
     "PolicyInputs",
     "UniformPolicyBundle",
+    "UnregisteredPolicyError",
     "create_policy",
     "get_policy",
     "list_policies",

@@ -99,9 +99,7 @@ def test_a_class_made_by_a_function_twice_is_two_classes_and_refused() -> None:
         register_policy("local")(make())
 
 
-def test_two_files_of_the_same_name_do_not_replace_each_other(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _two_same_named_files(tmp_path: Path) -> tuple[Path, Path]:
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "bundle.py").write_text(
@@ -110,10 +108,41 @@ def test_two_files_of_the_same_name_do_not_replace_each_other(
             "class Mine(UniformPolicyBundle):\n"
             "    pass\n"
         )
-    first = load_bundle_class(f"{tmp_path / 'a' / 'bundle.py'}:Mine")
-    with pytest.raises(TargetError, match="'same_file_name' is already taken"):
-        load_bundle_class(f"{tmp_path / 'b' / 'bundle.py'}:Mine")
-    assert get_policy("same_file_name") is first
+    return tmp_path / "a", tmp_path / "b"
+
+
+def test_two_files_of_the_same_name_do_not_replace_each_other(tmp_path: Path) -> None:
+    a, b = _two_same_named_files(tmp_path)
+    loaded = set(sys.modules)
+    try:
+        first = load_bundle_class(f"{a / 'bundle.py'}:Mine")
+        with pytest.raises(TargetError, match="'same_file_name' is already taken"):
+            load_bundle_class(f"{b / 'bundle.py'}:Mine")
+        assert get_policy("same_file_name") is first
+    finally:
+        for name in set(sys.modules) - loaded:
+            del sys.modules[name]
+
+
+def test_a_same_named_module_from_another_file_does_not_replace_a_registration(
+    tmp_path: Path,
+) -> None:
+    """`import bundle` from one folder, then from another: two definitions, one name."""
+    a, b = _two_same_named_files(tmp_path)
+    try:
+        sys.path.insert(0, str(a))
+        first = importlib.import_module("bundle").Mine
+        sys.path.remove(str(a))
+        del sys.modules["bundle"]
+        sys.path.insert(0, str(b))
+        with pytest.raises(ValueError, match=r"'same_file_name' is already taken by bundle\.Mine"):
+            importlib.import_module("bundle")
+        assert get_policy("same_file_name") is first
+    finally:
+        for folder in (a, b):
+            if str(folder) in sys.path:
+                sys.path.remove(str(folder))
+        sys.modules.pop("bundle", None)
 
 
 def test_an_unknown_name_lists_the_known_ones() -> None:

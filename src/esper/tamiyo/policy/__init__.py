@@ -19,7 +19,12 @@ Example:
 
 from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
 from esper.tamiyo.policy.base import MaskArg, PolicyBundle
-from esper.tamiyo.policy.checkpoint import CheckpointError, load_policy, save_policy
+from esper.tamiyo.policy.checkpoint import (
+    CheckpointError,
+    UnregisteredPolicyError,
+    load_policy,
+    save_policy,
+)
 from esper.tamiyo.policy.heads import PolicyHeads
 from esper.tamiyo.policy.inputs import HiddenState, PolicyInputs
 from esper.tamiyo.policy.layout import MASKED_LOGIT
@@ -48,6 +53,7 @@ __all__ = [
     "PolicyHeads",
     "PolicyInputs",
     "UniformPolicyBundle",
+    "UnregisteredPolicyError",
     "create_policy",
     "get_policy",
     "list_policies",

@@ -287,8 +287,11 @@ def load_policy(
         FileNotFoundError: There is no file at `path`.
         CheckpointError: The file is truncated or corrupt, holds objects other than
             tensors and plain data, is not a checkpoint of this library, was written
-            by a newer version of it, names an unregistered policy, or holds a config
-            or weights that do not build the policy. The message names the file.
+            by a newer version of it, or holds a config or weights that do not build
+            the policy. The message names the file. A zip archive's checksums are
+            verified; a file in torch's legacy (pre-zip) format has none to verify.
+        UnregisteredPolicyError: The file names a policy no imported module has
+            registered (a `CheckpointError`): import the module that registers it.
         RuntimeError: `map_location` is not a device torch can use here (torch's own
             error, raised before the file is read).
     """

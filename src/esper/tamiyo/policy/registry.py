@@ -14,6 +14,9 @@ __all__ = ["create_policy", "get_policy", "list_policies", "name_of", "register_
 BundleT = TypeVar("BundleT", bound=type[PolicyBundle])
 
 _REGISTRY: dict[str, type[PolicyBundle]] = {}
+# The file each registered class was defined in, read when it was registered: later,
+# its module's name may belong to another file (a same-named module imported anew).
+_ORIGINS: dict[type[PolicyBundle], str | None] = {}
 
 
 def register_policy(name: str) -> Callable[[BundleT], BundleT]:
@@ -56,6 +59,7 @@ def register_policy(name: str) -> Callable[[BundleT], BundleT]:
                 f"{taken.__qualname__}; choose another name"
             )
         _REGISTRY[name] = cls
+        _ORIGINS[cls] = _file_of(cls)
         return cls
 
     return decorator
@@ -69,12 +73,16 @@ def _same_definition(registered: type[PolicyBundle], cls: type[PolicyBundle]) ->
     """
     if "<locals>" in cls.__qualname__:
         return False
-    return _definition(registered) == _definition(cls)
+    same_name = (registered.__module__, registered.__qualname__) == (
+        cls.__module__,
+        cls.__qualname__,
+    )
+    return same_name and _ORIGINS.get(registered, _file_of(registered)) == _file_of(cls)
 
 
-def _definition(cls: type[PolicyBundle]) -> tuple[str, str, str | None]:
-    module = sys.modules.get(cls.__module__)
-    return cls.__module__, cls.__qualname__, getattr(module, "__file__", None)
+def _file_of(cls: type[PolicyBundle]) -> str | None:
+    """The file of the module `cls` says it is from, as imported now."""
+    return getattr(sys.modules.get(cls.__module__), "__file__", None)
 
 
 def get_policy(name: str) -> type[PolicyBundle]:
@@ -93,9 +101,12 @@ def get_policy(name: str) -> type[PolicyBundle]:
 def name_of(cls: type[PolicyBundle]) -> str:
     """The name `cls` is registered under: the reverse of `get_policy`.
 
-    Checkpoints store this name, so that `get_policy(name_of(cls)) is cls` rebuilds the
-    same class. Only the exact class counts: a subclass of a registered class is not
-    registered by inheritance, since its parent's name would rebuild the parent.
+    Checkpoints store this name, so that `get_policy(name_of(cls))` rebuilds the same
+    class. The exact class counts, and so does an earlier definition of a registered
+    class (same module, file and name, before a reload or a re-run notebook cell): its
+    instances save under the name and load as the current definition. A subclass of a
+    registered class is not registered by inheritance, since its parent's name would
+    rebuild the parent.
 
     Example:
         >>> from esper.tamiyo.policy import LSTMPolicyBundle

@@ -16,7 +16,7 @@ What each choice does:
 | head | effect |
 |---|---|
 | `slot` | the slot acted on; slots deeper in the host weigh more (`SLOT_WEIGHTS`) |
-| `blueprint` | quality 1 if it is the cue's blueprint, `WRONG_BLUEPRINT_QUALITY` otherwise |
+| `blueprint` | quality 1 if it is the cue's blueprint, `wrong_blueprint_quality` otherwise |
 | `style` | scales quality (`STYLE_FACTORS`) |
 | `tempo` | training steps before the seed can blend, and a quality factor (`TEMPOS`) |
 | `alpha_target` | how much of the seed is blended in (`ALPHA_TARGETS`) |
@@ -99,8 +99,6 @@ class Stage(enum.IntEnum):
 
 SLOT_WEIGHTS: Final = (0.8, 1.0, 1.2)
 """How much a seed in each slot moves the host's accuracy."""
-WRONG_BLUEPRINT_QUALITY: Final = 0.25
-"""Quality of a seed from a blueprint other than the cue's (the cue's gives 1)."""
 STYLE_FACTORS: Final = (0.9, 1.0, 0.8, 0.7)
 """Quality factor of each germination style."""
 TEMPOS: Final = ((3, 1.0), (2, 0.9), (1, 0.75))
@@ -135,12 +133,17 @@ class TaskConfig:
             step germination opens; drawn per episode.
         action_space: Head sizes. The slot head sets the number of slots (at most
             `len(SLOT_WEIGHTS)`); blueprints `1..num_cues` are the candidates.
+        wrong_blueprint_quality: Quality of a seed from a blueprint other than the
+            cue's (the cue's gives 1), in [-1, 1). Positive, guessing still pays, so
+            a memoryless policy learns the lifecycle; at -1, "never germinate" is a
+            local optimum PPO finds first (ADR 0005).
     """
 
     episode_steps: int = 16
     num_cues: int = 4
     cue_delay: tuple[int, int] = (3, 5)
     action_space: ActionSpace = ActionSpace()
+    wrong_blueprint_quality: float = 0.25
 
     def __post_init__(self) -> None:
         check_positive_int(self.episode_steps, "episode_steps", "TaskConfig")
@@ -170,6 +173,16 @@ class TaskConfig:
                 f"TaskConfig: num_cues must be in [2, {space.blueprint - 1}] (one blueprint per cue, "
                 f"and blueprint 0 for no choice), "
                 f"got {self.num_cues}"
+            )
+        quality = self.wrong_blueprint_quality
+        if isinstance(quality, bool) or not isinstance(quality, int | float):
+            raise TypeError(
+                f"TaskConfig: wrong_blueprint_quality must be a number, got {quality!r}"
+            )
+        if not -1 <= quality < 1:
+            raise ValueError(
+                f"TaskConfig: wrong_blueprint_quality must be in [-1, 1), got {quality}: "
+                "the cue's blueprint (quality 1) must be the best"
             )
         low, high = self.cue_delay
         if not 1 <= low <= high:
@@ -495,7 +508,7 @@ class SeedLifecycleTask:
         """Start a seed in the `[N, S]` slots `where`, from the action's blueprint."""
         fits = action["blueprint"] == self.right_blueprint()  # [N]
         quality = (
-            torch.where(fits, 1.0, WRONG_BLUEPRINT_QUALITY)
+            torch.where(fits, 1.0, self.config.wrong_blueprint_quality)
             * self._style_factors[action["style"]]
             * self._tempo_factors[action["tempo"]]
         )  # [N]
