@@ -39,7 +39,7 @@ def evaluate_policy(
     episodes: int = 1000,
     seed: int = 0,
     deterministic: bool = True,
-    config: TaskConfig | None = None,
+    config: TaskConfig = TaskConfig(),
 ) -> Evaluation:
     """Play `episodes` episodes, all at once, and score them.
 
@@ -53,12 +53,11 @@ def evaluate_policy(
         seed: Seeds the episodes and, when sampling, the actions.
         deterministic: Take each head's most likely action (a trained policy's
             usual evaluation); `False` samples, as a random baseline must.
-        config: The task's shape; `TaskConfig()` when `None`.
+        config: The task's shape.
 
     Returns:
         The scores.
     """
-    config = config or TaskConfig()
     task = SeedLifecycleTask(episodes, config, seed=seed, device=bundle.device)
     generator = torch.Generator(device=bundle.device).manual_seed(seed)
     features, masks = task.reset()
