@@ -66,10 +66,7 @@ class ActionSpace:
     @property
     def sizes(self) -> tuple[int, ...]:
         """Head sizes in `HEAD_NAMES` order."""
-        sizes: list[int] = []
-        for name in HEAD_NAMES:
-            sizes.append(getattr(self, name))
-        return tuple(sizes)
+        return tuple(getattr(self, name) for name in HEAD_NAMES)
 
     @property
     def num_heads(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from esper.tamiyo.policy.action_space import HEAD_NAMES
 __all__ = ["ActionMasks"]
 
 _VALID_NAMES = ", ".join(HEAD_NAMES)
+_IN_HEAD_ORDER = operator.attrgetter(*HEAD_NAMES)
 
 
 @dataclass(frozen=True, slots=True, eq=False)  # == on tensors has no truth value: identity
@@ -89,16 +91,7 @@ class ActionMasks:
                     f"masks is missing head {name!r}; pass {name}=None explicitly "
                     f"if every {name} action is valid"
                 )
-        return cls(
-            slot=masks["slot"],
-            blueprint=masks["blueprint"],
-            style=masks["style"],
-            tempo=masks["tempo"],
-            alpha_target=masks["alpha_target"],
-            alpha_speed=masks["alpha_speed"],
-            alpha_curve=masks["alpha_curve"],
-            op=masks["op"],
-        )
+        return cls(**{name: masks[name] for name in HEAD_NAMES})
 
     @classmethod
     def stack(cls, steps: Iterable[ActionMasks]) -> ActionMasks:
@@ -156,18 +149,18 @@ class ActionMasks:
                 stacked.append(None)
                 continue
             full = torch.ones_like(template)
-            dense: list[torch.Tensor] = []
-            for mask in columns:
-                dense.append(full if mask is None else mask)
+            dense = [full if mask is None else mask for mask in columns]
             stacked.append(torch.stack(dense, dim=1))  # [B, T, A_h]
         return cls(*stacked)
 
     def as_dict(self) -> dict[str, torch.Tensor | None]:
         """Head name to mask, in `HEAD_NAMES` order (the inverse of `from_mapping`)."""
-        out: dict[str, torch.Tensor | None] = {}
-        for name in HEAD_NAMES:
-            out[name] = getattr(self, name)
-        return out
+        return {name: getattr(self, name) for name in HEAD_NAMES}
+
+    def as_tuple(self) -> tuple[torch.Tensor | None, ...]:
+        """The masks in `HEAD_NAMES` order (one C-level read of the eight fields)."""
+        masks: tuple[torch.Tensor | None, ...] = _IN_HEAD_ORDER(self)
+        return masks
 
 
 def _as_step_mask(mask: torch.Tensor | None, head: str, index: int) -> torch.Tensor | None:

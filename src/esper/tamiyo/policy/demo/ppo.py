@@ -508,8 +508,6 @@ def _joint(per_head: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def _select_rows(masks: ActionMasks, rows: torch.Tensor) -> ActionMasks:
     """The masks of the environments `rows`."""
-    selected: dict[str, torch.Tensor | None] = {}
-    for head in HEAD_NAMES:
-        mask = getattr(masks, head)
-        selected[head] = None if mask is None else mask[rows]
-    return ActionMasks.from_mapping(selected)
+    return ActionMasks.from_mapping(
+        {head: None if mask is None else mask[rows] for head, mask in masks.as_dict().items()}
+    )

@@ -231,9 +231,7 @@ def _evaluate_checkpoint(path: Path, options: DemoOptions, device: torch.device)
 def _evaluate_all(
     bundles: dict[str, PolicyBundle], options: DemoOptions, config: TaskConfig
 ) -> dict[str, Evaluation]:
-    evaluations: dict[str, Evaluation] = {}
-    for name, bundle in bundles.items():
-        evaluations[name] = _evaluate(bundle, options, config)
+    evaluations = {name: _evaluate(bundle, options, config) for name, bundle in bundles.items()}
     device = next(iter(bundles.values())).device
     uniform = UniformPolicyBundle(config.feature_dim).to(device)
     evaluations["uniform"] = _evaluate(uniform, options, config)

@@ -426,9 +426,7 @@ class SeedLifecycleTask:
         valid = _within_masks(action, self._masks) & self._legal(action["op"], asked)  # [N]
         self.invalid_actions += (~valid).long()
         # A refused row waits: action 0 of every head (WAIT, slot 0, ...), always in range.
-        safe: dict[str, torch.Tensor] = {}
-        for head in HEAD_NAMES:
-            safe[head] = action[head].long().masked_fill(~valid, 0)  # [N]
+        safe = {head: action[head].long().masked_fill(~valid, 0) for head in HEAD_NAMES}  # [N]
         slot = F.one_hot(safe["slot"], num_slots).bool()  # [N, S]
         op = safe["op"]  # [N]
         self._germinate(slot & (op == Op.GERMINATE).unsqueeze(1), safe)
