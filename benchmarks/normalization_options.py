@@ -23,9 +23,9 @@ costs per call, so that the ADR compares the options by measurement, not by gues
    devices and the hidden state, and packs the masks into one `[B, T, H, A_max]`
    tensor. Options 1-3 only unsqueeze.
 
-For context it also times the bare cost of creating the closure (a `def` statement
-in a loop, with a captured variable as in option 1), to show whether creating the
-closure is what costs.
+For context it also times the bare cost of creating the closure (`define_closure`: a
+function whose body is only the closure's `def`, capturing a variable as in option
+1), to show whether creating the closure is what costs.
 
 Every option runs with 2-D inputs (features `[B, 64]`, masks `[B, A_h]`) and with
 already-3-D inputs (features `[B, 1, 64]`, masks `[B, 1, A_h]`), at B=1 and B=32.
@@ -33,35 +33,35 @@ Masks are random bool with at least one True per row; head sizes are
 `ActionSpace().sizes` in `HEAD_NAMES` order. Inputs are built once, outside the
 timed loops, as a caller would hold them.
 
-Method: one torch thread (`torch.set_num_threads(1)`), CPU tensors. For each input
-form and batch size, every option is warmed up and calibrated so that one block of
-calls takes about the target time; then the options are interleaved round-robin
-(each repeat times one block of every option, the starting option rotating), so
-that drift in the machine's speed hits all options alike. The garbage collector is
-off during a block, as in `timeit`. The reported figure is the median over repeats
-of microseconds per call, with its ratio to option 1. Before timing, the script
-checks that every option produces the same features and masks
-(`check_equivalence`). The run time is set by the calibration, not by the machine's
-speed: about 20-25 s in full mode and a few seconds with `--quick`, mostly importing torch.
+Method: the bench harness, `esper.tamiyo.policy.bench.harness`, the same as
+`esper-policy bench`; one torch thread (`single_thread`), CPU tensors. Each option is
+a call with its arguments bound (`functools.partial`), so every figure includes the
+same small cost of that call. For each input form and batch size, every option is
+warmed up and calibrated so that one block of calls takes about the target time; then
+the options are interleaved round-robin (each repeat times one block of every option,
+the starting option rotating), so that drift in the machine's speed hits all options
+alike. The garbage collector is off during a block, as in `timeit`. The reported
+figure is the median over repeats of microseconds per call, with its ratio to option
+1. Before timing, the script checks that every option produces the same features and
+masks (`check_equivalence`). The run time is set by the calibration, not by the
+machine's speed: about 20 s in full mode and a few seconds with `--quick`, mostly
+importing torch.
 
 Run it with `make bench-adr` (`python benchmarks/normalization_options.py`), or::
 
     .venv/bin/python benchmarks/normalization_options.py [--quick] [--json PATH]
 
-`--json PATH` writes every figure with the machine's description (platform,
-processor, Python, torch, thread count, git commit) so that a reader can tell which
-machine produced the ADR's numbers.
+`--json PATH` writes every figure with the machine's description (the harness's
+`machine_info`: platform, processor, Python, torch, thread count, device; and the git
+commit) so that a reader can tell which machine produced the ADR's numbers.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import functools
 import json
-import math
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,13 +77,20 @@ from esper.tamiyo.policy import (
     LSTMPolicyBundle,
     PolicyInputs,
 )
-from esper.tamiyo.policy.bench.harness import git_commit
-from esper.tamiyo.policy.bench.harness import machine_info as harness_machine_info
+from esper.tamiyo.policy.bench.harness import (
+    Settings,
+    git_commit,
+    machine_info,
+    single_thread,
+    time_interleaved,
+)
+from esper.tamiyo.policy.bench.seed_design import MaskKwargs, mask_kwargs
 from esper.tamiyo.policy.bench.suite import (
     MaskTuple,
     normalize_closure,
     normalize_module_helper,
 )
+from esper.tamiyo.policy.testing import random_masks
 
 FEATURE_DIM = 64
 """`F` of the benchmark's features."""
@@ -114,19 +121,39 @@ NOTES: tuple[str, ...] = (
     "[B, T, H, A_max] tensor. Options 1-3 only unsqueeze; they check nothing.",
     "check_values=True adds the NaN/Inf-feature and void-mask-row checks, which need a "
     "device sync (one on a GPU); check_values=False keeps the shape/dtype/key/device checks.",
-    "'(context) def of the closure only' is a bare `def` statement run in a loop, without "
-    "calling anything: the cost of creating the closure, which option 1 pays every call.",
+    "'(context) def of the closure only' calls a function whose body is only the closure's "
+    "`def` (capturing a variable, as option 1's does) and calls nothing else: the cost of "
+    "creating the closure, which option 1 pays every call.",
     "'(context) whole get_action step' is a complete LSTMPolicyBundle.get_action call "
     "(check_values=True) on the same inputs: normalization, network, masking, sampling.",
     "CPU tensors, one torch thread; median over round-robin repeats of microseconds per call.",
 )
 """Caveats printed under the table and stored in the JSON."""
 
-Runner = Callable[[int], None]
-"""Runs `n` calls of one option on one input case."""
+FULL = Settings(mode="full", repeats=31, target_block_s=0.02, warmup_calls=500, max_calls=1_000_000)
+"""Settings of a full run (the ADR's numbers); `max_calls` lets blocks of ~0.1 µs calls last 0.02 s."""
+
+QUICK = Settings(mode="quick", repeats=3, target_block_s=0.001, warmup_calls=20)
+"""Settings of a `--quick` run: a smoke test of seconds."""
 
 
 # ---------------------------------------------------------------------------- the options
+
+
+def define_closure(need_expand: bool) -> None:
+    """Context: create option 1's closure and drop it, without calling it.
+
+    Args:
+        need_expand: Captured by the closure, as option 1's closure captures it.
+    """
+
+    # ON PURPOSE: the closure's creation is what is measured; it is never called.
+    def expand_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+        if mask is None:
+            return None
+        if need_expand and mask.dim() == 2:
+            return mask.unsqueeze(1)
+        return mask
 
 
 def normalize_inputs(
@@ -164,18 +191,18 @@ class Case:
         form: `2d` or `3d` (see `INPUT_FORMS`).
         batch: `B`.
         features: `[B, F]` or `[B, 1, F]`.
-        masks: The eight masks in `HEAD_NAMES` order (for options 1 and 2).
+        masks: The eight masks as `ActionMasks` (for option 4).
+        keywords: The same masks as keyword arguments (for options 1 and 2).
         mask_dict: The same masks by head name (for option 3).
-        action_masks: The same masks as `ActionMasks` (for option 4).
         hidden: `bundle.initial_hidden(B)` (for option 4).
     """
 
     form: str
     batch: int
     features: torch.Tensor
-    masks: MaskTuple
+    masks: ActionMasks
+    keywords: MaskKwargs
     mask_dict: dict[str, torch.Tensor | None]
-    action_masks: ActionMasks
     hidden: HiddenState | None
 
 
@@ -207,114 +234,32 @@ def make_case(
         raise ValueError(f"form must be one of {INPUT_FORMS}, got {form!r}")
     lead = (batch,) if form == "2d" else (batch, 1)
     features = torch.randn(*lead, FEATURE_DIM, generator=generator)
-    masks: list[torch.Tensor | None] = []
-    for name, size in zip(HEAD_NAMES, ActionSpace().sizes, strict=True):
-        if name in unmasked:
-            masks.append(None)
-            continue
-        mask = torch.rand(*lead, size, generator=generator) < 0.5
-        forced = torch.randint(size, lead, generator=generator)
-        mask.scatter_(-1, forced.unsqueeze(-1), True)  # at least one valid action per row
-        masks.append(mask)
-    mask_dict = dict(zip(HEAD_NAMES, masks, strict=True))
+    masks = random_masks(lead, generator=generator, unmasked=unmasked)
     return Case(
         form=form,
         batch=batch,
         features=features,
-        masks=tuple(masks),
-        mask_dict=mask_dict,
-        action_masks=ActionMasks.from_mapping(mask_dict),
+        masks=masks,
+        keywords=mask_kwargs(masks),
+        mask_dict=masks.as_dict(),
         hidden=bundle.initial_hidden(batch),
     )
 
 
-# ---------------------------------------------------------------------------- runners
-# Each runner holds the inputs in local variables and calls the option directly in its
-# loop, so that no wrapper call (lambda, partial) is added to the measured cost.
-
-
-def _run_closure_def(case: Case) -> Runner:
-    need_expand = case.features.dim() == 2
-
-    def run(n: int) -> None:
-        for _ in range(n):
-
-            def expand_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-                if mask is None:
-                    return None
-                if need_expand and mask.dim() == 2:
-                    return mask.unsqueeze(1)
-                return mask
-
-    return run
-
-
-def _run_keyword_masks(normalize: Callable[..., object], case: Case) -> Runner:
-    """Runner for options 1 and 2, which take the eight masks as keyword arguments."""
-    features = case.features
-    slot, blueprint, style, tempo, alpha_target, alpha_speed, alpha_curve, op = case.masks
-
-    def run(n: int) -> None:
-        for _ in range(n):
-            normalize(
-                features,
-                slot_mask=slot,
-                blueprint_mask=blueprint,
-                style_mask=style,
-                tempo_mask=tempo,
-                alpha_target_mask=alpha_target,
-                alpha_speed_mask=alpha_speed,
-                alpha_curve_mask=alpha_curve,
-                op_mask=op,
-            )
-
-    return run
-
-
-def _run_protocol_free_fn(case: Case) -> Runner:
-    features, masks = case.features, case.mask_dict
-
-    def run(n: int) -> None:
-        for _ in range(n):
-            normalize_inputs(features, masks)
-
-    return run
-
-
-def _run_abstract_base(bundle: LSTMPolicyBundle, case: Case) -> Runner:
-    features, masks, hidden = case.features, case.action_masks, case.hidden
-    normalize = bundle._prepare  # what ADR 0002's _normalize_inputs did (see ADR 0003)
-
-    def run(n: int) -> None:
-        for _ in range(n):
-            normalize(features, masks, hidden)
-
-    return run
-
-
-def _run_get_action(bundle: LSTMPolicyBundle, case: Case) -> Runner:
-    features, masks, hidden = case.features, case.action_masks, case.hidden
-    get_action = bundle.get_action
-
-    def run(n: int) -> None:
-        for _ in range(n):
-            get_action(features, masks, hidden)
-
-    return run
-
-
-def _make_runners(
+def option_calls(
     checked: LSTMPolicyBundle, unchecked: LSTMPolicyBundle, case: Case
-) -> dict[str, Runner]:
-    """Option key to its runner on `case`, in `OPTION_LABELS` order."""
+) -> dict[str, Callable[[], object]]:
+    """Option key to one call of it on `case`, arguments bound, in `OPTION_LABELS` order."""
+    features, masks, hidden = case.features, case.masks, case.hidden
     return {
-        "closure_def": _run_closure_def(case),
-        "closure": _run_keyword_masks(normalize_closure, case),
-        "module_helper": _run_keyword_masks(normalize_module_helper, case),
-        "protocol_free_fn": _run_protocol_free_fn(case),
-        "abstract_base_checked": _run_abstract_base(checked, case),
-        "abstract_base_unchecked": _run_abstract_base(unchecked, case),
-        "get_action_step": _run_get_action(checked, case),
+        "closure_def": functools.partial(define_closure, features.dim() == 2),
+        "closure": functools.partial(normalize_closure, features, **case.keywords),
+        "module_helper": functools.partial(normalize_module_helper, features, **case.keywords),
+        "protocol_free_fn": functools.partial(normalize_inputs, features, case.mask_dict),
+        # _prepare is what ADR 0002's _normalize_inputs did (ADR 0003 split it).
+        "abstract_base_checked": functools.partial(checked._prepare, features, masks, hidden),
+        "abstract_base_unchecked": functools.partial(unchecked._prepare, features, masks, hidden),
+        "get_action_step": functools.partial(checked.get_action, features, masks, hidden),
     }
 
 
@@ -325,29 +270,26 @@ def _outputs(
     case: Case, checked: LSTMPolicyBundle, unchecked: LSTMPolicyBundle
 ) -> dict[str, tuple[torch.Tensor, MaskTuple]]:
     """Option key to the features and masks (in `HEAD_NAMES` order) it produces on `case`."""
-    slot, blueprint, style, tempo, alpha_target, alpha_speed, alpha_curve, op = case.masks
-    keywords: dict[str, torch.Tensor | None] = {
-        "slot_mask": slot,
-        "blueprint_mask": blueprint,
-        "style_mask": style,
-        "tempo_mask": tempo,
-        "alpha_target_mask": alpha_target,
-        "alpha_speed_mask": alpha_speed,
-        "alpha_curve_mask": alpha_curve,
-        "op_mask": op,
-    }
     results = {
-        "closure": normalize_closure(case.features, **keywords),
-        "module_helper": normalize_module_helper(case.features, **keywords),
+        "closure": normalize_closure(case.features, **case.keywords),
+        "module_helper": normalize_module_helper(case.features, **case.keywords),
     }
     features, mask_dict = normalize_inputs(case.features, case.mask_dict)
     results["protocol_free_fn"] = (features, tuple(mask_dict[name] for name in HEAD_NAMES))
     for key, bundle in (("abstract_base_checked", checked), ("abstract_base_unchecked", unchecked)):
-        inputs: PolicyInputs = bundle._normalize_inputs(
-            case.features, case.action_masks, case.hidden
+        inputs: PolicyInputs = bundle._normalize_inputs(case.features, case.masks, case.hidden)
+        # PolicyInputs gives every head a mask: all True where the caller gave none,
+        # which options 1-3 write as None.
+        shaped = inputs.masks.as_dict()
+        results[key] = (
+            inputs.features,
+            tuple(
+                None
+                if case.masks.as_dict()[name] is None and mask is not None and bool(mask.all())
+                else mask
+                for name, mask in shaped.items()
+            ),
         )
-        given = inputs.masks
-        results[key] = (inputs.features, tuple(getattr(given, name) for name in HEAD_NAMES))
     return results
 
 
@@ -398,104 +340,53 @@ def check_equivalence() -> None:
                             )
 
 
-# ---------------------------------------------------------------------------- timing
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """How long to measure.
-
-    Attributes:
-        mode: `full` or `quick`.
-        repeats: Round-robin repeats per input case (the median is over these).
-        target_block_s: Calibrated duration of one timed block of calls.
-        warmup_calls: Calls run before calibrating.
-        min_calls: Fewest calls in a block.
-    """
-
-    mode: str
-    repeats: int
-    target_block_s: float
-    warmup_calls: int
-    min_calls: int
-
-
-FULL = Settings(mode="full", repeats=31, target_block_s=0.02, warmup_calls=500, min_calls=50)
-QUICK = Settings(mode="quick", repeats=3, target_block_s=0.001, warmup_calls=20, min_calls=5)
-
-
-def _time_block(run: Runner, calls: int) -> float:
-    """Seconds `calls` calls of `run` take, with the garbage collector off."""
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        run(calls)
-        return time.perf_counter() - start
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-
-
-def _calibrate(run: Runner, settings: Settings) -> int:
-    """Warm `run` up; return the number of calls that takes about one target block."""
-    run(settings.warmup_calls)
-    probe = max(settings.min_calls, 10)
-    per_call = max(_time_block(run, probe) / probe, 1e-9)
-    return max(settings.min_calls, math.ceil(settings.target_block_s / per_call))
+# ---------------------------------------------------------------------------- timing and report
 
 
 def measure_case(
     checked: LSTMPolicyBundle, unchecked: LSTMPolicyBundle, case: Case, settings: Settings
 ) -> list[dict[str, Any]]:
-    """Time every option on one case, interleaved round-robin.
+    """Time every option on one case with `time_interleaved`.
 
     Args:
         checked: Option-4 bundle with `check_values=True`.
         unchecked: Option-4 bundle with `check_values=False`.
         case: The inputs.
-        settings: Repeats and block duration.
+        settings: Warm-up, block duration and repeats.
 
     Returns:
         One result record per option, in `OPTION_LABELS` order.
     """
-    runners = _make_runners(checked, unchecked, case)
-    keys = list(runners)
-    calls = {key: _calibrate(runners[key], settings) for key in keys}
-    samples: dict[str, list[float]] = {key: [] for key in keys}
-    for repeat in range(settings.repeats):
-        start = repeat % len(keys)  # rotate who goes first, so no option always follows another
-        for key in keys[start:] + keys[:start]:
-            samples[key].append(_time_block(runners[key], calls[key]) / calls[key] * 1e6)
-    medians = {key: statistics.median(samples[key]) for key in keys}
+    timings = time_interleaved(option_calls(checked, unchecked, case), settings)
+    baseline = timings[BASELINE].median_us
+    return [
+        {
+            "option": key,
+            "label": OPTION_LABELS[key],
+            "input_form": case.form,
+            "batch": case.batch,
+            "median_us": timing.median_us,
+            "min_us": timing.min_us,
+            "max_us": timing.max_us,
+            "ratio_vs_closure": timing.median_us / baseline,
+            "calls_per_block": timing.calls_per_repeat,
+            "repeats": settings.repeats,
+        }
+        for key, timing in timings.items()
+    ]
+
+
+def run_benchmark(settings: Settings) -> list[dict[str, Any]]:
+    """Measure every option on every input form and batch size."""
+    checked, unchecked = make_bundle(), make_bundle()
+    unchecked.check_values = False
+    generator = torch.Generator().manual_seed(0)
     records: list[dict[str, Any]] = []
-    for key in keys:
-        records.append(
-            {
-                "option": key,
-                "label": OPTION_LABELS[key],
-                "input_form": case.form,
-                "batch": case.batch,
-                "median_us": medians[key],
-                "min_us": min(samples[key]),
-                "max_us": max(samples[key]),
-                "ratio_vs_closure": medians[key] / medians[BASELINE],
-                "calls_per_block": calls[key],
-                "repeats": settings.repeats,
-            }
-        )
+    for form in INPUT_FORMS:
+        for batch in BATCH_SIZES:
+            case = make_case(checked, form, batch, generator)
+            records.extend(measure_case(checked, unchecked, case, settings))
     return records
-
-
-# ---------------------------------------------------------------------------- reporting
-
-
-def machine_info() -> dict[str, Any]:
-    """What produced the numbers: the bench harness's record, with the commit."""
-    info = harness_machine_info(torch.device("cpu"))
-    info["torch_threads"] = info.pop("threads")
-    info["git_commit"] = git_commit()
-    return info
 
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:
@@ -511,19 +402,6 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
             f"{record['median_us']:.3f} | {record['ratio_vs_closure']:.2f} |"
         )
     return "\n".join(lines)
-
-
-def run_benchmark(settings: Settings) -> list[dict[str, Any]]:
-    """Measure every option on every input form and batch size."""
-    checked, unchecked = make_bundle(), make_bundle()
-    unchecked.check_values = False
-    generator = torch.Generator().manual_seed(0)
-    records: list[dict[str, Any]] = []
-    for form in INPUT_FORMS:
-        for batch in BATCH_SIZES:
-            case = make_case(checked, form, batch, generator)
-            records.extend(measure_case(checked, unchecked, case, settings))
-    return records
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -547,18 +425,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
 
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         check_equivalence()
-        info = machine_info()
+        info = {**machine_info(torch.device("cpu")), "git_commit": git_commit()}
         records = run_benchmark(settings)
-    finally:
-        torch.set_num_threads(threads_before)
 
     print(
         f"Input normalization, {settings.mode} mode: {info['platform']}, Python "
-        f"{info['python']}, torch {info['torch']}, {info['torch_threads']} thread, "
+        f"{info['python']}, torch {info['torch']}, {info['threads']} thread, "
         f"commit {info['git_commit']}"
     )
     print()
@@ -575,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                 "repeats": settings.repeats,
                 "target_block_s": settings.target_block_s,
                 "warmup_calls": settings.warmup_calls,
+                "max_calls": settings.max_calls,
                 "feature_dim": FEATURE_DIM,
                 "batch_sizes": list(BATCH_SIZES),
                 "input_forms": list(INPUT_FORMS),

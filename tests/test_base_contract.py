@@ -20,7 +20,9 @@ from esper.tamiyo.policy import (
     PolicyInputs,
 )
 from esper.tamiyo.policy.inputs import HiddenState
+from esper.tamiyo.policy.lstm import LSTMPolicyBundle
 from esper.tamiyo.policy.testing import random_masks
+from esper.tamiyo.policy.validation import HookContractError
 
 
 class CountingBundle(TinyStatelessBundle):
@@ -50,7 +52,7 @@ class CountingBundle(TinyStatelessBundle):
 
 def _call(bundle: PolicyBundle, method: str, lead: tuple[int, ...]) -> Any:
     x = torch.randn(*lead, FEATURE_DIM)
-    masks = random_masks(lead)
+    masks = random_masks(lead, generator=torch.Generator().manual_seed(0))
     actions = {}  # the first valid action of each head
     for name, mask in masks.as_dict().items():
         assert mask is not None
@@ -75,13 +77,18 @@ def test_each_public_method_normalizes_once_then_calls_the_hook_once(
     batch, steps = lead[0], lead[1] if len(lead) == 2 else 1
     assert inputs.features.shape == (batch, steps, FEATURE_DIM)
     assert inputs.single_step == (len(lead) == 1)
+    assert inputs.valid.shape == (batch, steps, 8, 16)
+    given = random_masks(lead, generator=torch.Generator().manual_seed(0))
     for name, size in zip(HEAD_NAMES, ActionSpace().sizes, strict=True):
         mask = inputs.masks.as_dict()[name]
-        if method == "get_value":
-            assert mask is None
+        assert mask is not None
+        assert mask.shape == (batch, steps, size)
+        if method == "get_value":  # no masks given: every action valid
+            assert bool(mask.all())
         else:
-            assert mask is not None
-            assert mask.shape == (batch, steps, size)
+            expected = given.as_dict()[name]
+            assert expected is not None
+            assert torch.equal(mask, expected.view(batch, steps, size))
     if method == "evaluate_actions":
         assert inputs.action_index is not None
         assert inputs.action_index.shape == (batch, steps, 8)
@@ -146,6 +153,44 @@ def test_a_hook_returning_the_wrong_layout_is_reported_with_the_expected_shape()
         RuntimeError, match=r"BadValue._forward returned value of shape \(2, 1, 1\)"
     ):
         BadValue().get_value(torch.randn(2, FEATURE_DIM))
+
+
+def test_a_hook_returning_a_batch_first_hidden_state_is_named_before_any_result() -> None:
+    """The declared layout is [d0, B, ...]; a hook that returns [B, d0, ...] is told so."""
+
+    class BatchFirst(LSTMPolicyBundle):
+        def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+            logits, value, hidden = super()._forward(inputs)
+            assert hidden is not None
+            return NetworkOutput(logits, value, tuple(h.transpose(0, 1) for h in hidden))
+
+    bundle = BatchFirst(FEATURE_DIM, hidden_dim=16, embed_dim=8)
+    with pytest.raises(HookContractError) as caught:
+        bundle.get_action(torch.randn(2, FEATURE_DIM), None)
+    message = str(caught.value)
+    assert isinstance(caught.value, RuntimeError)
+    assert "BatchFirst._forward returned hidden[0] of shape (2, 1, 16)" in message
+    assert "hidden_shapes[0] = (1, 16) declares [d0, B, ...] = (1, 2, 16)" in message
+    assert "the batch goes in dimension 1" in message
+    assert "batch-first: return it as .transpose(0, 1)" in message
+
+
+def test_a_recurrent_hook_must_return_its_state_and_a_stateless_one_none() -> None:
+    class Forgets(LSTMPolicyBundle):
+        def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+            logits, value, _ = super()._forward(inputs)
+            return NetworkOutput(logits, value, None)
+
+    with pytest.raises(HookContractError, match=r"as a tuple of 2 tensor\(s\).*got NoneType"):
+        Forgets(FEATURE_DIM, hidden_dim=16, embed_dim=8).get_value(torch.randn(2, FEATURE_DIM))
+
+    class Remembers(TinyStatelessBundle):
+        def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+            logits, value, _ = super()._forward(inputs)
+            return NetworkOutput(logits, value, (value.unsqueeze(0),))
+
+    with pytest.raises(HookContractError, match=r"Remembers is stateless \(is_recurrent=False\)"):
+        Remembers().get_value(torch.randn(2, FEATURE_DIM))
 
 
 def test_a_hook_returning_a_pair_is_reported() -> None:

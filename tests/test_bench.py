@@ -31,11 +31,9 @@ MACHINE_KEYS = {"platform", "processor", "cpu_count", "python", "torch", "thread
 QUICK_ROWS = {
     "normalize/2d/helper",
     "normalize/2d/normalize",
-    "normalize/2d/packed",
     "normalize/2d/checked",
     "normalize/3d/helper",
     "normalize/3d/normalize",
-    "normalize/3d/packed",
     "normalize/3d/checked",
     "get_action/B=1",
     "get_action/B=1/unchecked",

@@ -162,10 +162,14 @@ def test_a_compiled_bundle_saves_the_same_keys_and_loads_uncompiled(
     assert_same_outputs(loaded, bundle)
 
 
+class _TinyRegistered(TinyStatelessBundle):
+    """Registered by the test that uses it; the shared `TinyStatelessBundle` stays not."""
+
+
 def test_a_data_parallel_network_saves_without_the_wrapper_prefix(tmp_path: Path) -> None:
     """Keys lose DataParallel's `module.`, so the file loads into a plain bundle."""
-    register_policy("test_tiny")(TinyStatelessBundle)
-    bundle = TinyStatelessBundle(action_space=ActionSpace(op=2))
+    register_policy("test_tiny")(_TinyRegistered)
+    bundle = _TinyRegistered(action_space=ActionSpace(op=2))
     plain_keys = list(bundle.state_dict())
     bundle.network = nn.DataParallel(bundle.network)
     assert all(key.startswith("module.") for key in bundle.state_dict())
@@ -279,8 +283,8 @@ def test_name_of_an_unregistered_class_says_how_to_register_it() -> None:
 
     with pytest.raises(
         ValueError,
-        match=r"test_checkpoint_files\..*Unregistered is not a registered policy "
-        r"\(registered: .*mlp.*\); decorate it with @register_policy",
+        match=r"test_checkpoint_files\..*Unregistered is not a registered policy; "
+        r"decorate it with @register_policy.*list_policies\(\)",
     ):
         registry.name_of(Unregistered)
 

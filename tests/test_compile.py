@@ -16,6 +16,7 @@ from esper.tamiyo.policy import (
     MLPPolicyBundle,
     PolicyBundle,
     UniformPolicyBundle,
+    compute,
 )
 from esper.tamiyo.policy.testing import random_masks
 
@@ -77,14 +78,14 @@ def test_compiling_keeps_the_state_dict_keys(name: str) -> None:
 @pytest.mark.parametrize("name", FACTORIES)
 def test_the_step_path_has_no_graph_break(name: str) -> None:
     bundle = FACTORIES[name]()
-    inputs, valid = bundle._prepare(torch.randn(4, FEATURE_DIM), random_masks((4,)), None)
+    call = bundle._prepare(torch.randn(4, FEATURE_DIM), random_masks((4,)), None)
     with torch.no_grad():
-        act = torch._dynamo.explain(bundle._act)(inputs, valid, False)
+        act = torch._dynamo.explain(compute.act)(bundle, call, False)
     assert act.graph_break_count == 0, act.break_reasons
     assert act.graph_count == 1
     actions = bundle.get_action(torch.randn(4, FEATURE_DIM), None).action
-    scored, valid = bundle._prepare(torch.randn(4, FEATURE_DIM), None, None, actions)
-    evaluate = torch._dynamo.explain(bundle._evaluate)(scored, valid)
+    scored = bundle._prepare(torch.randn(4, FEATURE_DIM), None, None, actions)
+    evaluate = torch._dynamo.explain(compute.evaluate)(bundle, scored)
     assert evaluate.graph_break_count == 0, evaluate.break_reasons
 
 
@@ -92,9 +93,9 @@ def test_lstm_sequences_trace_whole_with_allow_rnn() -> None:
     bundle = small_lstm()
     x = torch.randn(2, 5, FEATURE_DIM)
     actions = bundle.get_action(x, None).action
-    inputs, valid = bundle._prepare(x, None, None, actions)
+    call = bundle._prepare(x, None, None, actions)
     with torch._dynamo.config.patch(allow_rnn=True):
-        explained = torch._dynamo.explain(bundle._evaluate)(inputs, valid)
+        explained = torch._dynamo.explain(compute.evaluate)(bundle, call)
     assert explained.graph_break_count == 0, explained.break_reasons
 
 
@@ -129,3 +130,17 @@ def test_a_refused_input_never_reaches_the_compiled_code() -> None:
     assert frames["total"] == before
     bundle.get_action(torch.randn(2, FEATURE_DIM), None)
     assert frames["total"] > before
+
+
+def test_a_compiled_lstm_step_uses_weights_loaded_with_assign() -> None:
+    """The compiled step cannot read `nn.LSTM`; its weight references follow every load."""
+    bundle, other = small_lstm().compile(backend="eager"), small_lstm()
+    x = torch.randn(2, FEATURE_DIM)
+    before = bundle.get_action(x, None, deterministic=True).value
+    copied = {
+        k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in other.state_dict().items()
+    }
+    bundle.load_state_dict(copied, assign=True)
+    after = bundle.get_action(x, None, deterministic=True).value
+    torch.testing.assert_close(after, other.get_action(x, None, deterministic=True).value)
+    assert not torch.allclose(after, before)

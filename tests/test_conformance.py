@@ -6,6 +6,7 @@ one plausible bug, and the clause that must catch it.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 from collections.abc import Callable, Mapping
@@ -20,8 +21,10 @@ from torch import nn
 from broken_bundle import BrokenBundle
 from conftest import FEATURE_DIM, TinyStatelessBundle, load_guide_example
 from esper.tamiyo.policy import (
+    ActionSpace,
     NetworkOutput,
     PolicyBundle,
+    PolicyHeads,
     PolicyInputs,
     UniformPolicyBundle,
     get_policy,
@@ -38,8 +41,8 @@ from esper.tamiyo.policy.testing import (
 
 CLAUSES = [
     "builds",
-    "deterministic",
     "shapes",
+    "deterministic",
     "masks as mapping or dataclass",
     "masks respected",
     "reproducible under a seed",
@@ -240,7 +243,7 @@ class _CleansNaN(TinyStatelessBundle):
 class _Comprehension(TinyStatelessBundle):
     def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
         logits, value = self.network(inputs.features)
-        parts = [logits[..., h, :] for h in range(logits.shape[-2])]  # bug: per call
+        parts = [logits[..., h, :] for h in range(logits.shape[-2])]  # a loop, not a closure
         return NetworkOutput(torch.stack(parts, dim=-2), value, None)
 
 
@@ -256,14 +259,7 @@ def _forgetful_gru() -> Callable[[int], PolicyBundle]:
     class ForgetfulGRU(module.GRUPolicyBundle):  # type: ignore[misc,name-defined]
         def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
             zeros = self.initial_hidden(inputs.batch_size)  # bug: forgets the state
-            fresh = PolicyInputs(
-                inputs.features,
-                zeros,
-                inputs.action_index,
-                inputs.single_step,
-                inputs.given_masks,
-            )
-            return super()._forward(fresh)  # type: ignore[no-any-return]
+            return super()._forward(dataclasses.replace(inputs, hidden=zeros))  # type: ignore[no-any-return]
 
     return ForgetfulGRU
 
@@ -346,6 +342,42 @@ def _gru_with_grad_hidden() -> Callable[[int], PolicyBundle]:
     return GradHiddenGRU
 
 
+class _LambdaPerCall(TinyStatelessBundle):
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        logits, value = self.network(inputs.features)
+        heads = sorted(range(logits.shape[-2]), key=lambda h: h)  # bug: a lambda per call
+        return NetworkOutput(logits[..., heads, :], value, None)
+
+
+class _NestedDefInAHelper(TinyStatelessBundle):
+    """Only the run-time check can see this one: the source check reads the hook alone."""
+
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        logits, value = self.network(inputs.features)
+        return NetworkOutput(self._kept(logits), value, None)
+
+    def _kept(self, logits: torch.Tensor) -> torch.Tensor:
+        def keep(t: torch.Tensor) -> torch.Tensor:  # bug: a nested function per call
+            return t
+
+        return keep(logits)
+
+
+class _Loops(TinyStatelessBundle):
+    """Every kind of comprehension, in the hook and in a helper: loops, not closures."""
+
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        logits, value = self.network(inputs.features)
+        heads = {h: logits[..., h, :] for h in range(logits.shape[-2])}  # dict
+        return NetworkOutput(self._restacked([heads[h] for h in sorted(heads)]), value, None)
+
+    def _restacked(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        widths = {part.shape[-1] for part in parts}  # set
+        assert len(widths) == 1
+        assert all(part.dim() >= 2 for part in parts)  # generator expression
+        return torch.stack(parts, dim=-2)
+
+
 VIOLATIONS: list[tuple[str, Callable[[], Callable[[int], Any]], str]] = [
     ("builds", lambda: lambda dim: _SAME, "returned the same bundle twice"),
     (
@@ -367,7 +399,12 @@ VIOLATIONS: list[tuple[str, Callable[[], Callable[[int], Any]], str]] = [
     ("state_dict round trip", lambda: _PlainTensorWeight, "gives different values"),
     ("float64", lambda: BrokenBundle, "returns torch.float32 values"),
     ("bad inputs refused", lambda: _CleansNaN, "accepted NaN in the features"),
-    ("no per-call closures", lambda: _Comprehension, "_Comprehension._forward.<locals>.<listcomp>"),
+    ("no per-call closures", lambda: _LambdaPerCall, "_LambdaPerCall._forward: Lambda"),
+    (
+        "no per-call closures",
+        lambda: _NestedDefInAHelper,
+        "_NestedDefInAHelper._kept.<locals>.keep (",
+    ),
     ("gradients", lambda: _GradInRollouts, "rollouts must not build an autograd graph"),
     ("bad inputs refused", lambda: _PeeksBeforeChecking, "ran the network before refusing"),
     ("hidden state round trip", lambda: _DropsHidden, "a stateless bundle accepted a hidden"),
@@ -377,7 +414,7 @@ VIOLATIONS: list[tuple[str, Callable[[], Callable[[int], Any]], str]] = [
         lambda: _IgnoresDtype,
         "after to(torch.float64) the bundle's dtype is torch.float32",
     ),
-    ("shapes", lambda: _StatelessWithState, "returned a hidden state from a stateless bundle"),
+    ("shapes", lambda: _StatelessWithState, "is stateless (is_recurrent=False): return None"),
     ("state_dict round trip", lambda: _LogitBiasOutsideState, "gives different 'slot' logits"),
 ]
 
@@ -388,8 +425,8 @@ def test_every_clause_has_a_violation() -> None:
 
 def test_a_random_network_blocks_the_later_clauses_and_passes_in_eval_mode() -> None:
     report = run_checks(_Dropout, feature_dim=FEATURE_DIM)
-    assert [r.passed for r in report.results[:2]] == [True, False]
-    assert {r.detail for r in report.results[2:]} == {
+    assert [r.passed for r in report.results[:3]] == [True, True, False]
+    assert {r.detail for r in report.results[3:]} == {
         "not run: the outputs are random (see 'deterministic')"
     }
 
@@ -399,6 +436,79 @@ def test_a_random_network_blocks_the_later_clauses_and_passes_in_eval_mode() -> 
         return bundle
 
     assert run_checks(in_eval_mode, feature_dim=FEATURE_DIM).passed
+
+
+class _WindowNetwork(nn.Module):
+    """Heads over the last K embedded steps: `(features [B, T, F], window [B, K, D])`."""
+
+    def __init__(self, feature_dim: int, window: int, width: int) -> None:
+        super().__init__()
+        self.embed = nn.Linear(feature_dim, width)
+        self.heads = PolicyHeads(width * window, ActionSpace())
+
+    def forward(
+        self, features: torch.Tensor, window: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        for step in range(features.shape[1]):
+            embedded = self.embed(features[:, step])  # [B, D]
+            window = torch.cat([window[:, 1:], embedded.unsqueeze(1)], dim=1)  # [B, K, D]
+            step_logits, step_value = self.heads(window.flatten(1))
+            logits.append(step_logits)
+            values.append(step_value)
+        return torch.stack(logits, 1), torch.stack(values, 1), window
+
+
+class _BatchFirstWindow(PolicyBundle):
+    """A memory of the last K embedded steps, returned batch-first: a newcomer's mistake."""
+
+    is_recurrent = True
+
+    def __init__(self, feature_dim: int, window: int = 4, width: int = 8) -> None:
+        super().__init__(
+            _WindowNetwork(feature_dim, window, width),
+            feature_dim=feature_dim,
+            action_space=ActionSpace(),
+            hidden_shapes=[(window, width)],
+        )
+
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        assert inputs.hidden is not None
+        window = inputs.hidden[0].transpose(0, 1)  # [B, K, D], read right
+        logits, value, window = self.network(inputs.features, window)
+        return NetworkOutput(logits, value, (window,))  # bug: [B, K, D], declared [K, B, D]
+
+
+def test_a_batch_first_hidden_state_is_named_once_and_blocks_the_rest() -> None:
+    report = run_checks(_BatchFirstWindow, feature_dim=FEATURE_DIM)
+    first, shapes, *rest = report.results
+    assert first.passed
+    assert not shapes.passed
+    assert shapes.clause == "shapes"
+    for part in (
+        "_BatchFirstWindow._forward returned hidden[0] of shape (3, 4, 8)",
+        "hidden_shapes[0] = (4, 8) declares [d0, B, ...] = (4, 3, 8)",
+        "the batch goes in dimension 1",
+        "batch-first: return it as .transpose(0, 1)",
+    ):
+        assert part in shapes.detail
+    assert {r.detail for r in rest} == {
+        "not run: the hook's output breaks the contract (see 'shapes')"
+    }
+    assert len(rest) == len(CLAUSES) - 2
+
+
+def test_the_same_window_returned_in_the_declared_layout_conforms() -> None:
+    """The fix the message names is the whole fix: transposed back, every clause passes."""
+
+    class Fixed(_BatchFirstWindow):
+        def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+            out = super()._forward(inputs)
+            assert out.hidden is not None
+            return NetworkOutput(out.logits, out.value, (out.hidden[0].transpose(0, 1),))
+
+    assert run_checks(Fixed, feature_dim=FEATURE_DIM).passed
 
 
 @pytest.mark.parametrize(
@@ -412,6 +522,23 @@ def test_each_clause_catches_its_bug(
     failed = _failed(run_checks(make_factory(), feature_dim=FEATURE_DIM))
     assert clause in failed, f"{clause} passed; failures were {failed}"
     assert says in failed[clause]
+
+
+@pytest.mark.parametrize("factory", [_Comprehension, _Loops], ids=["list", "dict-set-genexpr"])
+def test_comprehensions_and_generator_expressions_pass(factory: Callable[[int], Any]) -> None:
+    """The rule means closures: comprehensions are loops, checked at run time and in source."""
+    report = check_bundle(factory, feature_dim=FEATURE_DIM)
+    assert report.results[-1] == ClauseResult("no per-call closures", True, "")
+
+
+def test_the_closure_message_says_what_to_do() -> None:
+    detail = _failed(run_checks(_LambdaPerCall, feature_dim=FEATURE_DIM))["no per-call closures"]
+    assert detail.startswith("a nested function or lambda is created on every call: ")
+    assert "_LambdaPerCall._forward.<locals>.<lambda> (" in detail  # the run-time check too
+    assert detail.endswith(
+        "Define it once, at module level (or as a method), and pass what it captured as arguments"
+    )
+    assert "B10" not in detail
 
 
 def test_an_active_profiler_is_left_in_place() -> None:
@@ -441,7 +568,9 @@ def test_closures_in_third_party_helpers_are_not_blamed_on_the_bundle(
     (tmp_path / "vendor_helpers.py").write_text(
         "import torch\n\n\n"
         "def doubled(x: torch.Tensor) -> torch.Tensor:\n"
-        "    return sum([x for _ in range(2)])\n"
+        "    def twice(t: torch.Tensor) -> torch.Tensor:\n"
+        "        return t * 2\n\n"
+        "    return twice(x)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     helpers = importlib.import_module("vendor_helpers")

@@ -2,27 +2,145 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from conftest import FEATURE_DIM, small_lstm
-from esper.tamiyo.policy import HEAD_NAMES
+from esper.tamiyo.policy import HEAD_NAMES, ActionMasks, LSTMPolicyBundle, UniformPolicyBundle
 from esper.tamiyo.policy.testing import random_masks
 
 
 def test_to_meta_moves_the_network_and_the_base_tables() -> None:
-    """The meta device stands in for a GPU: everything the base owns must move too."""
+    """The meta device stands in for a GPU: everything the base computes with must move."""
     bundle = small_lstm().to("meta")
     assert bundle.device == torch.device("meta")
     assert all(p.device.type == "meta" for p in bundle.network.parameters())
-    layout = bundle._layout
-    for table in (layout.fill, layout.sizes, layout.structural_valid, layout.inv_log_count):
-        assert table.device.type == "meta"
     hidden = bundle.initial_hidden(2)
     assert hidden is not None
     assert hidden[0].device.type == "meta"
     with pytest.raises(ValueError, match="features is on cpu but the bundle is on meta"):
         bundle.get_value(torch.randn(2, FEATURE_DIM))
+    bundle.check_values = False  # a meta tensor has no values to check
+    x = torch.randn(2, FEATURE_DIM, device="meta")
+    masks = random_masks((2,))
+    meta_masks = ActionMasks(
+        **{k: None if m is None else m.to("meta") for k, m in masks.as_dict().items()}
+    )
+    out = bundle.get_action(x, meta_masks, hidden)  # mask tables on the CPU would fail here
+    assert out.action["op"].device.type == "meta"
+
+
+# Each way the network's tensors can move, done to a float32 CPU bundle.
+def _network_to(bundle: LSTMPolicyBundle) -> None:
+    bundle.network.to(torch.float64)
+
+
+def _bundle_to(bundle: LSTMPolicyBundle) -> None:
+    bundle.to(torch.float64)
+
+
+def _float64_copy(state: dict[str, object]) -> dict[str, object]:
+    """The state with every floating tensor copied to float64 (extra state as it is)."""
+    return {
+        k: v.double().clone() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        for k, v in state.items()
+    }
+
+
+def _assigned(bundle: LSTMPolicyBundle) -> None:
+    bundle.load_state_dict(_float64_copy(bundle.state_dict()), assign=True)
+
+
+def _assigned_through_the_network(bundle: LSTMPolicyBundle) -> None:
+    bundle.network.load_state_dict(_float64_copy(bundle.state_dict()), assign=True)
+
+
+MOVES = {
+    "bundle.to": _bundle_to,
+    "bundle.network.to": _network_to,
+    "load_state_dict(assign=True)": _assigned,
+    "network.load_state_dict(assign=True)": _assigned_through_the_network,
+}
+
+
+@pytest.mark.parametrize("move", MOVES)
+def test_every_way_of_moving_the_network_moves_the_checks_with_it(move: str) -> None:
+    """The dtype is read from the network: the checks never describe a stale one."""
+    bundle = small_lstm()
+    reference = small_lstm().to(torch.float64)
+    reference.load_state_dict(bundle.state_dict())
+    MOVES[move](bundle)
+    assert bundle.dtype == torch.float64
+    hidden = bundle.initial_hidden(3)
+    assert hidden is not None
+    assert hidden[0].dtype == torch.float64
+    x = torch.randn(3, FEATURE_DIM, dtype=torch.float64)
+    masks = random_masks((3,))
+    out = bundle.get_action(x, masks, hidden, deterministic=True)
+    want = reference.get_action(x, masks, hidden, deterministic=True)
+    assert out.value.dtype == torch.float64
+    torch.testing.assert_close(out.value, want.value)
+    seq = torch.randn(3, 4, FEATURE_DIM, dtype=torch.float64)
+    torch.testing.assert_close(bundle.get_value(seq), reference.get_value(seq))
+    with pytest.raises(
+        TypeError,
+        match=r"features has dtype torch\.float32 but the bundle's parameters are torch\.float64",
+    ):
+        bundle.get_action(x.float(), masks)
+    assert bundle.get_action(x, masks).value.dtype == torch.float64  # still works after
+
+
+def test_a_single_step_uses_weights_loaded_with_assign() -> None:
+    """The LSTM's single-step path reads the parameters the network holds now."""
+    bundle, other = small_lstm(), small_lstm()
+    x = torch.randn(2, FEATURE_DIM)
+    before = bundle.get_value(x)
+    copied = {
+        k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in other.state_dict().items()
+    }
+    bundle.load_state_dict(copied, assign=True)
+    torch.testing.assert_close(bundle.get_value(x), other.get_value(x))
+    assert not torch.allclose(bundle.get_value(x), before)
+
+
+def test_a_network_wrapped_in_ddp_is_read_through_the_wrapper() -> None:
+    """`bundle.network = DistributedDataParallel(...)`: device, dtype and calls follow it."""
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not in this build")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        bundle = small_lstm().to(torch.float64)
+        plain = small_lstm().to(torch.float64)
+        plain.load_state_dict(bundle.state_dict())
+        bundle.network = DistributedDataParallel(bundle.network)  # type: ignore[assignment]
+        assert bundle.dtype == torch.float64
+        assert bundle.device == torch.device("cpu")
+        x = torch.randn(2, 3, FEATURE_DIM, dtype=torch.float64)
+        torch.testing.assert_close(bundle.get_value(x), plain.get_value(x))
+        with pytest.raises(TypeError, match=r"the bundle's parameters are torch\.float64"):
+            bundle.get_value(x.float())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_tensorless_network_records_its_move() -> None:
+    """A bundle with no tensors at all (uniform) has nothing to read: `to` records it."""
+    bundle = UniformPolicyBundle(FEATURE_DIM)
+    assert bundle.dtype == torch.get_default_dtype()
+    bundle.to(torch.float64)
+    assert bundle.dtype == torch.float64
+    out = bundle.get_action(torch.randn(2, FEATURE_DIM, dtype=torch.float64), None)
+    assert out.value.dtype == torch.float64
+    bundle.to("meta")
+    assert bundle.device == torch.device("meta")
+    assert bundle.dtype == torch.float64
 
 
 def test_to_accepts_a_dtype_positionally() -> None:
@@ -50,7 +168,6 @@ def test_a_refused_move_moves_nothing(
     assert bundle.device == torch.device("cpu")
     assert bundle.dtype == torch.float32
     assert all(p.device.type == "cpu" for p in bundle.network.parameters())
-    assert bundle._layout.fill.device.type == "cpu"
     assert bundle.get_value(torch.randn(2, FEATURE_DIM)).shape == (2,)
 
 

@@ -7,10 +7,11 @@ import math
 import torch
 
 from esper.tamiyo.policy import HEAD_NAMES, ActionMasks, ActionSpace, categorical
-from esper.tamiyo.policy.layout import MASKED_LOGIT, PADDING_LOGIT, HeadLayout
+from esper.tamiyo.policy.layout import MASKED_LOGIT, PADDING_LOGIT, HeadLayout, split_heads
 from esper.tamiyo.policy.testing import random_masks
 
 SPACE = ActionSpace()
+CPU = torch.device("cpu")
 
 
 def _manual_pack(masks: ActionMasks, lead: tuple[int, ...]) -> torch.Tensor:
@@ -22,35 +23,35 @@ def _manual_pack(masks: ActionMasks, lead: tuple[int, ...]) -> torch.Tensor:
 
 
 def test_pack_masks_puts_each_head_in_its_row_and_padding_false() -> None:
-    layout = HeadLayout(SPACE)
+    layout = HeadLayout(SPACE, CPU)
     masks = random_masks((4, 3)).as_dict()
     masks["style"] = None
     given = ActionMasks.from_mapping(masks)
-    packed = layout.pack_masks(given, 4, 3)
+    packed = layout.pack_masks(given.as_tuple(), 4, 3)
     assert torch.equal(packed, _manual_pack(given, (4, 3)))
 
 
 def test_a_single_step_packs_the_same_from_b_a_and_b_1_a_masks() -> None:
-    layout = HeadLayout(SPACE)
+    layout = HeadLayout(SPACE, CPU)
     flat = random_masks((5,))
     sequenced = ActionMasks.from_mapping(
         {n: None if m is None else m.unsqueeze(1) for n, m in flat.as_dict().items()}
     )
     mixed = ActionMasks.from_mapping({**flat.as_dict(), "op": sequenced.op, "tempo": None})
     want = _manual_pack(flat, (5,)).unsqueeze(1)  # [5, 1, H, A_max]
-    assert torch.equal(layout.pack_masks(flat, 5, 1), want)
-    assert torch.equal(layout.pack_masks(sequenced, 5, 1), want)
+    assert torch.equal(layout.pack_masks(flat.as_tuple(), 5, 1), want)
+    assert torch.equal(layout.pack_masks(sequenced.as_tuple(), 5, 1), want)
     want[:, 0, HEAD_NAMES.index("tempo"), : SPACE.tempo] = True
-    assert torch.equal(layout.pack_masks(mixed, 5, 1), want)
+    assert torch.equal(layout.pack_masks(mixed.as_tuple(), 5, 1), want)
 
 
 def test_all_valid_is_the_structural_mask() -> None:
-    layout = HeadLayout(SPACE)
+    layout = HeadLayout(SPACE, CPU)
     assert torch.equal(layout.all_valid(2, 3), _manual_pack(ActionMasks(), (2, 3)))
 
 
 def test_fill_puts_padding_below_masked_actions() -> None:
-    layout = HeadLayout(SPACE)
+    layout = HeadLayout(SPACE, CPU)
     for head, size in enumerate(SPACE.sizes):
         assert torch.all(layout.fill[head, :size] == MASKED_LOGIT)
         assert torch.all(layout.fill[head, size:] == PADDING_LOGIT)
@@ -59,8 +60,16 @@ def test_fill_puts_padding_below_masked_actions() -> None:
     assert torch.tensor(PADDING_LOGIT, dtype=torch.float16).isfinite()
 
 
+def test_tables_are_built_on_the_device_asked_for() -> None:
+    """The meta device stands in for a GPU: every table lives where it was asked to."""
+    layout = HeadLayout(SPACE, torch.device("meta"))
+    for table in (layout.fill, layout.sizes, layout.structural_valid, layout.inv_log_count):
+        assert table.device.type == "meta"
+    assert layout.pack_masks(ActionMasks().as_tuple(), 2, 1).device.type == "meta"
+
+
 def test_inv_log_count_table() -> None:
-    table = HeadLayout(SPACE).inv_log_count
+    table = HeadLayout(SPACE, CPU).inv_log_count
     assert table[0] == 0
     assert table[1] == 0
     for n in range(2, len(table)):
@@ -68,9 +77,8 @@ def test_inv_log_count_table() -> None:
 
 
 def test_split_heads_drops_padding() -> None:
-    layout = HeadLayout(SPACE)
     padded = torch.randn(2, 3, len(HEAD_NAMES), SPACE.padded_size)
-    parts = layout.split_heads(padded)
+    parts = split_heads(padded, SPACE.sizes)
     for head, (name, size) in enumerate(zip(HEAD_NAMES, SPACE.sizes, strict=True)):
         assert torch.equal(parts[name], padded[:, :, head, :size])
 

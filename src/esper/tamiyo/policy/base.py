@@ -1,19 +1,26 @@
 """`PolicyBundle`: the abstract base every Tamiyo policy bundle subclasses.
 
-The base owns everything that is the same for every bundle: input normalization
-(`_normalize_inputs`), input checking, masking, sampling, log-probabilities,
-entropy and the shaping of results. A subclass builds a network and implements one
-hook, `_forward`, that maps normalized inputs to logits, values and hidden state.
+Every public call runs the same flow, top to bottom in this file:
+
+1. `_prepare` checks every argument once and brings it to `[B, T, ...]`
+   (`_normalize_inputs`), starts the episodes the caller flagged, and checks values;
+2. a compute path (`compute`) calls the subclass's hook `_forward`, then masks,
+   samples and scores all heads together on the padded `[B, T, H, A_max]` layout;
+3. the packed results are shaped back for the caller (`outputs`).
+
+A subclass builds a network and implements the one hook. The rest lives beside this
+file, one concern each: argument checks in `validation`, the padded layout in
+`layout`, masked categorical arithmetic in `categorical`, `compile` support in
+`compiled`, constructor capture in `config`, and writing checkpoints in
+`checkpoint_writer`.
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
-import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -22,26 +29,31 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from esper.tamiyo.policy import categorical
-from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
-from esper.tamiyo.policy.inputs import HiddenState, PolicyInputs, reset_hidden, steps_of
-from esper.tamiyo.policy.layout import HeadLayout
+from esper.tamiyo.policy import compute
+from esper.tamiyo.policy.action_space import ActionSpace
+from esper.tamiyo.policy.checkpoint_writer import write_checkpoint
+from esper.tamiyo.policy.compiled import EAGER, CompiledPaths, Paths
+from esper.tamiyo.policy.config import Arguments, bind, keyword_arguments, snapshot
+from esper.tamiyo.policy.inputs import HiddenState, PolicyInputs, reset_hidden, zero_hidden
+from esper.tamiyo.policy.layout import HeadLayout, split_heads
 from esper.tamiyo.policy.masks import ActionMasks
 from esper.tamiyo.policy.outputs import ActionResult, EvalResult, ForwardResult, NetworkOutput
 from esper.tamiyo.policy.validation import (
+    allowed_dtypes,
     check_action_space,
     check_actions,
     check_episode_start,
     check_features,
     check_generator,
     check_hidden,
-    check_mask,
+    check_hidden_shapes,
+    check_masks,
     check_positive_int,
     check_state_dict,
-    explain_invalid_values,
 )
+from esper.tamiyo.policy.value_checks import check_values
 
-__all__ = ["MaskArg", "PolicyBundle"]
+__all__ = ["MaskArg", "PolicyBundle", "registered_name"]
 
 MaskArg = ActionMasks | Mapping[str, torch.Tensor | None] | None
 """What public methods accept as masks: `ActionMasks`, a strict mapping, or `None`."""
@@ -68,8 +80,13 @@ class PolicyBundle(ABC):
     * may extend `_normalize_inputs` through `super()` to check more.
 
     Hidden state is a tuple of tensors, each `[d0, B, ...]` (batch in dimension 1);
-    `initial_hidden` builds zeros from the declared shapes and the base checks every
-    hidden state a caller passes against them.
+    `initial_hidden` builds zeros from the declared shapes, and the base checks every
+    hidden state a caller passes, and every one the hook returns, against them.
+
+    The device and dtype are the network's, read from its tensors on every call:
+    however the network is moved (`bundle.to`, `bundle.network.to`,
+    `load_state_dict(..., assign=True)`, a `DistributedDataParallel` wrapper), the
+    checks and the base's tables follow it.
 
     Example:
         A complete stateless bundle:
@@ -115,13 +132,24 @@ class PolicyBundle(ABC):
             and device checks are always on: they cost no sync. Under autocast the
             dtype check accepts float32 and the autocast dtype as well.
         network: The `nn.Module`. Hand it to an optimizer or to
-            `DistributedDataParallel`; move the bundle with `to()`.
+            `DistributedDataParallel`.
         action_space: Head sizes.
         feature_dim: `F`, or `None` when any width is accepted.
     """
 
     is_recurrent: ClassVar[bool] = False
-    _init_arguments: tuple[tuple[Any, ...], dict[str, Any]]
+    _registered_name: ClassVar[str | None] = None  # set by `register_policy`, per class
+    _init_arguments: Arguments
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        """Create the bundle, remembering its constructor's arguments for `config`.
+
+        So `config` (and checkpoints) can rebuild any bundle without each subclass
+        reporting its own arguments.
+        """
+        self = super().__new__(cls)
+        self._init_arguments = snapshot(args, kwargs)
+        return self
 
     def __init__(
         self,
@@ -149,46 +177,15 @@ class PolicyBundle(ABC):
         self.feature_dim = feature_dim
         self.action_space = action_space
         self.check_values = True
-        self._hidden_shapes = _freeze_shapes(cls_name, hidden_shapes)
-        self._head_sizes = action_space.sizes
-        self._device = _module_device(network)
-        self._autocast_type = _autocast_type(self._device)
-        self._dtype = _module_dtype(network)
-        self._layout = HeadLayout(action_space, self._device)
-        # Set by compile(): its arguments, and the compiled compute paths. The paths are
-        # compiled from the class's functions and take the bundle as an argument, so a
-        # deep copy of a compiled bundle runs its own network.
-        self._compile_kwargs: dict[str, Any] | None = None
-        self._compiled_paths: tuple[_ActPath, _EvaluatePath] | None = None
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
-        """Create the bundle, remembering its constructor's arguments for `config`.
-
-        So `config` (and checkpoints) can rebuild any bundle without each subclass
-        reporting its own arguments.
-        """
-        self = super().__new__(cls)
-        self._init_arguments = (_snapshot(args), _snapshot(kwargs))
-        return self
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """The arguments the bundle was built with, by name, defaults filled in.
-
-        `type(bundle)(**bundle.config)` builds an identical bundle (up to its weights)
-        when the constructor takes no `*args` or `**kwargs` (those appear under their
-        own names). Recorded when the bundle is created, whatever its class: a
-        subclass need not report its own.
-        """
-        args, kwargs = self._init_arguments
-        bound = inspect.signature(type(self).__init__).bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        config = dict(bound.arguments)
-        del config[next(iter(config))]  # self
-        return config
+        self._hidden_shapes = check_hidden_shapes(cls_name, hidden_shapes)
+        # Where a network without any tensor lives: it has nothing to read that from.
+        self._place_if_empty = (torch.device("cpu"), torch.get_default_dtype())
+        self._layouts: dict[torch.device, HeadLayout] = {}  # the layout's tables per device
+        self._paths: Paths = EAGER
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        cls._registered_name = None  # a subclass of a registered class is not registered
         for name in _FINAL_METHODS:
             if name in cls.__dict__:
                 raise TypeError(
@@ -213,7 +210,8 @@ class PolicyBundle(ABC):
 
         Returns:
             Unmasked logits `[B, T, H, A_max]` (build them with `PolicyHeads`), values
-            `[B, T]`, and the new hidden state (`None` when stateless).
+            `[B, T]`, and the new hidden state in the declared shapes (`None` when
+            stateless).
         """
 
     # ------------------------------------------------------------------ public API
@@ -255,22 +253,19 @@ class PolicyBundle(ABC):
             TypeError: An argument has the wrong type or dtype.
             ValueError: An argument has the wrong shape, a wrong key, or bad values.
         """
+        call = self._prepare(features, masks, hidden, episode_start=episode_start)
         if generator is not None:
-            check_generator(generator, self._device)
-        inputs, valid = self._prepare(features, masks, hidden, episode_start=episode_start)
+            check_generator(generator, call.layout.device)
         with torch.no_grad():
             # Resets inside a sequence split it into stretches, a Python loop whose shape
             # changes with every pattern: that runs eager rather than recompile each time.
-            paths = self._compiled_paths if not inputs.reset_steps else None
-            if paths is None:
-                actions, chosen, value, new_hidden = self._act(
-                    inputs, valid, deterministic, generator
-                )
-            else:
-                actions, chosen, value, new_hidden = paths[0](
-                    self, inputs, valid, deterministic, generator
-                )
-        return ActionResult.from_packed(actions, chosen, value, new_hidden, inputs.single_step)
+            paths = self._paths if not call.resets else EAGER
+            actions, log_prob, value, new_hidden = paths.act(
+                self, call, deterministic, generator
+            )  # [B, T, H], [B, T, H], [B, T]
+        return ActionResult.from_packed(
+            actions, log_prob, value, new_hidden, call.inputs.single_step
+        )
 
     def forward(
         self,
@@ -297,17 +292,12 @@ class PolicyBundle(ABC):
             TypeError: An argument has the wrong type or dtype.
             ValueError: An argument has the wrong shape, a wrong key, or bad values.
         """
-        inputs, valid = self._prepare(features, masks, hidden, episode_start=episode_start)
-        out = self._checked_forward(inputs)
-        masked = categorical.mask_logits(
-            out.logits, valid, self._layout.fill, self._layout.minus_inf
-        )
-        value = out.value
-        if inputs.single_step:
+        call = self._prepare(features, masks, hidden, episode_start=episode_start)
+        masked, value, new_hidden = compute.masked_logits(self, call)  # [B, T, H, A_max]
+        if call.inputs.single_step:
             masked, value = masked.squeeze(1), value.squeeze(1)
-        return ForwardResult(
-            logits=self._layout.split_heads(masked), value=value, hidden=out.hidden
-        )
+        logits = split_heads(masked, self.action_space.sizes)
+        return ForwardResult(logits=logits, value=value, hidden=new_hidden)
 
     def evaluate_actions(
         self,
@@ -345,13 +335,12 @@ class PolicyBundle(ABC):
             ValueError: An argument has the wrong shape, a wrong key, or bad values,
                 including an action out of range or masked.
         """
-        inputs, valid = self._prepare(features, masks, hidden, actions, episode_start)
-        paths = self._compiled_paths if not inputs.reset_steps else None  # see get_action
-        if paths is None:
-            chosen, entropy, value, new_hidden = self._evaluate(inputs, valid)
-        else:
-            chosen, entropy, value, new_hidden = paths[1](self, inputs, valid)
-        return EvalResult.from_packed(chosen, entropy, value, new_hidden, inputs.single_step)
+        call = self._prepare(features, masks, hidden, actions, episode_start)
+        paths = self._paths if not call.resets else EAGER  # see get_action
+        log_prob, entropy, value, new_hidden = paths.evaluate(
+            self, call
+        )  # [B, T, H], [B, T, H], [B, T]
+        return EvalResult.from_packed(log_prob, entropy, value, new_hidden, call.inputs.single_step)
 
     def get_value(
         self,
@@ -376,10 +365,10 @@ class PolicyBundle(ABC):
             TypeError: An argument has the wrong type or dtype.
             ValueError: An argument has the wrong shape or bad values.
         """
-        inputs, _ = self._prepare(features, None, hidden, episode_start=episode_start)
+        call = self._prepare(features, None, hidden, episode_start=episode_start)
         with torch.no_grad():
-            value = self._checked_forward(inputs).value  # [B, T]
-        return value.squeeze(1) if inputs.single_step else value
+            value = compute.run_network(self, call).value  # [B, T]
+        return value.squeeze(1) if call.inputs.single_step else value
 
     def initial_hidden(self, batch_size: int) -> HiddenState | None:
         """Zero hidden state for `batch_size` new episodes, or `None` when stateless.
@@ -403,156 +392,10 @@ class PolicyBundle(ABC):
             raise ValueError(f"batch_size must be a positive int, got {batch_size}")
         if self._hidden_shapes is None:
             return None
-        zeros: list[torch.Tensor] = []
-        for shape in self._hidden_shapes:
-            zeros.append(
-                torch.zeros(
-                    (shape[0], batch_size, *shape[1:]), device=self._device, dtype=self._dtype
-                )
-            )
-        return tuple(zeros)
+        device, dtype = self._place()
+        return zero_hidden(self._hidden_shapes, batch_size, device, dtype)
 
-    @property
-    def device(self) -> torch.device:
-        """Where the network and the base's tables live."""
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Floating dtype of the network's parameters; features and hidden state match it."""
-        return self._dtype
-
-    def to(
-        self,
-        device: torch.device | str | torch.dtype | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> Self:
-        """Move the network and the base's tables, in place; returns `self`.
-
-        As `nn.Module.to`: `bundle.to("cuda")`, `bundle.to(torch.float64)`,
-        `bundle.to("cuda", torch.bfloat16)`. Move a bundle with this method, not through
-        `bundle.network`, so that the base's tables and its record of the device and
-        dtype (which its input checks compare against) move too.
-
-        Args:
-            device: Target device, or a floating dtype, or `None` to stay.
-            dtype: Floating dtype for the network's parameters, or `None` to keep it.
-
-        Raises:
-            TypeError: `dtype` is not a floating `torch.dtype`, or both arguments are dtypes.
-            RuntimeError: `device` is not one torch can use here (torch's own error;
-                for "cuda" on a CPU build an AssertionError); nothing has moved.
-        """
-        if isinstance(device, torch.dtype):
-            if dtype is not None:
-                raise TypeError(f"to() got two dtypes: {device} and {dtype}")
-            device, dtype = None, device
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        # Canonical form ("cuda" -> "cuda:0") so it compares equal to tensors' devices;
-        # resolving it first also refuses a bad device before anything moves.
-        target = None if device is None else torch.empty(0, device=device).device
-        if target is not None:
-            self.network.to(device=target)
-            self._layout.to(target)
-            self._device = target
-            self._autocast_type = _autocast_type(target)
-        if dtype is not None:
-            self.network.to(dtype=dtype)
-            self._dtype = dtype
-        return self
-
-    def compile(self, **compile_kwargs: Any) -> Self:
-        """Compile the compute paths with `torch.compile`, in place; returns `self`.
-
-        What is compiled is what runs after the checks: the hook `_forward` and the
-        masking, sampling and scoring of all heads (`_act` for `get_action`, `_evaluate`
-        for `evaluate_actions`). `_normalize_inputs` with its checks, and the shaping
-        of results, stay eager: a bad argument is refused with the same error, and no
-        check can break the graph. The network itself is not wrapped, so `state_dict`
-        keys, optimizers and `DistributedDataParallel` see the same module as before.
-
-        `forward` and `get_value` stay eager. A recurrent hook that calls `nn.LSTM`
-        (sequences of `LSTMPolicyBundle`) breaks the graph there unless
-        `torch._dynamo.config.allow_rnn = True`; its single steps do not.
-
-        Args:
-            **compile_kwargs: Passed to `torch.compile` (`backend`, `mode`, `dynamic`,
-                `fullgraph`, ...).
-
-        Returns:
-            The bundle.
-        """
-        self._compile_kwargs = dict(compile_kwargs)
-        self._compiled_paths = _compile_paths(self._compile_kwargs)
-        return self
-
-    @property
-    def is_compiled(self) -> bool:
-        """Whether `compile()` was called."""
-        return self._compile_kwargs is not None
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickle and copy without the compiled paths; the copy compiles its own."""
-        state = self.__dict__.copy()
-        state["_compiled_paths"] = None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Restore a pickled or copied bundle, compiling it again if it was compiled."""
-        self.__dict__.update(state)
-        if self._compile_kwargs is not None:
-            self._compiled_paths = _compile_paths(self._compile_kwargs)
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write a checkpoint `load_policy` rebuilds this bundle from; returns its path.
-
-        The file holds the registered name, `config`, dtype, a format version and the
-        weights, and is written atomically: a crash mid-save leaves the previous file
-        as it was. See `esper.tamiyo.policy.checkpoint`.
-
-        Raises:
-            ValueError: The class is not registered (`register_policy`).
-            TypeError: A `config` value cannot be stored safely.
-        """
-        from esper.tamiyo.policy.checkpoint import save_policy  # noqa: PLC0415 - a cycle
-
-        return save_policy(self, path)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The network's `state_dict`: the bundle's only state."""
-        return self.network.state_dict()
-
-    def load_state_dict(
-        self, state_dict: Mapping[str, Any], strict: bool = True
-    ) -> _IncompatibleKeys:
-        """Load weights into the network, all or nothing.
-
-        Unlike `nn.Module.load_state_dict`, which copies tensors module by module and
-        may stop half way, every key, shape and recorded head size is checked first: a
-        refused checkpoint leaves the bundle exactly as it was.
-
-        Args:
-            state_dict: From `state_dict()` of a bundle of the same class and config.
-            strict: Require exactly the same keys (as `nn.Module.load_state_dict`).
-
-        Returns:
-            The missing and unexpected keys (both empty when `strict`).
-
-        Raises:
-            ValueError: Keys, shapes or head sizes do not match this bundle.
-        """
-        check_state_dict(self.network.state_dict(), state_dict, type(self).__name__, strict)
-        result: _IncompatibleKeys = self.network.load_state_dict(state_dict, strict=strict)
-        return result
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(feature_dim={self.feature_dim}, "
-            f"action_space={self.action_space}, device={self._device})"
-        )
-
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ the per-call flow
 
     def _normalize_inputs(
         self,
@@ -575,47 +418,40 @@ class PolicyBundle(ABC):
             actions: Head name to actions, for `evaluate_actions`.
 
         Returns:
-            `PolicyInputs` with features `[B, T, F]`, the checked masks, hidden state
-            (zeros if none was given) and, for `evaluate_actions`, the actions packed
-            `[B, T, H]`.
+            `PolicyInputs` with features `[B, T, F]`, the masks packed `[B, T, H, A_max]`,
+            hidden state (zeros if none was given) and, for `evaluate_actions`, the
+            actions packed `[B, T, H]`.
 
         Raises:
             TypeError: An argument has the wrong type or dtype.
             ValueError: An argument has the wrong shape or a wrong key.
         """
-        dtypes = self._allowed_dtypes()
-        features = check_features(features, self.feature_dim, self._device, dtypes)
+        device, dtype = self._place()
+        dtypes = allowed_dtypes(device, dtype)
+        features = check_features(features, self.feature_dim, device, dtypes)
         single_step = features.dim() == 2
         if single_step:
             features = features.unsqueeze(1)  # [B, 1, F]
         batch, steps = features.shape[0], features.shape[1]
         action_index = (
-            None
-            if actions is None
-            else check_actions(actions, batch, steps, single_step, self._device)
+            None if actions is None else check_actions(actions, batch, steps, single_step, device)
         )  # [B, T, H]
+        hidden = self._resolve_hidden(hidden, batch, device, dtype, dtypes)
+        layout = self._layout_for(device)
+        given = check_masks(masks, layout.head_sizes, batch, steps, single_step, device)
+        valid = (
+            layout.all_valid(batch, steps)
+            if given is None
+            else layout.pack_masks(given, batch, steps)
+        )  # [B, T, H, A_max]
         return PolicyInputs(
             features=features,
-            hidden=self._resolve_hidden(hidden, batch, dtypes),
+            hidden=hidden,
+            valid=valid,
+            action_space=self.action_space,
             action_index=action_index,
             single_step=single_step,
-            given_masks=self._check_masks(masks, batch, steps, single_step),
         )
-
-    def _check_masks(
-        self, masks: MaskArg, batch: int, steps: int, single_step: bool
-    ) -> ActionMasks:
-        """Check masks against the features; `_NO_MASKS` when no head is masked."""
-        if masks is None:
-            return _NO_MASKS
-        given = masks if isinstance(masks, ActionMasks) else ActionMasks.from_mapping(masks)
-        any_given = False
-        for name, size in zip(HEAD_NAMES, self._head_sizes, strict=True):
-            mask = getattr(given, name)
-            if mask is not None:
-                check_mask(mask, name, size, batch, steps, single_step, self._device)
-                any_given = True
-        return given if any_given else _NO_MASKS
 
     def _prepare(
         self,
@@ -624,63 +460,51 @@ class PolicyBundle(ABC):
         hidden: HiddenState | None,
         actions: Mapping[str, torch.Tensor] | None = None,
         episode_start: torch.Tensor | None = None,
-    ) -> tuple[PolicyInputs, torch.Tensor]:
-        """What every public method does before computing: normalize, reset, pack, check.
+    ) -> compute.Call:
+        """What every public method does before computing: normalize, start episodes, check.
 
         Returns:
-            The normalized inputs (hidden state already reset for the rows whose
-            episode starts at the first step), and the masks packed for masking,
-            `[B, T, H, A_max]` bool (True where valid, padding False).
+            The call for a compute path: the normalized inputs (hidden state already
+            reset for the rows whose episode starts at the first step), the layout's
+            tables, and the later steps where episodes start.
         """
         inputs = self._normalize_inputs(features, masks, hidden, actions)
-        batch, steps = inputs.features.shape[0], inputs.features.shape[1]
+        resets: tuple[int, ...] = ()
         if episode_start is not None:
-            inputs = self._with_episode_starts(inputs, episode_start)
-        given = inputs.given_masks
-        if given is _NO_MASKS:
-            valid = self._layout.all_valid(batch, steps)
-        else:
-            valid = self._layout.pack_masks(given, batch, steps)
+            inputs, resets = self._start_episodes(inputs, episode_start)
+        layout = self._layout_for(inputs.features.device)
         if self.check_values:
-            self._check_values(inputs, valid)
-        return inputs, valid
+            check_values(
+                inputs.features, inputs.valid, inputs.action_index, layout.sizes, inputs.single_step
+            )
+        return compute.Call(inputs, layout, resets)
 
-    def _with_episode_starts(
+    def _start_episodes(
         self, inputs: PolicyInputs, episode_start: torch.Tensor
-    ) -> PolicyInputs:
-        """Check the flags; reset the first step's rows; find the steps that reset later."""
+    ) -> tuple[PolicyInputs, tuple[int, ...]]:
+        """Check the flags; reset the first step's rows; find the later steps that reset."""
         starts = check_episode_start(
             episode_start,
-            inputs.features.shape[0],
-            inputs.features.shape[1],
+            inputs.batch_size,
+            inputs.seq_len,
             inputs.single_step,
-            self._device,
+            inputs.features.device,
         )  # [B, T]
         if inputs.hidden is None:  # stateless: nothing to reset
-            return replace(inputs, episode_start=starts)
+            return replace(inputs, episode_start=starts), ()
         later: tuple[int, ...] = ()
-        if starts.shape[1] > 1:
+        if inputs.seq_len > 1:
             later = tuple((starts[:, 1:].any(dim=0).nonzero().flatten() + 1).tolist())  # sync
-        return replace(
-            inputs,
-            hidden=reset_hidden(inputs.hidden, starts[:, 0]),
-            episode_start=starts,
-            reset_steps=later,
-        )
-
-    def _allowed_dtypes(self) -> tuple[torch.dtype, ...]:
-        """Dtypes features and hidden state may have.
-
-        The parameters' dtype; under autocast also float32 and the autocast dtype, the
-        dtypes autocast itself mixes.
-        """
-        device_type = self._autocast_type
-        if device_type is not None and torch.is_autocast_enabled(device_type):
-            return (self._dtype, torch.float32, torch.get_autocast_dtype(device_type))
-        return (self._dtype,)
+        hidden = reset_hidden(inputs.hidden, starts[:, 0])
+        return replace(inputs, hidden=hidden, episode_start=starts), later
 
     def _resolve_hidden(
-        self, hidden: HiddenState | None, batch: int, dtypes: tuple[torch.dtype, ...]
+        self,
+        hidden: HiddenState | None,
+        batch: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        dtypes: tuple[torch.dtype, ...],
     ) -> HiddenState | None:
         """Check the caller's hidden state, or start from zeros when it gave none."""
         if self._hidden_shapes is None:
@@ -691,152 +515,226 @@ class PolicyBundle(ABC):
                 )
             return None
         if hidden is None:
-            return self.initial_hidden(batch)
-        check_hidden(hidden, self._hidden_shapes, batch, self._device, dtypes)
+            return zero_hidden(self._hidden_shapes, batch, device, dtype)
+        check_hidden(hidden, self._hidden_shapes, batch, device, dtypes)
         return hidden
 
-    def _check_values(self, inputs: PolicyInputs, valid: torch.Tensor) -> None:
-        """Refuse NaN/Inf features, void mask rows, and out-of-range or masked actions.
+    # ------------------------------------------------------------------ device and dtype
 
-        One device sync for all of them; only when one fails does the slow path look
-        for the first offending row to name it. Without masks there is no void row to
-        look for.
-        """
-        features = inputs.features
-        action_index = inputs.action_index
-        # One scalar, one sync: the features' sum is NaN or Inf if any feature is (or
-        # if the sum overflows: the slow path then finds nothing and returns), and
-        # dividing it by a False flag makes it Inf or NaN as well. Five kernels with
-        # masks; the actions' check adds its own.
-        total = features.sum(dtype=_SUM_DTYPE.get(features.dtype))  # []
-        if inputs.given_masks is not _NO_MASKS:
-            total = total / valid.any(dim=-1).all()
-        if action_index is not None:
-            total = total / _actions_valid(action_index, valid, self._layout.sizes).all()
-        if not math.isfinite(total.item()):
-            explain_invalid_values(
-                features, valid, action_index, self._layout.sizes, inputs.single_step
-            )
-            # It returned: every value is fine, so the features' sum must have overflowed.
-            if math.isfinite(features.sum(dtype=_SUM_DTYPE.get(features.dtype)).item()):
-                raise AssertionError(
-                    "esper.tamiyo.policy: the value check flagged inputs its slow path "
-                    "finds valid; please report this"
-                )
+    @property
+    def device(self) -> torch.device:
+        """Where the network's tensors are, read from them now."""
+        return self._place()[0]
 
-    # The compute paths: the hook, then masking, sampling and scoring of all heads on
-    # the padded layout. Tensors in, tensors out, no checks: what `torch.compile` would
-    # wrap, with `_normalize_inputs` and the shaping of results left outside.
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the network's tensors; features and hidden state match it."""
+        return self._place()[1]
 
-    def _act(
+    @property
+    def hidden_shapes(self) -> tuple[tuple[int, ...], ...] | None:
+        """The declared shape of each hidden tensor without its batch dimension, or `None`."""
+        return self._hidden_shapes
+
+    def to(
         self,
-        inputs: PolicyInputs,
-        valid: torch.Tensor,
-        deterministic: bool,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, HiddenState | None]:
-        """Sample (or take the mode of) every head: `(actions, log_probs, value, hidden)`.
+        device: torch.device | str | torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Self:
+        """Move the network, in place; returns `self`.
 
-        Returns:
-            Actions and their log-probabilities `[B, T, H]`, values `[B, T]`, hidden.
+        As `nn.Module.to`: `bundle.to("cuda")`, `bundle.to(torch.float64)`,
+        `bundle.to("cuda", torch.bfloat16)`. The same as `bundle.network.to(...)`, with
+        the arguments checked first; a bundle whose network has no tensor at all (such
+        as `UniformPolicyBundle`) records the move here.
+
+        Args:
+            device: Target device, or a floating dtype, or `None` to stay.
+            dtype: Floating dtype for the network's parameters, or `None` to keep it.
+
+        Raises:
+            TypeError: `dtype` is not a floating `torch.dtype`, or both arguments are dtypes.
+            RuntimeError: `device` is not one torch can use here (torch's own error;
+                for "cuda" on a CPU build an AssertionError); nothing has moved.
         """
-        out = self._checked_forward(inputs)
-        masked = categorical.mask_logits(
-            out.logits, valid, self._layout.fill, self._layout.minus_inf
+        if isinstance(device, torch.dtype):
+            if dtype is not None:
+                raise TypeError(f"to() got two dtypes: {device} and {dtype}")
+            device, dtype = None, device
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        # Canonical form ("cuda" -> "cuda:0") so it compares equal to tensors' devices;
+        # resolving it first also refuses a bad device before anything moves.
+        target = None if device is None else torch.empty(0, device=device).device
+        self.network.to(device=target, dtype=dtype)
+        empty_device, empty_dtype = self._place_if_empty
+        self._place_if_empty = (
+            empty_device if target is None else target,
+            empty_dtype if dtype is None else dtype,
         )
-        log_probs = masked.log_softmax(dim=-1)  # [B, T, H, A_max]
-        actions = categorical.sample(
-            log_probs, deterministic=deterministic, generator=generator
-        )  # [B, T, H]
-        chosen = categorical.log_prob_of(log_probs, actions)  # [B, T, H]
-        return actions, chosen, out.value, out.hidden
+        return self
 
-    def _evaluate(
-        self, inputs: PolicyInputs, valid: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, HiddenState | None]:
-        """Score the given actions: `(log_probs, entropies, value, hidden)`.
+    def _place(self) -> tuple[torch.device, torch.dtype]:
+        """The network's device and floating dtype, read from its tensors now.
+
+        The one source of truth for both: nothing is cached, so however the network was
+        moved, the checks agree with it. About 2 µs a call on a CPU.
+        """
+        for _, param in self.network.named_parameters(remove_duplicate=False):
+            if param.is_floating_point():
+                return param.device, param.dtype
+            break
+        device: torch.device | None = None
+        for tensor in itertools.chain(self.network.parameters(), self.network.buffers()):
+            device = tensor.device if device is None else device
+            if tensor.is_floating_point():
+                return device, tensor.dtype
+        fallback_device, fallback_dtype = self._place_if_empty
+        return fallback_device if device is None else device, fallback_dtype
+
+    def _layout_for(self, device: torch.device) -> HeadLayout:
+        """The padded layout's tables on `device`, built on first use there."""
+        layout = self._layouts.get(device)
+        if layout is None:
+            layout = self._layouts[device] = HeadLayout(self.action_space, device)
+        return layout
+
+    # ------------------------------------------------------------------ the rest
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The arguments the bundle was built with, by name, defaults filled in.
+
+        `type(bundle)(**bundle.config)` builds an identical bundle (up to its weights)
+        when the constructor takes no `*args` or `**kwargs` (those appear under their
+        own names). Recorded when the bundle is created, whatever its class: a
+        subclass need not report its own.
+        """
+        return bind(type(self), self._init_arguments)
+
+    def compile(self, **compile_kwargs: Any) -> Self:
+        """Compile the compute paths with `torch.compile`, in place; returns `self`.
+
+        What is compiled is what runs after the checks: the hook `_forward` and the
+        masking, sampling and scoring of all heads (`compute.act` for `get_action`,
+        `compute.evaluate` for `evaluate_actions`). `_normalize_inputs` with its
+        checks, and the shaping of results, stay eager: a bad argument is refused with
+        the same error, and no check can break the graph. The network itself is not
+        wrapped, so `state_dict` keys, optimizers and `DistributedDataParallel` see the
+        same module as before.
+
+        `forward` and `get_value` stay eager. A recurrent hook that calls `nn.LSTM`
+        (sequences of `LSTMPolicyBundle`) breaks the graph there unless
+        `torch._dynamo.config.allow_rnn = True`; its single steps do not.
+
+        Args:
+            **compile_kwargs: Passed to `torch.compile` (`backend`, `mode`, `dynamic`,
+                `fullgraph`, ...).
 
         Returns:
-            Log-probabilities and normalized entropies `[B, T, H]`, values `[B, T]`,
-            hidden.
+            The bundle.
         """
-        assert inputs.action_index is not None  # evaluate_actions always packs actions
-        out = self._checked_forward(inputs)
-        layout = self._layout
-        masked = categorical.mask_logits(out.logits, valid, layout.fill, layout.minus_inf)
-        log_probs = masked.log_softmax(dim=-1)  # [B, T, H, A_max]
-        chosen = categorical.log_prob_of(log_probs, inputs.action_index)  # [B, T, H]
-        entropy = categorical.normalized_entropy(
-            masked, log_probs, valid, layout.inv_log_count
-        )  # [B, T, H]
-        return chosen, entropy, out.value, out.hidden
+        self._paths = CompiledPaths(compile_kwargs)
+        return self
 
-    def _checked_forward(self, inputs: PolicyInputs) -> NetworkOutput:
-        """Call the hook, once per stretch between episode resets, and check its output.
+    @property
+    def is_compiled(self) -> bool:
+        """Whether `compile()` was called."""
+        return isinstance(self._paths, CompiledPaths)
 
-        Without resets inside the sequence (the usual case) the hook runs once. With
-        resets at steps `t1 < t2 < ...`, it runs on `[0, t1)`, `[t1, t2)`, ... in turn,
-        the hidden state of the rows that reset zeroed between stretches, and the
-        outputs are joined along `T`.
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write a checkpoint `load_policy` rebuilds this bundle from; returns its path.
+
+        The file holds the registered name, `config`, dtype, a format version and the
+        weights, and is written atomically: a crash mid-save leaves the previous file
+        as it was. See `esper.tamiyo.policy.checkpoint.save_policy`.
+
+        Raises:
+            ValueError: The class is not registered (`register_policy`).
+            TypeError: A `config` value cannot be stored safely.
         """
-        if not inputs.reset_steps:
-            return self._checked_hook(inputs)
-        starts = inputs.episode_start
-        assert starts is not None  # reset_steps come from the flags
-        logits: list[torch.Tensor] = []
-        values: list[torch.Tensor] = []
-        hidden = inputs.hidden
-        bounds = (0, *inputs.reset_steps, inputs.features.shape[1])
-        for begin, end in itertools.pairwise(bounds):
-            if begin > 0:
-                if hidden is None:
-                    raise RuntimeError(
-                        f"{type(self).__name__}._forward returned no hidden state for a "
-                        "stretch of a sequence; a recurrent hook returns its new state"
-                    )
-                hidden = reset_hidden(hidden, starts[:, begin])
-            out = self._checked_hook(steps_of(inputs, begin, end, hidden))
-            logits.append(out.logits)
-            values.append(out.value)
-            hidden = out.hidden
-        return NetworkOutput(torch.cat(logits, dim=1), torch.cat(values, dim=1), hidden)
+        cls = type(self)
+        return write_checkpoint(
+            path,
+            policy=registered_name(cls),
+            config=keyword_arguments(cls, self.config),
+            dtype=self.dtype,
+            network=self.network,
+            owner=cls.__name__,
+        )
 
-    def _checked_hook(self, inputs: PolicyInputs) -> NetworkOutput:
-        """Call the hook and check it honoured the layout contract."""
-        out = self._forward(inputs)
-        if not (isinstance(out, tuple) and len(out) == 3):
-            raise TypeError(
-                f"{type(self).__name__}._forward must return NetworkOutput(logits, value, "
-                f"hidden), got {type(out).__name__}"
-            )
-        logits, value, hidden = out
-        batch, steps = inputs.features.shape[0], inputs.features.shape[1]
-        layout = self._layout
-        if logits.shape != (batch, steps, layout.num_heads, layout.padded_size):
-            raise RuntimeError(
-                f"{type(self).__name__}._forward returned logits of shape "
-                f"{tuple(logits.shape)}; expected [B, T, H, A_max] = "
-                f"{(batch, steps, layout.num_heads, layout.padded_size)}. "
-                "End the network with PolicyHeads to get this layout."
-            )
-        if value.shape != (batch, steps):
-            raise RuntimeError(
-                f"{type(self).__name__}._forward returned value of shape "
-                f"{tuple(value.shape)}; expected [B, T] = {(batch, steps)}"
-            )
-        return NetworkOutput(logits, value, hidden)
+    def state_dict(self) -> dict[str, Any]:
+        """The network's `state_dict`: the bundle's only state."""
+        return self.network.state_dict()
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> _IncompatibleKeys:
+        """Load weights into the network, all or nothing.
+
+        Unlike `nn.Module.load_state_dict`, which copies tensors module by module and
+        may stop half way, every key, shape and recorded head size is checked first: a
+        refused checkpoint leaves the bundle exactly as it was.
+
+        Args:
+            state_dict: From `state_dict()` of a bundle of the same class and config.
+            strict: Require exactly the same keys (as `nn.Module.load_state_dict`).
+            assign: Take the given tensors as the parameters instead of copying into
+                them (as `nn.Module.load_state_dict`): the network then has their
+                device and dtype, and so has the bundle.
+
+        Returns:
+            The missing and unexpected keys (both empty when `strict`).
+
+        Raises:
+            ValueError: Keys, shapes or head sizes do not match this bundle.
+        """
+        check_state_dict(self.network.state_dict(), state_dict, type(self).__name__, strict)
+        result: _IncompatibleKeys = self.network.load_state_dict(
+            state_dict, strict=strict, assign=assign
+        )
+        return result
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(feature_dim={self.feature_dim}, "
+            f"action_space={self.action_space}, device={self.device})"
+        )
 
 
-_NO_MASKS = ActionMasks()
+def registered_name(cls: type[PolicyBundle]) -> str:
+    """The name `cls` is registered under (`register_policy`): the reverse of `get_policy`.
 
-# Half-precision sums overflow early (fp16 at 65504): sum those in float32.
-_SUM_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+    Checkpoints store this name, so that `get_policy(registered_name(cls))` rebuilds the
+    same class. An earlier definition of a registered class (before a reload or a re-run
+    notebook cell) keeps its name: its instances save under it and load as the current
+    definition. A subclass of a registered class is not registered by inheritance,
+    since its parent's name would rebuild the parent.
 
-_ComputeResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, HiddenState | None]
-_ActPath = Callable[
-    [PolicyBundle, PolicyInputs, torch.Tensor, bool, torch.Generator | None], _ComputeResult
-]
-_EvaluatePath = Callable[[PolicyBundle, PolicyInputs, torch.Tensor], _ComputeResult]
+    Example:
+        >>> from esper.tamiyo.policy import LSTMPolicyBundle
+        >>> registered_name(LSTMPolicyBundle)
+        'lstm'
+
+    Args:
+        cls: A `PolicyBundle` subclass.
+
+    Returns:
+        Its name; the first one it was registered under if it has several.
+
+    Raises:
+        ValueError: `cls` is not registered; the message says how to register it.
+    """
+    name = cls._registered_name if isinstance(cls, type) and issubclass(cls, PolicyBundle) else None
+    if name is None:
+        what = f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else repr(cls)
+        raise ValueError(
+            f"{what} is not a registered policy; decorate it with "
+            '@register_policy("a_name") and import its module first '
+            "(esper.tamiyo.policy.list_policies() names the registered ones)"
+        )
+    return name
+
 
 _FINAL_METHODS = (
     "__new__",
@@ -848,80 +746,7 @@ _FINAL_METHODS = (
     "evaluate_actions",
     "get_value",
     "initial_hidden",
-    "_act",
-    "_evaluate",
-    "_checked_forward",
-    "_checked_hook",
+    "hidden_shapes",
     "_prepare",
-    "_with_episode_starts",
+    "_start_episodes",
 )
-
-
-def _actions_valid(
-    action_index: torch.Tensor, valid: torch.Tensor, sizes: torch.Tensor
-) -> torch.Tensor:
-    """`[B, T, H]` bool: each action is in its head's range and allowed by the mask."""
-    in_range = (action_index >= 0) & (action_index < sizes)
-    safe = action_index.clamp(0, valid.shape[-1] - 1)
-    return in_range & valid.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-
-
-def _autocast_type(device: torch.device) -> str | None:
-    """`device.type` if autocast exists for it (asking about others raises), else `None`."""
-    return device.type if torch.amp.is_autocast_available(device.type) else None
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    for param in module.parameters():
-        return param.device
-    for buffer in module.buffers():
-        return buffer.device
-    return torch.device("cpu")
-
-
-def _module_dtype(module: nn.Module) -> torch.dtype:
-    for tensor in module.parameters():
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.get_default_dtype()
-
-
-def _freeze_shapes(
-    cls_name: str, hidden_shapes: Sequence[tuple[int, ...]] | None
-) -> tuple[tuple[int, ...], ...] | None:
-    if hidden_shapes is None:
-        return None
-    frozen: list[tuple[int, ...]] = []
-    for shape in hidden_shapes:
-        dims = tuple(shape)
-        if len(dims) < 1 or not all(isinstance(d, int) and d >= 1 for d in dims):
-            raise ValueError(
-                f"{cls_name}: each hidden shape needs at least one positive int dimension "
-                f"(the batch goes in dimension 1), got {shape!r}"
-            )
-        frozen.append(dims)
-    if not frozen:
-        raise ValueError(f"{cls_name}: hidden_shapes must declare at least one tensor")
-    return tuple(frozen)
-
-
-def _compile_paths(compile_kwargs: dict[str, Any]) -> tuple[_ActPath, _EvaluatePath]:
-    """`torch.compile` of the compute paths, as functions taking the bundle first."""
-    act: _ActPath = torch.compile(PolicyBundle._act, **compile_kwargs)
-    evaluate: _EvaluatePath = torch.compile(PolicyBundle._evaluate, **compile_kwargs)
-    return act, evaluate
-
-
-def _snapshot(value: Any) -> Any:
-    """A copy of the lists, tuples and dicts in `value`; everything else as it is.
-
-    So `config` reports the arguments as they were passed, even if the caller mutates
-    a list it passed afterwards.
-    """
-    if isinstance(value, list):
-        return [_snapshot(item) for item in value]
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):  # not a NamedTuple
-        return tuple(_snapshot(item) for item in value)
-    if isinstance(value, dict):
-        return {key: _snapshot(item) for key, item in value.items()}
-    return value

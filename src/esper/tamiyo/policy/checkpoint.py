@@ -1,26 +1,11 @@
-"""Checkpoint files of whole policy bundles: safe to load, written atomically.
+"""Checkpoint files of whole policy bundles: `save_policy`, and `load_policy`, safe to load.
 
-`save_policy` writes what it takes to rebuild a bundle: its registered name, its
-constructor config, its dtype and its weights. `load_policy` rebuilds the class from
-the registry and restores the weights, and reads the file with
+`save_policy` (or `bundle.save`) writes what it takes to rebuild a bundle: its
+registered name, its constructor config, its dtype and its weights, atomically (the
+file format and the writing are in `checkpoint_writer`). `load_policy` rebuilds the
+class from the registry and restores the weights, and reads the file with
 `torch.load(..., weights_only=True)`, so a checkpoint, whoever made it, can never run
 code: a file holding anything but tensors and plain containers is refused.
-
-A save never leaves a half-written checkpoint: the file is written next to its target
-under a temporary name, synced to disk, then renamed onto the target in one step. If
-anything fails the previous checkpoint is untouched.
-
-The file is a `torch.save` of one dict (format version 1):
-
-| key | value |
-|---|---|
-| `format` | `"esper.tamiyo.policy"`, what marks a checkpoint of this library |
-| `format_version` | `FORMAT_VERSION` when written |
-| `torch_version` | the torch version that wrote it, as a string |
-| `policy` | the registered name of the bundle's class (`registry.name_of`) |
-| `config` | `bundle.config`, an `ActionSpace` stored as a tagged dict |
-| `dtype` | the parameters' dtype, such as `"float32"` |
-| `state_dict` | `bundle.state_dict()` |
 
 Example:
     >>> import tempfile
@@ -36,25 +21,19 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import inspect
 import os
 import pickle
-import secrets
 import zipfile
-from collections import OrderedDict
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 
 import torch
-from torch import nn
-from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from esper.tamiyo.policy import registry
-from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
+from esper.tamiyo.policy.action_space import ActionSpace
 from esper.tamiyo.policy.base import PolicyBundle
+from esper.tamiyo.policy.checkpoint_writer import FORMAT, FORMAT_VERSION, TYPE_TAG
 
 __all__ = [
     "FORMAT_VERSION",
@@ -64,15 +43,7 @@ __all__ = [
     "save_policy",
 ]
 
-FORMAT_VERSION: Final = 1
-"""The version of the file layout `save_policy` writes; `load_policy` reads up to it."""
-
-_FORMAT: Final = "esper.tamiyo.policy"
 _REQUIRED_KEYS: Final = ("policy", "config", "dtype", "state_dict")
-_TYPE_TAG: Final = "__esper_type__"
-_SCALARS: Final = (int, float, str, bool, type(None))
-_CONTAINERS: Final = (dict, OrderedDict, list, tuple, torch.Size)
-_WRAPPERS: Final = (nn.DataParallel, nn.parallel.DistributedDataParallel)  # weights in .module
 
 
 class CheckpointError(ValueError):
@@ -97,8 +68,9 @@ def save_policy(bundle: PolicyBundle, path: str | os.PathLike[str]) -> Path:
     an error leaves the previous file at `path` (if any) as it was. An error removes
     the temporary file; a killed process or a power loss can leave one, named
     `.<name>.<random>.tmp`, beside the target. A symbolic link at `path` is replaced by
-    the file, which gets fresh permissions (from the umask). A compiled bundle saves the same keys as an uncompiled one (compile
-    the loaded bundle again if you want it compiled). A network wrapped in
+    the file, which gets fresh permissions (from the umask). A compiled bundle saves
+    the same keys as an uncompiled one (compile the loaded bundle again if you want it
+    compiled). A network wrapped in
     `DataParallel` or `DistributedDataParallel` is saved without the wrapper's
     `module.` prefix, so it loads into a plain bundle.
 
@@ -118,147 +90,7 @@ def save_policy(bundle: PolicyBundle, path: str | os.PathLike[str]) -> Path:
     """
     if not isinstance(bundle, PolicyBundle):
         raise TypeError(f"save_policy saves a PolicyBundle, got {type(bundle).__name__}")
-    target = Path(path)
-    payload = _payload(bundle)
-    folder = target.parent
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            errno.ENOENT, f"cannot save the checkpoint: folder {folder} does not exist", str(path)
-        )
-    _write_atomically(payload, target)
-    return target
-
-
-def _payload(bundle: PolicyBundle) -> dict[str, Any]:
-    """The dict `save_policy` writes, every value checked to load with `weights_only`."""
-    cls = type(bundle)
-    name = registry.name_of(cls)
-    config: dict[str, Any] = {}
-    for key, value in _keyword_config(bundle).items():
-        config[key] = _encode(value, f"{cls.__name__}: config[{key!r}]")
-    state = bundle.state_dict()  # a fresh dict: stripping a prefix in place is safe
-    if isinstance(bundle.network, _WRAPPERS):
-        consume_prefix_in_state_dict_if_present(state, "module.")
-    _check_plain(state, f"{cls.__name__}: state_dict")
-    return {
-        "format": _FORMAT,
-        "format_version": FORMAT_VERSION,
-        "torch_version": str(torch.__version__),  # TorchVersion would not load safely
-        "policy": name,
-        "config": config,
-        "dtype": str(bundle.dtype).removeprefix("torch."),
-        "state_dict": state,
-    }
-
-
-def _keyword_config(bundle: PolicyBundle) -> dict[str, Any]:
-    """`bundle.config` as the keyword arguments `type(bundle)(**config)` takes.
-
-    `config` binds the constructor's signature: a `**kwargs` parameter holds a dict
-    (spread here), a `*args` one a tuple (empty: dropped; otherwise refused, as is a
-    positional-only parameter, since keywords cannot pass them).
-    """
-    cls = type(bundle)
-    config = bundle.config
-    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]  # no self
-    for param in parameters:
-        if param.kind is param.VAR_KEYWORD:
-            config.update(config.pop(param.name, {}))
-        elif param.kind is param.VAR_POSITIONAL and config.pop(param.name, ()) == ():
-            continue
-        elif param.kind in (param.VAR_POSITIONAL, param.POSITIONAL_ONLY):
-            star = "*" if param.kind is param.VAR_POSITIONAL else ""
-            raise TypeError(
-                f"cannot save {cls.__name__}: its constructor takes {star}{param.name} "
-                "positionally only, and load_policy rebuilds a bundle from keyword "
-                "arguments; make it a keyword parameter"
-            )
-    return config
-
-
-def _encode(value: object, where: str) -> object:
-    """A config value as plain data; an `ActionSpace` becomes a tagged dict."""
-    if type(value) in _SCALARS:
-        return value
-    if type(value) in (list, tuple):
-        assert isinstance(value, list | tuple)
-        items = [_encode(item, f"{where}[{i}]") for i, item in enumerate(value)]
-        return items if isinstance(value, list) else tuple(items)
-    if type(value) is ActionSpace:
-        return {_TYPE_TAG: "ActionSpace", "sizes": dict(zip(HEAD_NAMES, value.sizes, strict=True))}
-    raise TypeError(
-        f"cannot save {where} = {value!r} ({type(value).__name__}): a checkpoint stores "
-        "only ints, floats, strs, bools, None, lists and tuples of them, and ActionSpace; "
-        "make the constructor take one of those"
-    )
-
-
-def _check_plain(value: object, where: str) -> None:
-    """Refuse anything `torch.load(weights_only=True)` would refuse to read back."""
-    if isinstance(value, torch.Tensor) or type(value) in _SCALARS:
-        return
-    if type(value) in _CONTAINERS:
-        if isinstance(value, Mapping):
-            for key, item in value.items():
-                _check_plain(key, f"{where} key {key!r}")
-                _check_plain(item, f"{where}[{key!r}]")
-        else:
-            assert isinstance(value, list | tuple)
-            for i, item in enumerate(value):
-                _check_plain(item, f"{where}[{i}]")
-        return
-    raise TypeError(
-        f"cannot save {where}: it is a {type(value).__name__}, which a safe checkpoint "
-        "cannot hold (only tensors, numbers, strings, None, dicts, lists and tuples); "
-        "return plain data from get_extra_state"
-    )
-
-
-def _write_atomically(payload: dict[str, Any], target: Path) -> None:
-    """`torch.save` to a temporary file beside `target`, sync it, rename it onto `target`."""
-    fd, temporary = _create_temporary(target)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    _fsync_folder(target.parent)
-
-
-def _create_temporary(target: Path) -> tuple[int, Path]:
-    """Create a new, hidden file beside `target`: `(descriptor, path)`.
-
-    Not `tempfile.mkstemp`: its files are private (mode 0600) and the checkpoint would
-    keep that mode; this one gets the permissions any new file gets (umask applies).
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    for _ in range(100):
-        temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            return os.open(temporary, flags, 0o666), temporary
-        except FileExistsError:
-            continue
-    raise FileExistsError(errno.EEXIST, "no free temporary name beside the target", str(target))
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename durable, where the OS lets a folder be opened and synced."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # Windows cannot open a folder
-        return
-    try:
-        os.fsync(fd)
-    except OSError as error:
-        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
-            raise
-    finally:
-        os.close(fd)
+    return bundle.save(path)
 
 
 # ---------------------------------------------------------------------- loading
@@ -435,9 +267,9 @@ def _not_ours(file: Path, why: str) -> CheckpointError:
 
 def _check_format(file: Path, payload: dict[str, Any]) -> None:
     """The marker first, then the version (a newer layout may differ), then the keys."""
-    if payload.get("format") != _FORMAT:
+    if payload.get("format") != FORMAT:
         raise _not_ours(
-            file, f"no 'format': {_FORMAT!r} entry; keys: {sorted(map(str, payload))[:5]}"
+            file, f"no 'format': {FORMAT!r} entry; keys: {sorted(map(str, payload))[:5]}"
         )
     version = payload.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
@@ -483,7 +315,7 @@ def _decode(file: Path, value: object, where: str) -> object:
         return tuple(_decode(file, item, f"{where}[{i}]") for i, item in enumerate(value))
     if not isinstance(value, dict):
         return value
-    if value.get(_TYPE_TAG) != "ActionSpace" or not isinstance(value.get("sizes"), dict):
+    if value.get(TYPE_TAG) != "ActionSpace" or not isinstance(value.get("sizes"), dict):
         raise CheckpointError(
             f"{file}: {where} is a dict this version cannot decode ({value!r}); was it "
             "written by a newer esper-tamiyo-policy?"

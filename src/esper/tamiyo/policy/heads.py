@@ -7,7 +7,6 @@ import math
 import torch
 from torch import nn
 
-from esper.tamiyo.policy import fast_layers
 from esper.tamiyo.policy.action_space import ActionSpace
 from esper.tamiyo.policy.validation import check_action_space
 
@@ -115,9 +114,7 @@ class PolicyHeads(nn.Module):
         """
         lead = x.shape[:-1]
         blocks = self.num_heads + 1
-        # Without the submodule call when nothing hooks it: the call costs more than
-        # the GEMV at batch 1.
-        z = torch.relu(fast_layers.linear(self.hidden, x))  # [..., (H+1) * K]
+        z = torch.relu(self.hidden(x))  # [..., (H+1) * K]
         z = z.reshape(-1, blocks, self.head_hidden_dim).transpose(0, 1)  # [H+1, N, K]
         out = torch.baddbmm(self.out_bias, z, self.out_weight).transpose(0, 1)  # [N, H+1, A]
         logits = out[:, : self.num_heads]  # [N, H, A]

@@ -1,4 +1,4 @@
-"""`PolicyInputs`: what `_normalize_inputs` hands every bundle hook."""
+"""`PolicyInputs`: what a bundle's `_forward` hook receives, and the hidden-state type."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from esper.tamiyo.policy.action_space import HEAD_NAMES
-from esper.tamiyo.policy.layout import per_head
+from esper.tamiyo.policy.action_space import ActionSpace
+from esper.tamiyo.policy.layout import per_head, split_heads
 from esper.tamiyo.policy.masks import ActionMasks
 
-__all__ = ["HiddenState", "PolicyInputs", "reset_hidden", "steps_of"]
+__all__ = ["HiddenState", "PolicyInputs", "reset_hidden", "zero_hidden"]
 
 HiddenState = tuple[torch.Tensor, ...]
 """Recurrent state: a tuple of tensors, each `[d0, B, ...]` (batch in dimension 1, as
@@ -21,36 +21,37 @@ in `torch.nn.LSTM`); `(h, c)` for an LSTM. Stateless bundles use `None`."""
 class PolicyInputs:
     """Inputs after normalization: checked, and always batched and sequenced.
 
-    Built by `PolicyBundle._normalize_inputs` once per public call; hooks read it and
-    never need to look at how the caller shaped its arguments. The base masks the
-    hook's logits itself: a hook that wants the masks as inputs (to attend over valid
-    actions, say) reads `masks`, views made on access, so a hook that does not read
-    them pays nothing for them.
+    Built by `PolicyBundle._normalize_inputs` once per public call; the hook reads it
+    and never needs to look at how the caller shaped its arguments. The base masks the
+    hook's logits itself: a hook reads `valid` (or `masks`) only to use the masks as an
+    input, to attend over valid actions, say.
 
     Attributes:
         features: `[B, T, F]` floating features.
-        hidden: Recurrent state for this call (zeros when the caller gave none), or
-            `None` for a stateless bundle.
+        hidden: Recurrent state for this call: zeros when the caller gave none, and the
+            rows whose episode starts at the first step already zeroed. `None` for a
+            stateless bundle.
+        valid: `[B, T, H, A_max]` bool, the masks of every head packed in the padded
+            layout: True where an action may be taken, False for masked actions and
+            padding columns.
+        action_space: The head sizes, which say the columns of each head in `valid`.
         action_index: `[B, T, H]` int64 actions in `HEAD_NAMES` order, for
             `evaluate_actions`; else `None`.
-        single_step: The caller gave `[B, F]` features, so outputs drop the `T` axis.
-        given_masks: The caller's masks after checking, as given (`[B, A_h]` for a
-            single step); read `masks` instead.
+        single_step: The caller gave `[B, F]` features, so the base drops the `T` axis
+            from the results. `T` is 1 then; a hook need not read this.
         episode_start: `[B, T]` bool, the rows whose episode starts at each step, or
             `None`. The base has already zeroed `hidden` for the first step's resets
-            and splits a sequence at later ones, so a hook needs it only to know
-            episode boundaries (an attention mask, say).
-        reset_steps: The steps after the first where some row's episode starts; the
-            base calls the hook once per stretch between them. Empty in a hook call.
+            and calls the hook once per stretch between later ones, so a hook needs
+            it only to know episode boundaries (an attention mask, say).
     """
 
     features: torch.Tensor
     hidden: HiddenState | None
-    action_index: torch.Tensor | None
-    single_step: bool
-    given_masks: ActionMasks
+    valid: torch.Tensor
+    action_space: ActionSpace
+    action_index: torch.Tensor | None = None
+    single_step: bool = False
     episode_start: torch.Tensor | None = None
-    reset_steps: tuple[int, ...] = ()
 
     @property
     def batch_size(self) -> int:
@@ -64,13 +65,8 @@ class PolicyInputs:
 
     @property
     def masks(self) -> ActionMasks:
-        """Per-head masks, each `[B, T, A_h]` bool, or `None` where all are valid."""
-        given = self.given_masks
-        shaped: list[torch.Tensor | None] = []
-        for name in HEAD_NAMES:
-            mask = getattr(given, name)
-            shaped.append(mask.unsqueeze(1) if mask is not None and mask.dim() == 2 else mask)
-        return ActionMasks(*shaped)
+        """Per-head masks, each a `[B, T, A_h]` bool view of `valid` (made on access)."""
+        return ActionMasks(**split_heads(self.valid, self.action_space.sizes))
 
     @property
     def actions(self) -> dict[str, torch.Tensor] | None:
@@ -78,6 +74,19 @@ class PolicyInputs:
         if self.action_index is None:
             return None
         return per_head(self.action_index)
+
+    def steps(self, begin: int, end: int, hidden: HiddenState | None) -> PolicyInputs:
+        """The inputs of steps `[begin, end)` of the sequence, starting from `hidden`."""
+        starts = self.episode_start
+        index = self.action_index
+        return PolicyInputs(
+            features=self.features[:, begin:end],
+            hidden=hidden,
+            valid=self.valid[:, begin:end],
+            action_space=self.action_space,
+            action_index=None if index is None else index[:, begin:end],
+            episode_start=None if starts is None else starts[:, begin:end],
+        )
 
 
 def reset_hidden(hidden: HiddenState, rows: torch.Tensor) -> HiddenState:
@@ -90,27 +99,16 @@ def reset_hidden(hidden: HiddenState, rows: torch.Tensor) -> HiddenState:
     Returns:
         The state with those rows zeroed (new tensors; the inputs are not modified).
     """
-    reset: list[torch.Tensor] = []
-    for tensor in hidden:
-        flags = rows.view(1, -1, *([1] * (tensor.dim() - 2)))  # [1, B, 1, ...]
-        reset.append(tensor.masked_fill(flags, 0.0))  # where(flags, 0, tensor), one kernel
-    return tuple(reset)
+    return tuple(
+        tensor.masked_fill(rows.view(1, -1, *([1] * (tensor.dim() - 2))), 0.0)  # [1, B, 1, ...]
+        for tensor in hidden
+    )
 
 
-def steps_of(
-    inputs: PolicyInputs, begin: int, end: int, hidden: HiddenState | None
-) -> PolicyInputs:
-    """The inputs of steps `[begin, end)` of a sequence, starting from `hidden`."""
-    masks: list[torch.Tensor | None] = []
-    for name in HEAD_NAMES:
-        mask = getattr(inputs.given_masks, name)
-        masks.append(None if mask is None else mask[:, begin:end])  # [B, t, A_h]
-    starts = inputs.episode_start
-    return PolicyInputs(
-        features=inputs.features[:, begin:end],
-        hidden=hidden,
-        action_index=None if inputs.action_index is None else inputs.action_index[:, begin:end],
-        single_step=False,
-        given_masks=ActionMasks(*masks),
-        episode_start=None if starts is None else starts[:, begin:end],
+def zero_hidden(
+    shapes: tuple[tuple[int, ...], ...], batch: int, device: torch.device, dtype: torch.dtype
+) -> HiddenState:
+    """Zero hidden state, each tensor `[d0, B, ...]` for a declared shape `(d0, ...)`."""
+    return tuple(
+        torch.zeros((shape[0], batch, *shape[1:]), device=device, dtype=dtype) for shape in shapes
     )

@@ -5,21 +5,21 @@ Every bundle's hook returns the logits of all heads in one tensor of shape
 are padding. One layout for all heads is what lets the base mask, sample, score
 and measure entropy of all eight heads with one kernel launch each.
 
-`HeadLayout` precomputes, once per bundle, the small index and fill tensors that
+`HeadLayout` precomputes, once per bundle and device, the small index and fill tensors that
 map between per-head tensors and that layout, so no per-call work rebuilds them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Final
 
 import torch
 
 from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
-from esper.tamiyo.policy.masks import ActionMasks
 
-__all__ = ["MASKED_LOGIT", "PADDING_LOGIT", "HeadLayout"]
+__all__ = ["MASKED_LOGIT", "PADDING_LOGIT", "HeadLayout", "per_head", "split_heads"]
 
 MASKED_LOGIT: Final = -1e4
 """Logit given to an invalid action: exp() of it underflows to exactly 0 in fp32, and
@@ -38,12 +38,14 @@ class HeadLayout:
 
     Args:
         action_space: Head sizes.
-        device: Where the tables live; move them with `to()`.
+        device: Where the tables live.
 
     Attributes:
         action_space: The head sizes the tables were built for.
+        device: Where the tables live.
         num_heads: `H`.
         padded_size: `A_max`.
+        head_sizes: Each head's number of actions, `A_h`, in `HEAD_NAMES` order.
         sizes: `[H]` int64, each head's number of actions.
         structural_valid: `[H, A_max]` bool, True on each head's own columns.
         fill: `[H, A_max]` float32, `MASKED_LOGIT` on head columns and `PADDING_LOGIT`
@@ -54,68 +56,45 @@ class HeadLayout:
             entropy to [0, 1] with a lookup instead of a log and a division per call.
     """
 
-    def __init__(self, action_space: ActionSpace, device: torch.device | None = None) -> None:
+    def __init__(self, action_space: ActionSpace, device: torch.device) -> None:
         self.action_space = action_space
+        self.device = device
         self.num_heads = action_space.num_heads
         self.padded_size = action_space.padded_size
-        sizes = action_space.sizes
+        sizes = self.head_sizes = action_space.sizes
         width = self.padded_size
 
         structural = torch.zeros(self.num_heads, width, dtype=torch.bool)
         # A mask pack is `cat(per-head masks + [False column])` gathered by `pack_index`:
         # column `offset_h + a` for action `a` of head `h`, the trailing False column
         # for padding.
-        total = sum(sizes)
-        pack_index = torch.full((self.num_heads, width), total, dtype=torch.long)
+        pack_index = torch.full((self.num_heads, width), sum(sizes), dtype=torch.long)
         offset = 0
         for head, size in enumerate(sizes):
             structural[head, :size] = True
             pack_index[head, :size] = torch.arange(offset, offset + size)
             offset += size
+        inv_log = torch.tensor([0.0, 0.0] + [1.0 / math.log(n) for n in range(2, width + 1)])
 
-        inv_log = torch.zeros(width + 1, dtype=torch.float32)
-        for count in range(2, width + 1):
-            inv_log[count] = 1.0 / math.log(count)
-
-        self.sizes = torch.tensor(sizes, dtype=torch.long)
-        self.structural_valid = structural
+        self.sizes = torch.tensor(sizes, dtype=torch.long, device=device)
+        self.structural_valid = structural.to(device)
         self.fill = torch.where(
             structural, torch.tensor(MASKED_LOGIT), torch.tensor(PADDING_LOGIT)
-        ).float()
-        self.inv_log_count = inv_log
-        self._pack_index = pack_index.flatten()
-        self.minus_inf = torch.tensor(-math.inf)
-        self._false_column = torch.zeros(1, dtype=torch.bool)
+        ).to(device)
+        self.inv_log_count = inv_log.to(device)
+        self.minus_inf = torch.tensor(-math.inf, device=device)
+        self._pack_index = pack_index.flatten().to(device)
+        self._false_column = torch.zeros(1, dtype=torch.bool, device=device)
+        self._true_rows = tuple(torch.ones(size, dtype=torch.bool, device=device) for size in sizes)
         self._padding_columns: dict[tuple[int, ...], torch.Tensor] = {}
-        true_rows: list[torch.Tensor] = []
-        for size in sizes:
-            true_rows.append(torch.ones(size, dtype=torch.bool))
-        self._true_rows = tuple(true_rows)
-        self._head_sizes = sizes
-        if device is not None:
-            self.to(device)
-
-    def to(self, device: torch.device) -> HeadLayout:
-        """Move every table to `device` in place and return `self`."""
-        self.sizes = self.sizes.to(device)
-        self.structural_valid = self.structural_valid.to(device)
-        self.fill = self.fill.to(device)
-        self.inv_log_count = self.inv_log_count.to(device)
-        self._pack_index = self._pack_index.to(device)
-        self.minus_inf = self.minus_inf.to(device)
-        self._false_column = self._false_column.to(device)
-        self._padding_columns = {}
-        moved: list[torch.Tensor] = []
-        for row in self._true_rows:
-            moved.append(row.to(device))
-        self._true_rows = tuple(moved)
-        return self
 
     def all_valid(self, batch: int, steps: int) -> torch.Tensor:
         """`[B, T, H, A_max]` validity when nothing is masked (a view, no copy)."""
         return self.structural_valid.expand(batch, steps, self.num_heads, self.padded_size)
 
-    def pack_masks(self, masks: ActionMasks, batch: int, steps: int) -> torch.Tensor:
+    def pack_masks(
+        self, masks: Sequence[torch.Tensor | None], batch: int, steps: int
+    ) -> torch.Tensor:
         """Pack per-head masks into the padded layout with one `cat` and one gather.
 
         When every mask is `[B, A_h]` (a rollout step) they are packed as they are;
@@ -123,27 +102,27 @@ class HeadLayout:
         `[B, 1, A_h]` ones.
 
         Args:
-            masks: Checked masks, each `[B, A_h]` (only when `T == 1`), `[B, 1, A_h]` or
-                `[B, T, A_h]`, or `None` for an all-valid head.
+            masks: Checked masks in `HEAD_NAMES` order (`ActionMasks.as_tuple()`), each
+                `[B, A_h]` (only when `T == 1`), `[B, 1, A_h]` or `[B, T, A_h]`, or `None`
+                for an all-valid head.
             batch: `B`.
             steps: `T`.
 
         Returns:
             `[B, T, H, A_max]` bool, True where the action is valid; padding is False.
         """
-        given: list[torch.Tensor | None] = []
-        flat = steps == 1  # pack [B, A_h] masks as they are, with no reshape each
-        for name in HEAD_NAMES:
-            mask = getattr(masks, name)
-            given.append(mask)
-            flat = flat and (mask is None or mask.dim() == 2)
-        columns: list[torch.Tensor] = []
+        flat = steps == 1  # pack `[B, A_h]` masks as they are, with no reshape each
+        for mask in masks:
+            if mask is not None and mask.dim() != 2:
+                flat = False
+                break
         lead = (batch, -1) if flat else (batch, steps, -1)
-        for head, mask in enumerate(given):
+        columns: list[torch.Tensor] = []
+        for head, mask in enumerate(masks):
             if mask is None:
                 columns.append(self._true_rows[head].expand(*lead))
             elif not flat and mask.dim() == 2:
-                columns.append(mask.unsqueeze(1))  # [B, 1, A_h]: [B, A_h] beside [B, 1, A_h]
+                columns.append(mask.unsqueeze(1))  # [B, 1, A_h]: beside [B, 1, A_h] ones
             else:
                 columns.append(mask)
         columns.append(self._padding_column(lead))
@@ -165,20 +144,19 @@ class HeadLayout:
             column = self._padding_columns[lead] = self._false_column.expand(*lead)
         return column
 
-    def split_heads(self, padded: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-head views of a padded tensor, without the padding.
 
-        Args:
-            padded: `[..., H, A_max]`.
+def split_heads(padded: torch.Tensor, sizes: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Per-head views of a padded tensor, without the padding.
 
-        Returns:
-            Head name to a `[..., A_h]` view.
-        """
-        out: dict[str, torch.Tensor] = {}
-        rows = padded.unbind(-2)
-        for head, name in enumerate(HEAD_NAMES):
-            out[name] = rows[head][..., : self._head_sizes[head]]
-        return out
+    Args:
+        padded: `[..., H, A_max]`.
+        sizes: Each head's number of actions, `A_h`, in `HEAD_NAMES` order.
+
+    Returns:
+        Head name to a `[..., A_h]` view.
+    """
+    rows = padded.unbind(-2)
+    return {name: rows[head][..., : sizes[head]] for head, name in enumerate(HEAD_NAMES)}
 
 
 def per_head(packed: torch.Tensor) -> dict[str, torch.Tensor]:

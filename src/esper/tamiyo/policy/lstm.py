@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from esper.tamiyo.policy import fast_layers
 from esper.tamiyo.policy.action_space import ActionSpace
 from esper.tamiyo.policy.base import PolicyBundle
 from esper.tamiyo.policy.heads import PolicyHeads, init_orthogonal_
@@ -55,12 +53,12 @@ class LSTMPolicyNetwork(nn.Module):
         self.lstm_norm = nn.LayerNorm(hidden_dim)
         self.heads = PolicyHeads(hidden_dim, action_space, hidden_dim=hidden_dim // 2)
         self.num_layers = num_layers
-        # The single-step path reads the LSTM's parameters from here: torch.compile
-        # cannot trace any use of an `nn.LSTM` module, and `all_weights` rebuilds its
-        # lists on every access. `_current_cell_weights` renews them when a parameter
-        # is replaced (reassigned, `assign=True` loads, `torch.func.functional_call`).
+        # The single-step path's own references to the LSTM's parameters, for
+        # torch.compile, which cannot trace any use of an `nn.LSTM` module: see
+        # `_layer_weights`. Renewed when a parameter is replaced, and after every load.
         self._cell_weight_names = _weight_names(num_layers)
-        self._set_cell_weights()
+        self._cell_weights = self._read_cell_weights()
+        self.register_load_state_dict_post_hook(_renew_cell_weights)  # type: ignore[no-untyped-call]  # untyped in torch
         self._init_weights(hidden_dim)
 
     @torch.no_grad()
@@ -95,28 +93,28 @@ class LSTMPolicyNetwork(nn.Module):
         logits, value = self.heads(self.lstm_norm(out))  # [B, T, H, A_max], [B, T]
         return logits, value, (h, c)
 
-    def _current_cell_weights(self) -> tuple[_CellWeights, ...]:
-        """The references of `_cell_weights`, renewed if an LSTM parameter was replaced.
+    def _read_cell_weights(self) -> tuple[torch.Tensor, ...]:
+        """The LSTM's parameters as registered now, in `torch.lstm_cell`'s order per layer."""
+        lstm = self.lstm
+        return tuple([getattr(lstm, name) for name in self._cell_weight_names])
 
-        Compares them with the LSTM's registered parameters (reassigned, loaded with
-        `assign=True`, swapped in by `torch.func.functional_call`), by identity: well
-        under a microsecond. Not under torch.compile, which cannot read an `nn.LSTM`
-        (a compiled bundle uses the references it was traced with).
+    def _layer_weights(self) -> tuple[torch.Tensor, ...]:
+        """The LSTM's parameters for the single step, 4 per layer: `w_ih, w_hh, b_ih, b_hh`.
+
+        Eager, read through the LSTM's attributes on every step, so a replaced parameter
+        (reassigned, loaded with `assign=True`, swapped in by
+        `torch.func.functional_call`) is the one used; the references kept for
+        torch.compile are renewed when one was. Compiled, the kept references: the
+        ones the last eager step or `load_state_dict` saw.
         """
-        params = self.lstm._parameters
-        for name, weight in zip(self._cell_weight_names, self._flat_cell_weights, strict=True):
-            if params[name] is not weight:
-                self._set_cell_weights()
+        if torch.compiler.is_compiling():
+            return self._cell_weights
+        current = self._read_cell_weights()
+        for now, kept in zip(current, self._cell_weights, strict=True):
+            if now is not kept:
+                self._cell_weights = current
                 break
-        return self._cell_weights
-
-    def _set_cell_weights(self) -> None:
-        """Take references to the LSTM's parameters as registered now."""
-        self._cell_weights = _cell_weights(self.lstm)
-        flat: list[torch.Tensor] = []
-        for layer in self._cell_weights:
-            flat.extend(layer)
-        self._flat_cell_weights = tuple(flat)
+        return current
 
     def _single_step(
         self, features: torch.Tensor, hidden: HiddenState
@@ -127,19 +125,14 @@ class LSTMPolicyNetwork(nn.Module):
         Working on `[B, ...]` rather than `[B, 1, ...]` saves the reshapes a 3-D
         `Linear` costs; at batch 1 every tensor op counts.
         """
-        # The leaf layers run as functions of their own parameters when nothing hooks
-        # them: at batch 1 a step is Python overhead, and module calls cost ~15% more.
-        x = F.relu(
-            fast_layers.layer_norm(self.embed_norm, fast_layers.linear(self.embed, features[:, 0]))
-        )  # [B, E]
+        x = torch.relu(self.embed_norm(self.embed(features[:, 0])))  # [B, E]
         h_all, c_all = hidden[0], hidden[1]  # [L, B, D]
-        cell_weights = (
-            self._cell_weights if torch.compiler.is_compiling() else self._current_cell_weights()
-        )
+        weights = self._layer_weights()
         hs: list[torch.Tensor] = []
         cs: list[torch.Tensor] = []
         h = x
-        for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(cell_weights):
+        for layer in range(self.num_layers):
+            w_ih, w_hh, b_ih, b_hh = weights[4 * layer : 4 * layer + 4]
             h, c = torch.lstm_cell(h, (h_all[layer], c_all[layer]), w_ih, w_hh, b_ih, b_hh)
             hs.append(h)  # [B, D]
             cs.append(c)
@@ -147,7 +140,7 @@ class LSTMPolicyNetwork(nn.Module):
             new_hidden: HiddenState = (hs[0].unsqueeze(0), cs[0].unsqueeze(0))
         else:
             new_hidden = (torch.stack(hs), torch.stack(cs))  # [L, B, D] each
-        logits, value = self.heads(fast_layers.layer_norm(self.lstm_norm, h))  # [B, H, A_max], [B]
+        logits, value = self.heads(self.lstm_norm(h))  # [B, H, A_max], [B]
         return logits.unsqueeze(1), value.unsqueeze(1), new_hidden
 
 
@@ -207,25 +200,16 @@ class LSTMPolicyBundle(PolicyBundle):
         return NetworkOutput(logits, value, hidden)
 
 
-_CellWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
 def _weight_names(num_layers: int) -> tuple[str, ...]:
     """`nn.LSTM`'s parameter names, layer by layer in `torch.lstm_cell`'s argument order."""
-    names: list[str] = []
-    for k in range(num_layers):
-        names.extend((f"weight_ih_l{k}", f"weight_hh_l{k}", f"bias_ih_l{k}", f"bias_hh_l{k}"))
-    return tuple(names)
+    return tuple(
+        name
+        for k in range(num_layers)
+        for name in (f"weight_ih_l{k}", f"weight_hh_l{k}", f"bias_ih_l{k}", f"bias_hh_l{k}")
+    )
 
 
-def _cell_weights(lstm: nn.LSTM) -> tuple[_CellWeights, ...]:
-    """Each layer's `(w_ih, w_hh, b_ih, b_hh)`, as registered now."""
-    params = lstm._parameters
-    names = _weight_names(lstm.num_layers)
-    layers: list[_CellWeights] = []
-    for first in range(0, len(names), 4):
-        w_ih, w_hh, b_ih, b_hh = (params[name] for name in names[first : first + 4])
-        if w_ih is None or w_hh is None or b_ih is None or b_hh is None:
-            raise TypeError("LSTMPolicyNetwork needs an nn.LSTM with both bias vectors")
-        layers.append((w_ih, w_hh, b_ih, b_hh))
-    return tuple(layers)
+def _renew_cell_weights(network: nn.Module, incompatible_keys: object) -> None:
+    """`load_state_dict` post-hook: take the references of the parameters just loaded."""
+    if isinstance(network, LSTMPolicyNetwork):
+        network._cell_weights = network._read_cell_weights()

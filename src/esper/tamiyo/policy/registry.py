@@ -7,7 +7,10 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from esper.tamiyo.policy.base import PolicyBundle
+from esper.tamiyo.policy.base import PolicyBundle, registered_name
+
+name_of = registered_name
+"""The name a class is registered under, the reverse of `get_policy` (see `registered_name`)."""
 
 __all__ = ["create_policy", "get_policy", "list_policies", "name_of", "register_policy"]
 
@@ -60,6 +63,8 @@ def register_policy(name: str) -> Callable[[BundleT], BundleT]:
             )
         _REGISTRY[name] = cls
         _ORIGINS[cls] = _file_of(cls)
+        if cls._registered_name is None:  # the first name a class is registered under
+            cls._registered_name = name
         return cls
 
     return decorator
@@ -96,44 +101,6 @@ def get_policy(name: str) -> type[PolicyBundle]:
     except KeyError:
         known = ", ".join(list_policies()) or "(none)"
         raise ValueError(f"unknown policy {name!r}; registered policies: {known}") from None
-
-
-def name_of(cls: type[PolicyBundle]) -> str:
-    """The name `cls` is registered under: the reverse of `get_policy`.
-
-    Checkpoints store this name, so that `get_policy(name_of(cls))` rebuilds the same
-    class. The exact class counts, and so does an earlier definition of a registered
-    class (same module, file and name, before a reload or a re-run notebook cell): its
-    instances save under the name and load as the current definition. A subclass of a
-    registered class is not registered by inheritance, since its parent's name would
-    rebuild the parent.
-
-    Example:
-        >>> from esper.tamiyo.policy import LSTMPolicyBundle
-        >>> name_of(LSTMPolicyBundle)
-        'lstm'
-
-    Args:
-        cls: A `PolicyBundle` subclass.
-
-    Returns:
-        Its name; the first one it was registered under if it has several.
-
-    Raises:
-        ValueError: `cls` is not registered; the message says how to register it.
-    """
-    for name, registered in _REGISTRY.items():
-        if registered is cls:
-            return name
-    for name, registered in _REGISTRY.items():
-        if isinstance(cls, type) and _same_definition(registered, cls):
-            return name  # an instance made before its class was defined again
-    what = f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else repr(cls)
-    known = ", ".join(list_policies()) or "(none)"
-    raise ValueError(
-        f"{what} is not a registered policy (registered: {known}); decorate it with "
-        '@register_policy("a_name") and import its module first'
-    )
 
 
 def list_policies() -> list[str]:

@@ -6,10 +6,14 @@ clause below on fresh bundles, then raises one `AssertionError` listing each cla
 that failed, in a sentence that says what to fix:
 
 * **builds**: the factory returns a fresh `PolicyBundle` for the width it is given;
+  when it fails, the later clauses are not run;
+* **shapes**: the hook returns logits, values and hidden state in the declared layout,
+  and `[B, F]` inputs give `[B]` results and `[B, T, F]` give `[B, T]`, for every
+  public method and every head; when the hook's output breaks the layout (a
+  batch-first hidden state, say), the later clauses are not run, so the report says
+  it once;
 * **deterministic**: the same inputs give the same outputs (no dropout in training
-  mode); when this or **builds** fails, the later clauses are not run;
-* **shapes**: `[B, F]` inputs give `[B]` results and `[B, T, F]` give `[B, T]`, for
-  every public method and every head;
+  mode); when it fails, the later clauses are not run;
 * **masks as mapping or dataclass**: `ActionMasks` and a mapping give the same outputs;
 * **masks respected**: no masked action is ever sampled or taken as the mode, and a
   masked action has probability 0;
@@ -29,9 +33,9 @@ that failed, in a sentence that says what to fix:
 * **float64**: after `to(torch.float64)` the bundle computes in float64;
 * **bad inputs refused**: bad features, masks, actions and hidden states raise
   `ValueError` or `TypeError` before the network runs, and change nothing;
-* **no per-call closures**: no function object (nested `def`, `lambda`, comprehension,
-  generator) is built on each call in the bundle's code: the finding this project
-  started from (B10-PT-06).
+* **no per-call closures**: no nested function or `lambda` is created on each call in
+  the bundle's code (the finding this project started from); comprehensions and
+  generator expressions are fine.
 
 Example:
     >>> from esper.tamiyo.policy import MLPPolicyBundle
@@ -65,13 +69,14 @@ from esper.tamiyo.policy.base import PolicyBundle
 from esper.tamiyo.policy.inputs import HiddenState
 from esper.tamiyo.policy.layout import MASKED_LOGIT
 from esper.tamiyo.policy.masks import ActionMasks
+from esper.tamiyo.policy.validation import HookContractError
 
 __all__ = [
     "BundleFactory",
     "ClauseResult",
     "ConformanceReport",
     "check_bundle",
-    "function_objects_built_per_call",
+    "closures_built_per_call",
     "random_masks",
     "run_checks",
 ]
@@ -127,11 +132,7 @@ class ConformanceReport:
     @property
     def failures(self) -> tuple[ClauseResult, ...]:
         """The clauses that failed."""
-        failed: list[ClauseResult] = []
-        for result in self.results:
-            if not result.passed:
-                failed.append(result)
-        return tuple(failed)
+        return tuple(result for result in self.results if not result.passed)
 
     def format(self) -> str:
         """One line per clause, `PASS` or `FAIL`, with the detail after a colon."""
@@ -165,13 +166,12 @@ def check_bundle(
     """
     report = run_checks(factory, feature_dim=feature_dim, seed=seed)
     if not report.passed:
-        lines = [
+        heading = (
             f"{report.subject} fails {len(report.failures)} of {len(report.results)} "
             "conformance clauses:"
-        ]
-        for failure in report.failures:
-            lines.append(f"- {failure.clause}: {failure.detail}")
-        raise AssertionError("\n".join(lines))
+        )
+        lines = [f"- {failure.clause}: {failure.detail}" for failure in report.failures]
+        raise AssertionError("\n".join([heading, *lines]))
     return report
 
 
@@ -202,11 +202,9 @@ def run_checks(factory: BundleFactory, *, feature_dim: int = 7, seed: int = 0) -
         for clause, check in _GATES:
             result = _run_clause(clause, check, subject)
             results.append(result)
-            if not result.passed:
-                crashed = result.detail.startswith(_CRASHED)
-                if clause == "builds" or not crashed:  # a crash elsewhere blocks nothing
-                    blocked = _BLOCKED_BY[clause]
-                    break
+            if not result.passed and _blocks(clause, result):
+                blocked = _BLOCKED_BY[clause]
+                break
         if not blocked:
             name = type(subject.build()).__name__
         for clause, check in _CLAUSES[len(results) :]:
@@ -215,6 +213,15 @@ def run_checks(factory: BundleFactory, *, feature_dim: int = 7, seed: int = 0) -
             else:
                 results.append(_run_clause(clause, check, subject))
     return ConformanceReport(name, tuple(results))
+
+
+def _blocks(gate: str, result: ClauseResult) -> bool:
+    """Whether a failed gate stops the later clauses (see `_GATES`)."""
+    if gate == "builds":
+        return True
+    if gate == "shapes":
+        return result.detail.startswith(_BROKE_CONTRACT)
+    return not result.detail.startswith(_CRASHED)  # a crash elsewhere blocks nothing
 
 
 def random_masks(
@@ -250,19 +257,21 @@ def random_masks(
     return ActionMasks.from_mapping(masks)
 
 
-def function_objects_built_per_call(cls: type, methods: Sequence[str] | None = None) -> list[str]:
-    """Nested functions, lambdas, generators and comprehensions inside a class's methods.
+def closures_built_per_call(cls: type, methods: Sequence[str] | None = None) -> list[str]:
+    """Nested functions and lambdas inside a class's methods.
 
-    Each of these creates a new function object every time the method runs (before
-    Python 3.12, list, set and dict comprehensions too). Read from the source, so a
-    nested function that is defined but never called is found as well.
+    Each `def`, `async def` or `lambda` inside a method creates a new function object
+    every time the method runs. Comprehensions and generator expressions are not
+    reported: they are loops, not closures a contributor should hoist. Read from the
+    source, so a nested function that is defined but never called is found as well.
 
     Args:
         cls: A class whose source `inspect` can read.
         methods: Only these methods; every method when `None`.
 
     Returns:
-        `"Class.method: NodeType"` for each one found.
+        `"Class.method: NodeType"` for each one found, the node type being
+        `FunctionDef`, `AsyncFunctionDef` or `Lambda`.
 
     Raises:
         OSError: The source of `cls` is not available.
@@ -278,7 +287,7 @@ def function_objects_built_per_call(cls: type, methods: Sequence[str] | None = N
         if methods is not None and method.name not in methods:
             continue
         for node in ast.walk(method):
-            if node is not method and isinstance(node, _FUNCTION_BUILDERS):
+            if node is not method and isinstance(node, _CLOSURE_NODES):
                 found.append(f"{cls.__name__}.{method.name}: {type(node).__name__}")
     return found
 
@@ -286,14 +295,11 @@ def function_objects_built_per_call(cls: type, methods: Sequence[str] | None = N
 # ---------------------------------------------------------------------- machinery
 
 
-_FUNCTION_BUILDERS: tuple[type[ast.AST], ...] = (
-    ast.FunctionDef,
-    ast.AsyncFunctionDef,
-    ast.Lambda,
-    ast.GeneratorExp,
-)
-if sys.version_info < (3, 12):  # PEP 709 inlines these from 3.12 on
-    _FUNCTION_BUILDERS += (ast.ListComp, ast.SetComp, ast.DictComp)
+_CLOSURE_NODES: tuple[type[ast.AST], ...] = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+"""The source nodes that build a function object each time the enclosing method runs."""
+
+_LOOP_CODE_NAMES = frozenset({"<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>"})
+"""Code objects of comprehensions and generator expressions (3.12 inlines the first three)."""
 
 
 class _ClauseError(AssertionError):
@@ -337,6 +343,8 @@ def _run_clause(name: str, check: _Check, subject: _Subject) -> ClauseResult:
         note = check(subject)
     except _ClauseError as failure:
         return ClauseResult(name, False, str(failure))
+    except HookContractError as error:  # a bug in the hook, whichever clause meets it
+        return ClauseResult(name, False, f"{_BROKE_CONTRACT}{error}")
     except Exception as error:  # any crash is a failed clause, reported
         return ClauseResult(name, False, f"{_CRASHED}{_describe(error)}")
     return ClauseResult(name, True, note)
@@ -359,17 +367,15 @@ def _inputs(
 
 
 def _masks_to(masks: ActionMasks, device: torch.device) -> ActionMasks:
-    moved: dict[str, torch.Tensor | None] = {}
-    for name, mask in masks.as_dict().items():
-        moved[name] = None if mask is None else mask.to(device)
-    return ActionMasks.from_mapping(moved)
+    return ActionMasks.from_mapping(
+        {name: None if mask is None else mask.to(device) for name, mask in masks.as_dict().items()}
+    )
 
 
 def _rows(masks: ActionMasks, rows: slice) -> ActionMasks:
-    picked: dict[str, torch.Tensor | None] = {}
-    for name, mask in masks.as_dict().items():
-        picked[name] = None if mask is None else mask[rows]
-    return ActionMasks.from_mapping(picked)
+    return ActionMasks.from_mapping(
+        {name: None if mask is None else mask[rows] for name, mask in masks.as_dict().items()}
+    )
 
 
 def _expect_shape(what: str, tensor: object, shape: tuple[int, ...]) -> None:
@@ -593,9 +599,9 @@ def _check_deterministic(subject: _Subject) -> str:
     x, masks = _inputs(bundle, subject.generator(), (_BATCH, _STEPS), subject.feature_dim)
     first = bundle.forward(x, masks)
     second = bundle.forward(x, masks)
-    same = torch.equal(first.value, second.value)
-    for name in HEAD_NAMES:
-        same = same and torch.equal(first.logits[name], second.logits[name])
+    same = torch.equal(first.value, second.value) and all(
+        torch.equal(first.logits[name], second.logits[name]) for name in HEAD_NAMES
+    )
     if not same:
         mode = "training" if bundle.network.training else "eval"
         raise _ClauseError(
@@ -766,9 +772,9 @@ def _check_hidden_round_trip(subject: _Subject) -> str:
                 raise _ClauseError(f"get_action returned hidden[{index}] requiring grad")
         hidden = result.hidden
     carried = bundle.forward(x, masks, hidden)
-    changed = _max_gap(carried.value, with_zeros.value) > 0.0
-    for name in HEAD_NAMES:
-        changed = changed or _max_gap(carried.logits[name], with_zeros.logits[name]) > 0.0
+    changed = _max_gap(carried.value, with_zeros.value) > 0.0 or any(
+        _max_gap(carried.logits[name], with_zeros.logits[name]) > 0.0 for name in HEAD_NAMES
+    )
     if not changed:
         raise _ClauseError(
             "outputs are the same from a carried hidden state as from zeros: the hook "
@@ -951,23 +957,22 @@ def _check_no_closures(subject: _Subject) -> str:
         with _code_calls() as ran:
             bundle.get_action(x[:, 0], _rows_step(masks), bundle.initial_hidden(_BATCH))
             bundle.evaluate_actions(x, act.action, masks)
-        found += _per_call_functions(ran, _code_files(classes))
+        found += _per_call_closures(ran, _code_files(classes))
     else:
         note = "a profiler is active: only the source of the hook methods was read"
     if found:
         listed = "; ".join(dict.fromkeys(found))
         raise _ClauseError(
-            f"a function object is built on every call: {listed}. Define helpers at "
-            "module level (B10-PT-06)"
+            f"a nested function or lambda is created on every call: {listed}. Define it "
+            "once, at module level (or as a method), and pass what it captured as arguments"
         )
     return note
 
 
 def _rows_step(masks: ActionMasks) -> ActionMasks:
-    first: dict[str, torch.Tensor | None] = {}
-    for name, mask in masks.as_dict().items():
-        first[name] = None if mask is None else mask[:, 0]
-    return ActionMasks.from_mapping(first)
+    return ActionMasks.from_mapping(
+        {name: None if mask is None else mask[:, 0] for name, mask in masks.as_dict().items()}
+    )
 
 
 @contextmanager
@@ -1000,10 +1005,11 @@ def _subject_classes(bundle: PolicyBundle) -> list[type]:
 
     Third-party and torch modules are left out: a contributor cannot fix them.
     """
-    classes: list[type] = []
-    for cls in type(bundle).__mro__:
-        if cls is not PolicyBundle and issubclass(cls, PolicyBundle):
-            classes.append(cls)
+    classes: list[type] = [
+        cls
+        for cls in type(bundle).__mro__
+        if cls is not PolicyBundle and issubclass(cls, PolicyBundle)
+    ]
     packages = {_package_of(cls) for cls in classes} | {_package_of(PolicyBundle)}
     for module in bundle.network.modules():
         cls = type(module)
@@ -1028,15 +1034,17 @@ def _code_files(classes: Sequence[type]) -> set[str]:
     return files
 
 
-def _per_call_functions(ran: list[CodeType], files: set[str]) -> list[str]:
-    """Functions of `files` both created and called inside the recorded block.
+def _per_call_closures(ran: list[CodeType], files: set[str]) -> list[str]:
+    """Nested functions and lambdas of `files` both created and called in the block.
 
-    A nested function, lambda, generator or (before Python 3.12) comprehension is a
-    code object stored in the constants of the function that defines it; when both ran
-    in the block, the function object was built there, on that call. Decorator
-    wrappers built at import time are not flagged: their defining function did not run
-    in the block. (A function built once, cached, and called from the function that
-    built it is flagged too: build it at module level instead.)
+    A nested function or lambda is a code object stored in the constants of the
+    function that defines it; when both ran in the block, the function object was
+    built there, on that call. Comprehensions and generator expressions (code objects
+    of their own on Python 3.11) and class bodies are not reported, though a closure
+    inside one is. Decorator wrappers built at import time are not flagged: their
+    defining function did not run in the block. (A function built once, cached, and
+    called from the function that built it is flagged too: build it at module level
+    instead.)
     """
     ran_set = set(ran)
     found: list[str] = []
@@ -1044,9 +1052,15 @@ def _per_call_functions(ran: list[CodeType], files: set[str]) -> list[str]:
         if parent.co_filename not in files:
             continue
         for const in parent.co_consts:
-            if isinstance(const, CodeType) and const in ran_set:
+            if isinstance(const, CodeType) and const in ran_set and _is_closure(const):
                 found.append(f"{const.co_qualname} ({const.co_filename}:{const.co_firstlineno})")
     return found
+
+
+def _is_closure(code: CodeType) -> bool:
+    """Whether `code` is a function's or a lambda's, not a comprehension's or a class body's."""
+    is_function = bool(code.co_flags & inspect.CO_NEWLOCALS)
+    return is_function and code.co_name not in _LOOP_CODE_NAMES
 
 
 def _hot_path_source_findings(classes: Sequence[type]) -> list[str]:
@@ -1062,27 +1076,33 @@ def _hot_path_source_findings(classes: Sequence[type]) -> list[str]:
 
 def _source_findings(cls: type, methods: Sequence[str]) -> list[str]:
     try:
-        return function_objects_built_per_call(cls, methods)
+        return closures_built_per_call(cls, methods)
     except (OSError, TypeError, SyntaxError):
         return []  # no readable source (a REPL, exec): the run-time check still applies
 
 
 _GATES: tuple[tuple[str, _Check], ...] = (
     ("builds", _check_builds),
+    ("shapes", _check_shapes),
     ("deterministic", _check_deterministic),
 )
-"""Clauses the others depend on: when one fails, the later ones are not run."""
+"""Clauses the others depend on: when one fails, the later ones are not run.
+
+"shapes" blocks the rest only when the hook broke its output contract
+(`HookContractError`): every later clause would fail with the same message.
+"""
 
 _CRASHED = "raised "
+_BROKE_CONTRACT = "the hook's output breaks the contract: "
 
 _BLOCKED_BY = {
     "builds": "the factory built no bundle",
+    "shapes": "the hook's output breaks the contract (see 'shapes')",
     "deterministic": "the outputs are random (see 'deterministic')",
 }
 
 _CLAUSES: tuple[tuple[str, _Check], ...] = (
     *_GATES,
-    ("shapes", _check_shapes),
     ("masks as mapping or dataclass", _check_mask_forms),
     ("masks respected", _check_masks_respected),
     ("reproducible under a seed", _check_reproducible),

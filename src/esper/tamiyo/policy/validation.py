@@ -1,33 +1,48 @@
-"""Argument checks for `PolicyBundle._normalize_inputs`, with messages that say what to fix.
+"""Argument checks for `PolicyBundle`, with messages that say what to fix.
 
 Each check names the argument, the head where there is one, what was expected and
-what was given. The cheap checks (types, dtypes, shapes, keys, devices) read only
-tensor metadata; the value checks that need a device sync run once per call in the
-base, and `explain_invalid_values` then finds the first offending row.
+what was given. These read only metadata (types, dtypes, shapes, keys, devices): they
+cost no device sync. The checks of values, which need one, are in `value_checks`.
+`check_network_output` checks what a bundle's hook returned, the other side of the
+contract.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
+from esper.tamiyo.policy.masks import ActionMasks
 
 __all__ = [
+    "HookContractError",
+    "allowed_dtypes",
     "check_action_space",
     "check_actions",
     "check_episode_start",
     "check_features",
     "check_generator",
     "check_hidden",
+    "check_hidden_shapes",
     "check_mask",
+    "check_masks",
+    "check_network_output",
     "check_positive_int",
     "check_state_dict",
-    "explain_invalid_values",
 ]
 
 _VALID_NAMES = ", ".join(HEAD_NAMES)
+
+
+class HookContractError(RuntimeError):
+    """A bundle's `_forward` hook returned something other than its declared layout.
+
+    A bug in the bundle, not in the caller's arguments; the message names the tensor,
+    the shape returned and the shape expected.
+    """
 
 
 def _device_error(what: str, got: torch.device, want: torch.device) -> ValueError:
@@ -66,6 +81,46 @@ def _dtype_error(what: str, got: torch.dtype, allowed: tuple[torch.dtype, ...]) 
         f"{what} has dtype {got}; under autocast the bundle takes {names}; convert it "
         "with .to(bundle.dtype)"
     )
+
+
+def check_hidden_shapes(
+    owner: str, hidden_shapes: Sequence[tuple[int, ...]] | None
+) -> tuple[tuple[int, ...], ...] | None:
+    """Check a constructor's `hidden_shapes` and freeze them into tuples.
+
+    Returns:
+        The shapes as a tuple of int tuples, or `None` for a stateless bundle.
+    """
+    if hidden_shapes is None:
+        return None
+    frozen = tuple(tuple(shape) for shape in hidden_shapes)
+    for shape, dims in zip(hidden_shapes, frozen, strict=True):
+        if len(dims) < 1 or not all(isinstance(d, int) and d >= 1 for d in dims):
+            raise ValueError(
+                f"{owner}: each hidden shape needs at least one positive int dimension "
+                f"(the batch goes in dimension 1), got {shape!r}"
+            )
+    if not frozen:
+        raise ValueError(f"{owner}: hidden_shapes must declare at least one tensor")
+    return frozen
+
+
+def allowed_dtypes(device: torch.device, dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """Dtypes features and hidden state may have on a network of `device` and `dtype`.
+
+    The parameters' dtype; under autocast also float32 and the autocast dtype, the
+    dtypes autocast itself mixes.
+    """
+    device_type = device.type
+    if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return (dtype, torch.float32, torch.get_autocast_dtype(device_type))
+    return (dtype,)
+
+
+@functools.cache
+def _autocast_available(device_type: str) -> bool:
+    """Whether autocast exists for `device_type` (asking `is_autocast_enabled` of others raises)."""
+    return torch.amp.is_autocast_available(device_type)
 
 
 def check_action_space(action_space: object, owner: str) -> None:
@@ -122,6 +177,46 @@ def check_features(
     if features.dtype not in dtypes:
         raise _dtype_error("features", features.dtype, dtypes)
     return features
+
+
+def check_masks(
+    masks: ActionMasks | Mapping[str, torch.Tensor | None] | None,
+    sizes: tuple[int, ...],
+    batch: int,
+    steps: int,
+    single_step: bool,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, ...] | None:
+    """Check the masks of every head against the features.
+
+    Args:
+        masks: What the caller passed: `ActionMasks`, a mapping of every head name to a
+            mask or `None`, or `None`.
+        sizes: Each head's number of actions, in `HEAD_NAMES` order.
+        batch: `B` of the features.
+        steps: `T` of the features (1 for a single step).
+        single_step: The features were `[B, F]`.
+        device: The bundle's device.
+
+    Returns:
+        The masks in `HEAD_NAMES` order (`None` for an unmasked head), or `None` when
+        no head is masked.
+    """
+    if masks is None:
+        return None
+    given = masks if isinstance(masks, ActionMasks) else ActionMasks.from_mapping(masks)
+    in_order = given.as_tuple()
+    any_given = False
+    for name, size, mask in zip(HEAD_NAMES, sizes, in_order, strict=True):
+        if mask is None:
+            continue
+        any_given = True
+        # The common case, decided with one comparison and no call; else say what is wrong.
+        shape = mask.shape
+        fits = shape == (batch, steps, size) or (steps == 1 and shape == (batch, size))
+        if not (fits and mask.device == device):
+            check_mask(mask, name, size, batch, steps, single_step, device)
+    return in_order if any_given else None
 
 
 def check_mask(
@@ -390,61 +485,86 @@ def check_state_dict(own: Mapping[str, object], incoming: object, owner: str, st
             )
 
 
-def explain_invalid_values(
-    features: torch.Tensor,
-    valid: torch.Tensor,
-    action_index: torch.Tensor | None,
-    sizes: torch.Tensor,
-    single_step: bool,
+def check_network_output(
+    out: object,
+    owner: str,
+    batch: int,
+    steps: int,
+    layout: tuple[int, int],
+    hidden_shapes: tuple[tuple[int, ...], ...] | None,
 ) -> None:
-    """Raise a `ValueError` describing the first bad value; the slow path of the value check.
+    """Check what a `_forward` hook returned honours the layout contract.
 
-    Returns normally when it finds none: the fast check flags a sum of finite features
-    that overflows too.
+    Metadata only (types and shapes), so it costs no device sync and `torch.compile`
+    traces it without a graph break.
 
     Args:
-        features: `[B, T, F]`.
-        valid: `[B, T, H, A_max]` packed masks.
-        action_index: `[B, T, H]` packed actions, or `None`.
-        sizes: `[H]` head sizes.
-        single_step: The caller gave one step, so rows are named without a step.
+        out: The hook's return value.
+        owner: The bundle's class name, for messages.
+        batch: `B` of the inputs.
+        steps: `T` of the inputs the hook was given.
+        layout: `(H, A_max)` of the padded logits.
+        hidden_shapes: The bundle's declared hidden shapes, without the batch
+            dimension; `None` when stateless.
+
+    Raises:
+        TypeError: `out` is not a `NetworkOutput`-like 3-tuple.
+        HookContractError: A tensor has the wrong shape, or the hidden state does not
+            match the declared shapes (a `RuntimeError`); the message names the
+            tensor, the shape returned and the shape expected.
     """
-    bad_rows = (~torch.isfinite(features)).any(dim=-1).nonzero()  # [n, 2]
-    if bad_rows.numel():
-        raise ValueError(f"features contain NaN or Inf at {_where(bad_rows[0], single_step)}")
-    void = (~valid.any(dim=-1)).nonzero()  # [n, 3]
-    if void.numel():
-        head = HEAD_NAMES[int(void[0, 2])]
-        raise ValueError(
-            f"masks[{head!r}] has no valid action at {_where(void[0], single_step)}: "
-            "every row needs at least one True (what should the policy do there?)"
+    if not (isinstance(out, tuple) and len(out) == 3):
+        raise TypeError(
+            f"{owner}._forward must return NetworkOutput(logits, value, hidden), "
+            f"got {type(out).__name__}"
         )
-    if action_index is not None:
-        out_of_range = ((action_index < 0) | (action_index >= sizes)).nonzero()  # [n, 3]
-        if out_of_range.numel():
-            at = out_of_range[0]
-            head_i = int(at[2])
-            value = int(action_index[int(at[0]), int(at[1]), head_i])
-            raise ValueError(
-                f"actions[{HEAD_NAMES[head_i]!r}] = {value} at {_where(at, single_step)} is "
-                f"out of range: head {HEAD_NAMES[head_i]!r} has {int(sizes[head_i])} actions"
+    logits, value, hidden = out
+    if logits.shape != (batch, steps, *layout):
+        raise HookContractError(
+            f"{owner}._forward returned logits of shape {tuple(logits.shape)}; expected "
+            f"[B, T, H, A_max] = {(batch, steps, *layout)}. End the network with "
+            "PolicyHeads to get this layout."
+        )
+    if value.shape != (batch, steps):
+        raise HookContractError(
+            f"{owner}._forward returned value of shape {tuple(value.shape)}; expected "
+            f"[B, T] = {(batch, steps)}"
+        )
+    if hidden_shapes is None:
+        if hidden is not None:
+            raise HookContractError(
+                f"{owner}._forward returned a hidden state, but {owner} is stateless "
+                "(is_recurrent=False): return None, or declare hidden_shapes and set "
+                "is_recurrent = True"
             )
-        taken = valid.gather(-1, action_index.unsqueeze(-1)).squeeze(-1)  # [B, T, H]
-        masked = (~taken).nonzero()
-        if masked.numel():
-            at = masked[0]
-            head_i = int(at[2])
-            value = int(action_index[int(at[0]), int(at[1]), head_i])
-            raise ValueError(
-                f"actions[{HEAD_NAMES[head_i]!r}] = {value} at {_where(at, single_step)} is "
-                f"masked: masks[{HEAD_NAMES[head_i]!r}] marks it invalid there"
+        return
+    if not isinstance(hidden, tuple) or len(hidden) != len(hidden_shapes):
+        given = type(hidden).__name__ if not isinstance(hidden, tuple) else f"{len(hidden)} tensors"
+        raise HookContractError(
+            f"{owner}._forward must return its new hidden state as a tuple of "
+            f"{len(hidden_shapes)} tensor(s), as declared in hidden_shapes; got {given}"
+        )
+    for index, (tensor, shape) in enumerate(zip(hidden, hidden_shapes, strict=True)):
+        expected = (shape[0], batch, *shape[1:])
+        if not isinstance(tensor, torch.Tensor):
+            raise HookContractError(
+                f"{owner}._forward returned hidden[{index}] as a {type(tensor).__name__}; "
+                "the hidden state is a tuple of tensors"
+            )
+        if tensor.shape != expected:
+            got = tuple(tensor.shape)
+            hint = (
+                " (this one is batch-first: return it as .transpose(0, 1), and transpose "
+                "inputs.hidden back when you read it)"
+                if got == (batch, *shape)
+                else ""
+            )
+            raise HookContractError(
+                f"{owner}._forward returned hidden[{index}] of shape {got}, but "
+                f"hidden_shapes[{index}] = {shape} declares [d0, B, ...] = {expected}: "
+                f"the batch goes in dimension 1{hint}"
             )
 
 
 def _steps(count: int) -> str:
     return "1 step" if count == 1 else f"{count} steps"
-
-
-def _where(index: torch.Tensor, single_step: bool) -> str:
-    row = int(index[0])
-    return f"batch row {row}" if single_step else f"batch row {row}, step {int(index[1])}"

@@ -5,13 +5,14 @@ copied with `transplant_weights`, so they compute the same function), on the sam
 inputs, with one torch thread, interleaved within every repeat (`harness`). Measured:
 
 1. input normalization alone at B=1: the seed design's per-call closure (the
-   baseline), the module-level `_expand_mask` helper the finding (B10-PT-06)
-   proposed, and `PolicyBundle._normalize_inputs`, alone and followed by what
-   `_prepare` adds before the compute path (packing the masks, the value checks);
+   baseline), the module-level `_expand_mask` helper the original code review
+   proposed, and `PolicyBundle._normalize_inputs` (every argument checked, features
+   to `[B, T, F]`, masks packed to `[B, T, H, A_max]`), alone and followed by the
+   value checks `_prepare` adds before the compute path;
 2. `get_action` for one step at several batch sizes;
 3. `evaluate_actions` forward and backward, a PPO-like training step;
-4. the share of a new `get_action` step at B=1 spent in `_normalize_inputs`, packing
-   the masks, the value checks and shaping the results;
+4. the share of a new `get_action` step at B=1 spent in `_normalize_inputs`, the
+   value checks and shaping the results;
 5. the peak memory of the training step (`memory`);
 6. with `compile=True`, a new bundle compiled with `PolicyBundle.compile`.
 
@@ -461,16 +462,15 @@ def _failed_row(key: str, section: str, name: str, error: str, detail: str = "")
 _NORMALIZE_FORMS = (("2d", "2-D", (1,)), ("3d", "3-D", (1, 1)))
 _NORMALIZE_OPTIONS = (
     ("helper", "module-level _expand_mask helper"),
-    ("normalize", "_normalize_inputs"),
-    ("packed", "_normalize_inputs + mask packing"),
-    ("checked", "_normalize_inputs + packing + value checks"),
+    ("normalize", "_normalize_inputs (checks, mask packing)"),
+    ("checked", "_normalize_inputs + value checks"),
 )
 
 
 def measure_normalization(ctx: Context) -> list[Comparison]:
     """Section 1: each normalization against the closure, 2-D and 3-D inputs, B=1."""
     rows: list[Comparison] = []
-    new, unchecked = ctx.bundles.new, ctx.bundles.new_unchecked
+    new = ctx.bundles.new
     for form, label_form, lead in _NORMALIZE_FORMS:
         case = make_case(new, lead, ctx.options.feature_dim, ctx.generator)
         calls: dict[str, Callable[[], object]] = {
@@ -479,7 +479,6 @@ def measure_normalization(ctx: Context) -> list[Comparison]:
             "normalize": functools.partial(
                 new._normalize_inputs, case.features, case.masks, case.hidden
             ),
-            "packed": functools.partial(unchecked._prepare, case.features, case.masks, case.hidden),
             "checked": functools.partial(new._prepare, case.features, case.masks, case.hidden),
         }
         timings = time_interleaved(calls, ctx.settings, ctx.sync)
@@ -552,8 +551,7 @@ def measure_training(ctx: Context, cases: Mapping[tuple[int, int], Case]) -> lis
 
 _SHARE_PARTS = (
     ("step", "whole get_action step"),
-    ("normalize", "_normalize_inputs"),
-    ("pack", "packing the masks"),
+    ("normalize", "_normalize_inputs (with mask packing)"),
     ("values", "value checks (one sync)"),
     ("shape", "shaping the results"),
 )
@@ -562,10 +560,9 @@ _SHARE_PARTS = (
 def measure_shares(ctx: Context) -> list[Share]:
     """Section 4: a B=1 step and what it spends before and after the compute path.
 
-    `_normalize_inputs`, the mask packing and the value checks are what `_prepare`
-    runs before the compute path; the packing and the checks are timed as the
-    differences `_prepare` (checks off) - `_normalize_inputs` and `_prepare` (checks
-    on) - `_prepare` (checks off).
+    `_normalize_inputs` (with the mask packing) and the value checks are what
+    `_prepare` runs before the compute path; the checks are timed as the difference
+    `_prepare` (checks on) - `_normalize_inputs`.
     """
     new, unchecked = ctx.bundles.new, ctx.bundles.new_unchecked
     case = make_case(new, (1,), ctx.options.feature_dim, ctx.generator)
@@ -580,24 +577,19 @@ def measure_shares(ctx: Context) -> list[Share]:
             new._normalize_inputs, case.features, case.masks, case.hidden
         ),
         "prepare/on": functools.partial(new._prepare, case.features, case.masks, case.hidden),
-        "prepare/off": functools.partial(
-            unchecked._prepare, case.features, case.masks, case.hidden
-        ),
         "shape": functools.partial(
             ActionResult.from_packed, actions, chosen, value, case.hidden, True
         ),
     }
     timings = time_interleaved(calls, ctx.settings, ctx.sync)
     normalize = timings["normalize"].median_us
-    packed = timings["prepare/off"].median_us
     shares: list[Share] = []
     for checks, flag in (("on", True), ("off", False)):
         step = timings[f"step/{checks}"].median_us
         parts = {
             "step": step,
             "normalize": normalize,
-            "pack": max(packed - normalize, 0.0),
-            "values": max(timings["prepare/on"].median_us - packed, 0.0) if flag else 0.0,
+            "values": max(timings["prepare/on"].median_us - normalize, 0.0) if flag else 0.0,
             "shape": timings["shape"].median_us,
         }
         for part, name in _SHARE_PARTS:
@@ -715,7 +707,7 @@ def _ratio_target(rows: list[Comparison], key: str, name: str, limit: float) -> 
 def _normalization_target(rows: list[Comparison]) -> Target:
     worst: float | None = None
     details: list[str] = []
-    for option, label in (("normalize", "alone"), ("packed", "with packing")):
+    for option, label in (("normalize", "alone"), ("checked", "with value checks")):
         for form in ("2d", "3d"):
             ratio = _ratio_of(rows, f"normalize/{form}/{option}")
             details.append(f"{label} {form}: {'-' if ratio is None else f'{ratio:.2f}'}")
