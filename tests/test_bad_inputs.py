@@ -9,10 +9,12 @@ before it.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,6 +81,30 @@ def _masked_action() -> tuple[dict[str, torch.Tensor | None], dict[str, torch.Te
     op[1, 0] = False  # row 1 may not take op 0, which the actions take
     masks["op"] = op
     return masks, _actions()
+
+
+def _mutated_masks(head: str, value: object) -> ActionMasks:
+    """Masks changed after construction, past the dataclass's own check."""
+    masks = ActionMasks()
+    object.__setattr__(masks, head, value)
+    return masks
+
+
+def _nan_hidden(row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    h, c = torch.zeros(1, B, 16), torch.zeros(1, B, 16)
+    c[0, row, 3] = float("nan")
+    return h, c
+
+
+def _csr(tensor: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():  # torch warns that its CSR support is in beta
+        warnings.simplefilter("ignore", UserWarning)
+        return tensor.to_sparse_csr()
+
+
+def _inference(tensor_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    with torch.inference_mode():
+        return tensor_fn()
 
 
 @dataclass
@@ -270,6 +296,61 @@ CASES = [
     Case("action masked", "evaluate_actions",
          lambda: dict(zip(("masks", "actions"), _masked_action(), strict=True), features=_x2()),
          ValueError, r"actions\['op'\] = 0 at batch row 1 is masked: masks\['op'\] marks it invalid"),
+    # exotic tensors and flags
+    Case("features sparse COO", "get_action",
+         lambda: {"features": _x2().to_sparse(), "masks": None},
+         TypeError, r"features must be a dense tensor, got layout torch.sparse_coo; convert it with .to_dense\(\)"),
+    Case("features sparse CSR", "get_value",
+         lambda: {"features": _csr(_x2())},
+         TypeError, r"features must be a dense tensor, got layout torch.sparse_csr"),
+    Case("mask sparse", "get_action",
+         lambda: {"features": _x2(), "masks": _mutated_masks("op", torch.ones(B, 6, dtype=torch.bool).to_sparse())},
+         TypeError, r"masks\['op'\] must be a dense tensor, got layout torch.sparse_coo"),
+    Case("mask sparse in a mapping", "forward",
+         lambda: {"features": _x2(), "masks": _with(_masks2(), op=torch.ones(B, 6, dtype=torch.bool).to_sparse())},
+         TypeError, r"masks\['op'\] must be a dense tensor"),
+    Case("ActionMasks mutated to a float mask", "get_action",
+         lambda: {"features": _x2(), "masks": _mutated_masks("slot", torch.ones(B, 3))},
+         TypeError, r"masks\['slot'\] must have dtype torch.bool"),
+    Case("ActionMasks mutated to a list", "forward",
+         lambda: {"features": _x2(), "masks": _mutated_masks("tempo", [[True] * 3] * B)},
+         TypeError, r"masks\['tempo'\] must be a torch.bool tensor or None, got list"),
+    Case("ActionMasks mutated to a numpy array", "get_action",
+         lambda: {"features": _x2(), "masks": _mutated_masks("op", np.ones((B, 6), dtype=bool))},
+         TypeError, r"masks\['op'\] must be a torch.bool tensor or None, got ndarray"),
+    Case("actions sparse", "evaluate_actions",
+         lambda: {"features": _x2(), "masks": None,
+                  "actions": _with(_actions(), op=torch.zeros(B, dtype=torch.long).to_sparse())},
+         TypeError, r"actions\['op'\] must be a dense tensor"),
+    Case("episode_start sparse", "get_action",
+         lambda: {"features": _x2(), "masks": None,
+                  "episode_start": torch.zeros(B, dtype=torch.bool).to_sparse()},
+         TypeError, r"episode_start must be a dense tensor"),
+    Case("hidden sparse", "get_action",
+         lambda: {"features": _x2(), "masks": None,
+                  "hidden": (torch.zeros(1, B, 16).to_sparse(), torch.zeros(1, B, 16))},
+         TypeError, r"hidden\[0\] must be a dense tensor", bundles="recurrent"),
+    Case("deterministic a string", "get_action",
+         lambda: {"features": _x2(), "masks": None, "deterministic": "no"},
+         TypeError, r"deterministic must be a bool, got str \('no'\)"),
+    Case("deterministic an int", "get_action",
+         lambda: {"features": _x2(), "masks": None, "deterministic": 1},
+         TypeError, r"deterministic must be a bool, got int"),
+    # values of the hidden state, and tensors autograd cannot use
+    Case("hidden NaN", "get_action",
+         lambda: {"features": _x2(), "masks": None, "hidden": _nan_hidden(2)},
+         ValueError, r"hidden\[1\] contains NaN or Inf at batch row 2; start that row over", bundles="recurrent"),
+    Case("hidden Inf in an update", "evaluate_actions",
+         lambda: {"features": _x3(), "actions": _actions((B, T)), "masks": None,
+                  "hidden": (torch.full((1, B, 16), float("inf")), torch.zeros(1, B, 16))},
+         ValueError, r"hidden\[0\] contains NaN or Inf at batch row 0", bundles="recurrent"),
+    Case("features made under inference_mode in an update", "evaluate_actions",
+         lambda: {"features": _inference(_x3), "actions": _actions((B, T)), "masks": None},
+         ValueError, r"features was made under torch.inference_mode, and autograd cannot record"),
+    Case("hidden made under inference_mode in forward", "forward",
+         lambda: {"features": _x2(), "masks": None,
+                  "hidden": (_inference(lambda: torch.zeros(1, B, 16)), torch.zeros(1, B, 16))},
+         ValueError, r"hidden\[0\] was made under torch.inference_mode", bundles="recurrent"),
 ]  # fmt: skip
 
 
@@ -372,7 +453,7 @@ def test_void_row_with_checks_off_still_samples_a_real_action() -> None:
 
 def test_finite_features_whose_sum_overflows_are_accepted() -> None:
     """The value check sums the features; an overflowing sum alone is not an error."""
-    bundle = small_lstm()
+    bundle = UniformPolicyBundle(FEATURE_DIM)  # its outputs do not depend on the features
     huge = torch.full((2, FEATURE_DIM), 3e38)
     assert torch.isinf(huge.sum())
     step = bundle.get_action(huge, random_masks((2,)))

@@ -144,3 +144,16 @@ def test_a_compiled_lstm_step_uses_weights_loaded_with_assign() -> None:
     after = bundle.get_action(x, None, deterministic=True).value
     torch.testing.assert_close(after, other.get_action(x, None, deterministic=True).value)
     assert not torch.allclose(after, before)
+
+
+def test_a_functional_call_does_not_leave_its_weights_in_the_compiled_step() -> None:
+    """`functional_call` lends tensors for one call; the compiled step keeps the real ones."""
+    bundle = small_lstm().compile(backend="eager")
+    x = torch.randn(2, FEATURE_DIM)
+    want = bundle.get_action(x, None, deterministic=True).value
+    zeros = {name: torch.zeros_like(p) for name, p in bundle.network.named_parameters()}
+    x3, hidden = x.unsqueeze(1), bundle.initial_hidden(2)
+    with torch.no_grad():
+        lent = torch.func.functional_call(bundle.network, zeros, (x3, hidden))
+    assert torch.equal(lent[1], torch.zeros_like(lent[1]))  # the lent weights were used
+    torch.testing.assert_close(bundle.get_action(x, None, deterministic=True).value, want)

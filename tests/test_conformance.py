@@ -496,7 +496,19 @@ def test_a_batch_first_hidden_state_is_named_once_and_blocks_the_rest() -> None:
     assert {r.detail for r in rest} == {
         "not run: the hook's output breaks the contract (see 'shapes')"
     }
+    assert not any(r.ran for r in rest)
     assert len(rest) == len(CLAUSES) - 2
+    assert report.format().endswith(f"{len(CLAUSES)} clauses, 1 failed, {len(rest)} not run.")
+    assert "  SKIP  deterministic: not run:" in report.format()
+    with pytest.raises(AssertionError) as info:
+        check_bundle(_BatchFirstWindow, feature_dim=FEATURE_DIM)
+    first_line, *lines = str(info.value).splitlines()
+    assert (
+        first_line
+        == f"_BatchFirstWindow fails 1 of {len(CLAUSES)} conformance clauses ({len(rest)} not run):"
+    )
+    assert lines[0].startswith("- shapes: the hook's output breaks the contract")
+    assert lines[1].startswith("- not run: deterministic, masks as mapping or dataclass")
 
 
 def test_the_same_window_returned_in_the_declared_layout_conforms() -> None:

@@ -116,10 +116,11 @@ def test_a_network_wrapped_in_ddp_is_read_through_the_wrapper() -> None:
         port = probe.getsockname()[1]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
-        bundle = small_lstm().to(torch.float64)
+        bundle = small_lstm()
         plain = small_lstm().to(torch.float64)
         plain.load_state_dict(bundle.state_dict())
         bundle.network = DistributedDataParallel(bundle.network)  # type: ignore[assignment]
+        bundle.network.to(torch.float64)  # moved through the wrapper, not through the bundle
         assert bundle.dtype == torch.float64
         assert bundle.device == torch.device("cpu")
         x = torch.randn(2, 3, FEATURE_DIM, dtype=torch.float64)
@@ -128,6 +129,14 @@ def test_a_network_wrapped_in_ddp_is_read_through_the_wrapper() -> None:
             bundle.get_value(x.float())
     finally:
         dist.destroy_process_group()
+
+
+def test_a_network_replaced_by_another_is_read_as_it_is() -> None:
+    """`bundle.network = ...` with a network in another dtype: the checks follow."""
+    bundle = small_lstm()
+    bundle.network = small_lstm().network.to(torch.float64)
+    assert bundle.dtype == torch.float64
+    assert bundle.get_value(torch.randn(2, FEATURE_DIM, dtype=torch.float64)).dtype == torch.float64
 
 
 def test_a_tensorless_network_records_its_move() -> None:
@@ -215,3 +224,21 @@ def test_under_autocast_float64_is_still_refused_before_the_network_runs() -> No
             TypeError, match=r"under autocast the bundle takes torch\.float32, torch\.bfloat16"
         ):
             bundle.get_action(torch.randn(2, FEATURE_DIM, dtype=torch.float64), None)
+
+
+def test_outputs_keep_the_bundles_dtype_when_the_default_dtype_changes() -> None:
+    """The base's tables are built on a device's first call, not in the default dtype."""
+    before = torch.get_default_dtype()
+    bundle = small_lstm()
+    torch.set_default_dtype(torch.float64)
+    try:
+        x = torch.randn(2, 3, FEATURE_DIM, dtype=torch.float32)
+        masks = random_masks((2, 3))
+        out = bundle.get_action(x, masks)
+        ev = bundle.evaluate_actions(x, out.action, masks)
+        logits = bundle.forward(x, None).logits
+    finally:
+        torch.set_default_dtype(before)
+    assert out.log_prob["op"].dtype == torch.float32
+    assert ev.entropy["op"].dtype == torch.float32
+    assert logits["slot"].dtype == torch.float32

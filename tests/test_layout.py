@@ -63,7 +63,7 @@ def test_fill_puts_padding_below_masked_actions() -> None:
 def test_tables_are_built_on_the_device_asked_for() -> None:
     """The meta device stands in for a GPU: every table lives where it was asked to."""
     layout = HeadLayout(SPACE, torch.device("meta"))
-    for table in (layout.fill, layout.sizes, layout.structural_valid, layout.inv_log_count):
+    for table in (layout.fill, layout.action_counts, layout.structural_valid, layout.inv_log_count):
         assert table.device.type == "meta"
     assert layout.pack_masks(ActionMasks().as_tuple(), 2, 1).device.type == "meta"
 
@@ -99,3 +99,15 @@ def test_sample_with_a_generator_is_reproducible() -> None:
     a = categorical.sample(log_probs, generator=torch.Generator().manual_seed(5))
     b = categorical.sample(log_probs, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
+
+
+def test_float_tables_are_float32_whatever_the_default_dtype() -> None:
+    """Tables built while the default dtype is float64 must not turn float32 outputs float64."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        layout = HeadLayout(SPACE, CPU)
+    finally:
+        torch.set_default_dtype(before)
+    for table in (layout.fill, layout.inv_log_count, layout.minus_inf):
+        assert table.dtype == torch.float32

@@ -19,6 +19,7 @@ EXPECTED = [
     "EvalResult",
     "ForwardResult",
     "HiddenState",
+    "HookContractError",
     "LSTMPolicyBundle",
     "MLPPolicyBundle",
     "MaskArg",

@@ -34,6 +34,7 @@ from esper.tamiyo.policy.mlp import MLPPolicyBundle
 from esper.tamiyo.policy.outputs import ActionResult, EvalResult, ForwardResult, NetworkOutput
 from esper.tamiyo.policy.registry import create_policy, get_policy, list_policies, register_policy
 from esper.tamiyo.policy.uniform import UniformPolicyBundle
+from esper.tamiyo.policy.validation import HookContractError
 
 __all__ = [
     "HEAD_NAMES",
@@ -45,6 +46,7 @@ __all__ = [
     "EvalResult",
     "ForwardResult",
     "HiddenState",
+    "HookContractError",
     "LSTMPolicyBundle",
     "MLPPolicyBundle",
     "MaskArg",

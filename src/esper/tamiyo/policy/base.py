@@ -38,22 +38,25 @@ from esper.tamiyo.policy.inputs import HiddenState, PolicyInputs, reset_hidden, 
 from esper.tamiyo.policy.layout import HeadLayout, split_heads
 from esper.tamiyo.policy.masks import ActionMasks
 from esper.tamiyo.policy.outputs import ActionResult, EvalResult, ForwardResult, NetworkOutput
+from esper.tamiyo.policy.registrations import name_of
 from esper.tamiyo.policy.validation import (
     allowed_dtypes,
     check_action_space,
     check_actions,
     check_episode_start,
     check_features,
+    check_flag,
     check_generator,
     check_hidden,
     check_hidden_shapes,
     check_masks,
+    check_not_inference,
     check_positive_int,
     check_state_dict,
 )
-from esper.tamiyo.policy.value_checks import check_values
+from esper.tamiyo.policy.value_checks import check_input_values, check_output_values
 
-__all__ = ["MaskArg", "PolicyBundle", "registered_name"]
+__all__ = ["MaskArg", "PolicyBundle"]
 
 MaskArg = ActionMasks | Mapping[str, torch.Tensor | None] | None
 """What public methods accept as masks: `ActionMasks`, a strict mapping, or `None`."""
@@ -138,7 +141,6 @@ class PolicyBundle(ABC):
     """
 
     is_recurrent: ClassVar[bool] = False
-    _registered_name: ClassVar[str | None] = None  # set by `register_policy`, per class
     _init_arguments: Arguments
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Self:
@@ -185,7 +187,6 @@ class PolicyBundle(ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls._registered_name = None  # a subclass of a registered class is not registered
         for name in _FINAL_METHODS:
             if name in cls.__dict__:
                 raise TypeError(
@@ -253,6 +254,7 @@ class PolicyBundle(ABC):
             TypeError: An argument has the wrong type or dtype.
             ValueError: An argument has the wrong shape, a wrong key, or bad values.
         """
+        check_flag(deterministic, "deterministic")
         call = self._prepare(features, masks, hidden, episode_start=episode_start)
         if generator is not None:
             check_generator(generator, call.layout.device)
@@ -260,11 +262,13 @@ class PolicyBundle(ABC):
             # Resets inside a sequence split it into stretches, a Python loop whose shape
             # changes with every pattern: that runs eager rather than recompile each time.
             paths = self._paths if not call.resets else EAGER
-            actions, log_prob, value, new_hidden = paths.act(
-                self, call, deterministic, generator
-            )  # [B, T, H], [B, T, H], [B, T]
+            out = paths.act(self, call, deterministic, generator)  # [B, T, H], [B, T]
+        self._check_output(call, out.logits, out.value, out.hidden)
+        new_hidden = out.hidden
+        if new_hidden is not None and torch.is_inference_mode_enabled():
+            new_hidden = _usable_under_autograd(new_hidden)
         return ActionResult.from_packed(
-            actions, log_prob, value, new_hidden, call.inputs.single_step
+            out.actions, out.log_prob, out.value, new_hidden, call.inputs.single_step
         )
 
     def forward(
@@ -292,8 +296,10 @@ class PolicyBundle(ABC):
             TypeError: An argument has the wrong type or dtype.
             ValueError: An argument has the wrong shape, a wrong key, or bad values.
         """
-        call = self._prepare(features, masks, hidden, episode_start=episode_start)
-        masked, value, new_hidden = compute.masked_logits(self, call)  # [B, T, H, A_max]
+        call = self._prepare(features, masks, hidden, episode_start=episode_start, autograd=True)
+        raw, value, new_hidden = compute.run_network(self, call)  # [B, T, H, A_max], [B, T]
+        self._check_output(call, raw, value, new_hidden)
+        masked = compute.masked(raw, call)
         if call.inputs.single_step:
             masked, value = masked.squeeze(1), value.squeeze(1)
         logits = split_heads(masked, self.action_space.sizes)
@@ -335,12 +341,13 @@ class PolicyBundle(ABC):
             ValueError: An argument has the wrong shape, a wrong key, or bad values,
                 including an action out of range or masked.
         """
-        call = self._prepare(features, masks, hidden, actions, episode_start)
+        call = self._prepare(features, masks, hidden, actions, episode_start, autograd=True)
         paths = self._paths if not call.resets else EAGER  # see get_action
-        log_prob, entropy, value, new_hidden = paths.evaluate(
-            self, call
-        )  # [B, T, H], [B, T, H], [B, T]
-        return EvalResult.from_packed(log_prob, entropy, value, new_hidden, call.inputs.single_step)
+        out = paths.evaluate(self, call)  # [B, T, H], [B, T, H], [B, T]
+        self._check_output(call, out.logits, out.value, out.hidden)
+        return EvalResult.from_packed(
+            out.log_prob, out.entropy, out.value, out.hidden, call.inputs.single_step
+        )
 
     def get_value(
         self,
@@ -367,7 +374,9 @@ class PolicyBundle(ABC):
         """
         call = self._prepare(features, None, hidden, episode_start=episode_start)
         with torch.no_grad():
-            value = compute.run_network(self, call).value  # [B, T]
+            out = compute.run_network(self, call)
+        self._check_output(call, out.logits, out.value, out.hidden)
+        value = out.value  # [B, T]
         return value.squeeze(1) if call.inputs.single_step else value
 
     def initial_hidden(self, batch_size: int) -> HiddenState | None:
@@ -393,7 +402,8 @@ class PolicyBundle(ABC):
         if self._hidden_shapes is None:
             return None
         device, dtype = self._place()
-        return zero_hidden(self._hidden_shapes, batch_size, device, dtype)
+        with torch.inference_mode(False):  # usable by evaluate_actions even if made under it
+            return zero_hidden(self._hidden_shapes, batch_size, device, dtype)
 
     # ------------------------------------------------------------------ the per-call flow
 
@@ -460,8 +470,21 @@ class PolicyBundle(ABC):
         hidden: HiddenState | None,
         actions: Mapping[str, torch.Tensor] | None = None,
         episode_start: torch.Tensor | None = None,
+        *,
+        autograd: bool = False,
     ) -> compute.Call:
         """What every public method does before computing: normalize, start episodes, check.
+
+        Args:
+            features: As the public method got them; likewise `masks`, `hidden`,
+                `actions` and `episode_start`.
+            masks: See `features`.
+            hidden: See `features`.
+            actions: See `features`.
+            episode_start: See `features`.
+            autograd: The method records an autograd graph (`forward`,
+                `evaluate_actions`): tensors made under `torch.inference_mode` cannot
+                take part, so they are refused here.
 
         Returns:
             The call for a compute path: the normalized inputs (hidden state already
@@ -469,15 +492,33 @@ class PolicyBundle(ABC):
             tables, and the later steps where episodes start.
         """
         inputs = self._normalize_inputs(features, masks, hidden, actions)
+        if autograd and torch.is_grad_enabled():
+            check_not_inference(inputs.features, inputs.hidden)
         resets: tuple[int, ...] = ()
         if episode_start is not None:
             inputs, resets = self._start_episodes(inputs, episode_start)
         layout = self._layout_for(inputs.features.device)
         if self.check_values:
-            check_values(
-                inputs.features, inputs.valid, inputs.action_index, layout.sizes, inputs.single_step
-            )
+            check_input_values(inputs, layout.action_counts, masked=masks is not None)
         return compute.Call(inputs, layout, resets)
+
+    def _check_output(
+        self,
+        call: compute.Call,
+        logits: torch.Tensor,
+        value: torch.Tensor,
+        hidden: HiddenState | None,
+    ) -> None:
+        """Refuse non-finite numbers out of the network, when `check_values` is on."""
+        if self.check_values:
+            check_output_values(
+                type(self).__name__,
+                logits,
+                value,
+                hidden,
+                call.layout.structural_valid,
+                call.inputs.single_step,
+            )
 
     def _start_episodes(
         self, inputs: PolicyInputs, episode_start: torch.Tensor
@@ -530,11 +571,6 @@ class PolicyBundle(ABC):
     def dtype(self) -> torch.dtype:
         """Floating dtype of the network's tensors; features and hidden state match it."""
         return self._place()[1]
-
-    @property
-    def hidden_shapes(self) -> tuple[tuple[int, ...], ...] | None:
-        """The declared shape of each hidden tensor without its batch dimension, or `None`."""
-        return self._hidden_shapes
 
     def to(
         self,
@@ -596,7 +632,8 @@ class PolicyBundle(ABC):
         """The padded layout's tables on `device`, built on first use there."""
         layout = self._layouts.get(device)
         if layout is None:
-            layout = self._layouts[device] = HeadLayout(self.action_space, device)
+            with torch.inference_mode(False):  # normal tensors, usable under autograd later
+                layout = self._layouts[device] = HeadLayout(self.action_space, device)
         return layout
 
     # ------------------------------------------------------------------ the rest
@@ -656,7 +693,7 @@ class PolicyBundle(ABC):
         cls = type(self)
         return write_checkpoint(
             path,
-            policy=registered_name(cls),
+            policy=name_of(cls),
             config=keyword_arguments(cls, self.config),
             dtype=self.dtype,
             network=self.network,
@@ -702,40 +739,6 @@ class PolicyBundle(ABC):
         )
 
 
-def registered_name(cls: type[PolicyBundle]) -> str:
-    """The name `cls` is registered under (`register_policy`): the reverse of `get_policy`.
-
-    Checkpoints store this name, so that `get_policy(registered_name(cls))` rebuilds the
-    same class. An earlier definition of a registered class (before a reload or a re-run
-    notebook cell) keeps its name: its instances save under it and load as the current
-    definition. A subclass of a registered class is not registered by inheritance,
-    since its parent's name would rebuild the parent.
-
-    Example:
-        >>> from esper.tamiyo.policy import LSTMPolicyBundle
-        >>> registered_name(LSTMPolicyBundle)
-        'lstm'
-
-    Args:
-        cls: A `PolicyBundle` subclass.
-
-    Returns:
-        Its name; the first one it was registered under if it has several.
-
-    Raises:
-        ValueError: `cls` is not registered; the message says how to register it.
-    """
-    name = cls._registered_name if isinstance(cls, type) and issubclass(cls, PolicyBundle) else None
-    if name is None:
-        what = f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else repr(cls)
-        raise ValueError(
-            f"{what} is not a registered policy; decorate it with "
-            '@register_policy("a_name") and import its module first '
-            "(esper.tamiyo.policy.list_policies() names the registered ones)"
-        )
-    return name
-
-
 _FINAL_METHODS = (
     "__new__",
     "save",
@@ -746,7 +749,17 @@ _FINAL_METHODS = (
     "evaluate_actions",
     "get_value",
     "initial_hidden",
-    "hidden_shapes",
     "_prepare",
     "_start_episodes",
+    "_check_output",
 )
+
+
+def _usable_under_autograd(hidden: HiddenState) -> HiddenState:
+    """A copy of `hidden` made outside `torch.inference_mode`, which autograd can use.
+
+    A state `get_action` returns under inference mode would otherwise be refused by
+    the `evaluate_actions` of the PPO update.
+    """
+    with torch.inference_mode(False):
+        return tuple(tensor.clone() for tensor in hidden)

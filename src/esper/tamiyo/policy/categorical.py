@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from esper.tamiyo.policy.layout import BROKEN_LOGIT
+
 __all__ = [
     "log_prob_of",
     "mask_logits",
@@ -31,6 +33,11 @@ def mask_logits(
     network whose logits have drifted to -1e6. The shift is detached: it carries no
     gradient, and needs none.
 
+    Whatever the numbers, a masked action stays below every valid one: a valid logit
+    that is NaN or Inf (or that the shift made so) becomes `BROKEN_LOGIT` (-5e3), above
+    the masked ones. With `check_values` on the base refuses such logits right after
+    the hook; this keeps the masks when it is off.
+
     Args:
         logits: `[B, T, H, A_max]` unmasked logits.
         valid: `[B, T, H, A_max]` bool, True where the action may be taken.
@@ -39,14 +46,17 @@ def mask_logits(
             Python `-inf` would cost an extra op on every call.
 
     Returns:
-        `[B, T, H, A_max]` masked logits, each head's largest valid one 0. After
-        `log_softmax` an invalid position holds a log-probability below -9000, so its
-        probability is exactly 0 in fp32.
+        `[B, T, H, A_max]` masked logits, each head's largest valid one 0 (unless it is
+        broken). An invalid position lies at least 5000 below the largest valid one, so
+        after `log_softmax` its probability is exactly 0 in fp32.
     """
     top = torch.where(valid, logits, minus_inf).amax(dim=-1, keepdim=True)  # [B, T, H, 1]
     if top.requires_grad:  # under autograd only: detaching is an op of its own
         top = top.detach()
-    return torch.where(valid, logits - top, fill)
+    shifted = (logits - top).nan_to_num(
+        nan=BROKEN_LOGIT, posinf=BROKEN_LOGIT, neginf=BROKEN_LOGIT
+    )  # [B, T, H, A_max]
+    return torch.where(valid, shifted, fill)
 
 
 def sample(
@@ -60,7 +70,8 @@ def sample(
     `argmax(log_p + g)` with `g = -log(-log(u))`, `u ~ U[0, 1)`, is an exact sample
     of the categorical. `u` is raised to the dtype's smallest normal number, so the
     noise is finite: between about -4.5 and 17 in float32 (`u` below 1 by at least one
-    ulp). It can never lift a masked action (log-prob below -9000) over a valid one.
+    ulp). It can never lift a masked action over the most likely valid one, which is at
+    least 5000 above it (see `mask_logits`).
     Unclamped, `torch.rand`'s `u = 0` (one draw in 2**24 in float32) would give the
     valid action `-inf` and hand a head with one valid action to a masked one.
 

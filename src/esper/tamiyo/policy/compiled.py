@@ -15,13 +15,11 @@ from typing import Any
 import torch
 
 from esper.tamiyo.policy import compute
-from esper.tamiyo.policy.inputs import HiddenState
 
 __all__ = ["EAGER", "CompiledPaths", "Paths"]
 
-_Result = tuple[torch.Tensor, torch.Tensor, torch.Tensor, HiddenState | None]
-ActPath = Callable[[compute.Bundle, compute.Call, bool, torch.Generator | None], _Result]
-EvaluatePath = Callable[[compute.Bundle, compute.Call], _Result]
+ActPath = Callable[[compute.Bundle, compute.Call, bool, torch.Generator | None], compute.Acted]
+EvaluatePath = Callable[[compute.Bundle, compute.Call], compute.Scored]
 
 
 class Paths:

@@ -12,6 +12,7 @@ a copy of a compiled bundle runs its own network.
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from typing import NamedTuple, Protocol
 
 import torch
@@ -22,15 +23,13 @@ from esper.tamiyo.policy.layout import HeadLayout
 from esper.tamiyo.policy.outputs import NetworkOutput
 from esper.tamiyo.policy.validation import check_network_output
 
-__all__ = ["Bundle", "Call", "act", "evaluate", "masked_logits", "run_network"]
+__all__ = ["Acted", "Bundle", "Call", "Scored", "act", "evaluate", "masked", "run_network"]
 
 
 class Bundle(Protocol):
     """What the compute paths need of a `PolicyBundle`: its hook and its hidden shapes."""
 
-    @property
-    def hidden_shapes(self) -> tuple[tuple[int, ...], ...] | None:
-        """The declared shape of each hidden tensor without its batch dimension."""
+    _hidden_shapes: tuple[tuple[int, ...], ...] | None
 
     def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
         """The bundle's network on normalized inputs."""
@@ -76,13 +75,27 @@ def _run_stretches(bundle: Bundle, call: Call) -> NetworkOutput:
     for begin, end in itertools.pairwise((0, *call.resets, inputs.seq_len)):
         if begin > 0 and hidden is not None:
             hidden = reset_hidden(hidden, starts[:, begin])
-        stretch = inputs.steps(begin, end, hidden)
+        stretch = _steps(inputs, begin, end, hidden)
         out = bundle._forward(stretch)
         _check_output(bundle, stretch, call.layout, out)
         logits.append(out.logits)
         values.append(out.value)
         hidden = out.hidden
     return NetworkOutput(torch.cat(logits, dim=1), torch.cat(values, dim=1), hidden)
+
+
+def _steps(inputs: PolicyInputs, begin: int, end: int, hidden: HiddenState | None) -> PolicyInputs:
+    """The inputs of steps `[begin, end)` of the sequence, starting from `hidden`."""
+    starts = inputs.episode_start
+    index = inputs.action_index
+    return replace(
+        inputs,
+        features=inputs.features[:, begin:end],
+        hidden=hidden,
+        valid=inputs.valid[:, begin:end],
+        action_index=None if index is None else index[:, begin:end],
+        episode_start=None if starts is None else starts[:, begin:end],
+    )
 
 
 def _check_output(bundle: Bundle, inputs: PolicyInputs, layout: HeadLayout, out: object) -> None:
@@ -92,58 +105,61 @@ def _check_output(bundle: Bundle, inputs: PolicyInputs, layout: HeadLayout, out:
         inputs.batch_size,
         inputs.seq_len,
         (layout.num_heads, layout.padded_size),
-        bundle.hidden_shapes,
+        bundle._hidden_shapes,
+        inputs.hidden,
     )
 
 
-def masked_logits(bundle: Bundle, call: Call) -> NetworkOutput:
-    """The network's output with its logits masked (`categorical.mask_logits`)."""
-    logits, value, hidden = run_network(bundle, call)
-    return NetworkOutput(_masked(logits, call), value, hidden)
-
-
-def _masked(logits: torch.Tensor, call: Call) -> torch.Tensor:
+def masked(logits: torch.Tensor, call: Call) -> torch.Tensor:
     """`[B, T, H, A_max]` logits masked by the call's `valid` (`categorical.mask_logits`)."""
     layout = call.layout
     return categorical.mask_logits(logits, call.inputs.valid, layout.fill, layout.minus_inf)
 
 
-def act(
-    bundle: Bundle,
-    call: Call,
-    deterministic: bool,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, HiddenState | None]:
-    """Sample (or take the mode of) every head, for `get_action`.
+class Acted(NamedTuple):
+    """What `act` returns: `[B, T, H]` actions and log-probs, `[B, T]` values, hidden, logits.
 
-    Returns:
-        Actions and their log-probabilities `[B, T, H]`, values `[B, T]`, the new
-        hidden state.
+    `logits` are the hook's, unmasked, for the base's check of the network's numbers.
     """
+
+    actions: torch.Tensor
+    log_prob: torch.Tensor
+    value: torch.Tensor
+    hidden: HiddenState | None
+    logits: torch.Tensor
+
+
+class Scored(NamedTuple):
+    """What `evaluate` returns: `[B, T, H]` log-probs and entropies, values, hidden, logits."""
+
+    log_prob: torch.Tensor
+    entropy: torch.Tensor
+    value: torch.Tensor
+    hidden: HiddenState | None
+    logits: torch.Tensor
+
+
+def act(
+    bundle: Bundle, call: Call, deterministic: bool, generator: torch.Generator | None = None
+) -> Acted:
+    """Sample (or take the mode of) every head, for `get_action`."""
     logits, value, hidden = run_network(bundle, call)
-    log_probs = _masked(logits, call).log_softmax(dim=-1)  # [B, T, H, A_max]
+    log_probs = masked(logits, call).log_softmax(dim=-1)  # [B, T, H, A_max]
     actions = categorical.sample(
         log_probs, deterministic=deterministic, generator=generator
     )  # [B, T, H]
-    return actions, categorical.log_prob_of(log_probs, actions), value, hidden
+    return Acted(actions, categorical.log_prob_of(log_probs, actions), value, hidden, logits)
 
 
-def evaluate(
-    bundle: Bundle, call: Call
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, HiddenState | None]:
-    """Score the actions of `call.inputs`, for `evaluate_actions`.
-
-    Returns:
-        Log-probabilities and normalized entropies `[B, T, H]`, values `[B, T]`, the
-        new hidden state.
-    """
+def evaluate(bundle: Bundle, call: Call) -> Scored:
+    """Score the actions of `call.inputs`, for `evaluate_actions`."""
     inputs = call.inputs
     assert inputs.action_index is not None  # evaluate_actions always packs actions
     logits, value, hidden = run_network(bundle, call)
-    masked = _masked(logits, call)  # [B, T, H, A_max]
-    log_probs = masked.log_softmax(dim=-1)
+    masked_logits = masked(logits, call)  # [B, T, H, A_max]
+    log_probs = masked_logits.log_softmax(dim=-1)
     chosen = categorical.log_prob_of(log_probs, inputs.action_index)  # [B, T, H]
     entropy = categorical.normalized_entropy(
-        masked, log_probs, inputs.valid, call.layout.inv_log_count
+        masked_logits, log_probs, inputs.valid, call.layout.inv_log_count
     )  # [B, T, H]
-    return chosen, entropy, value, hidden
+    return Scored(chosen, entropy, value, hidden, logits)

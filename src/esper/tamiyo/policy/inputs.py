@@ -17,7 +17,9 @@ HiddenState = tuple[torch.Tensor, ...]
 in `torch.nn.LSTM`); `(h, c)` for an LSTM. Stateless bundles use `None`."""
 
 
-@dataclass(frozen=True, slots=True, eq=False)  # == on tensors has no truth value: identity
+# Keyword-only: the fields changed (ADR 0006), and a positional call in the old order
+# must fail at once rather than put the masks where the action space goes.
+@dataclass(frozen=True, slots=True, eq=False, kw_only=True)  # eq: tensors have no truth value
 class PolicyInputs:
     """Inputs after normalization: checked, and always batched and sequenced.
 
@@ -74,19 +76,6 @@ class PolicyInputs:
         if self.action_index is None:
             return None
         return per_head(self.action_index)
-
-    def steps(self, begin: int, end: int, hidden: HiddenState | None) -> PolicyInputs:
-        """The inputs of steps `[begin, end)` of the sequence, starting from `hidden`."""
-        starts = self.episode_start
-        index = self.action_index
-        return PolicyInputs(
-            features=self.features[:, begin:end],
-            hidden=hidden,
-            valid=self.valid[:, begin:end],
-            action_space=self.action_space,
-            action_index=None if index is None else index[:, begin:end],
-            episode_start=None if starts is None else starts[:, begin:end],
-        )
 
 
 def reset_hidden(hidden: HiddenState, rows: torch.Tensor) -> HiddenState:

@@ -19,11 +19,17 @@ import torch
 
 from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
 
-__all__ = ["MASKED_LOGIT", "PADDING_LOGIT", "HeadLayout", "per_head", "split_heads"]
+__all__ = ["BROKEN_LOGIT", "MASKED_LOGIT", "PADDING_LOGIT", "HeadLayout", "per_head", "split_heads"]
 
 MASKED_LOGIT: Final = -1e4
 """Logit given to an invalid action: exp() of it underflows to exactly 0 in fp32, and
 it stays finite in fp16 and bf16, where -inf would turn into NaN in softmax backward."""
+
+BROKEN_LOGIT: Final = -5e3
+"""Logit given, after the shift, to a valid action whose logit is NaN or Inf (a broken
+network): above `MASKED_LOGIT`, so whatever the network produced a masked action is
+never chosen over a valid one; a row whose every valid logit is broken samples its
+valid actions uniformly."""
 
 PADDING_LOGIT: Final = -3e4
 """Logit given to a padding column, below `MASKED_LOGIT`, so that even with value
@@ -46,7 +52,7 @@ class HeadLayout:
         num_heads: `H`.
         padded_size: `A_max`.
         head_sizes: Each head's number of actions, `A_h`, in `HEAD_NAMES` order.
-        sizes: `[H]` int64, each head's number of actions.
+        action_counts: `[H]` int64, `head_sizes` as a tensor, for range checks.
         structural_valid: `[H, A_max]` bool, True on each head's own columns.
         fill: `[H, A_max]` float32, `MASKED_LOGIT` on head columns and `PADDING_LOGIT`
             on padding columns: what masked positions of the logits become.
@@ -74,15 +80,18 @@ class HeadLayout:
             structural[head, :size] = True
             pack_index[head, :size] = torch.arange(offset, offset + size)
             offset += size
-        inv_log = torch.tensor([0.0, 0.0] + [1.0 / math.log(n) for n in range(2, width + 1)])
+        inv_log = [0.0, 0.0] + [1.0 / math.log(n) for n in range(2, width + 1)]
 
-        self.sizes = torch.tensor(sizes, dtype=torch.long, device=device)
+        # float32 whatever torch's default dtype is when a device's tables are first built.
+        self.action_counts = torch.tensor(sizes, dtype=torch.long, device=device)
         self.structural_valid = structural.to(device)
         self.fill = torch.where(
-            structural, torch.tensor(MASKED_LOGIT), torch.tensor(PADDING_LOGIT)
+            structural,
+            torch.tensor(MASKED_LOGIT, dtype=torch.float32),
+            torch.tensor(PADDING_LOGIT, dtype=torch.float32),
         ).to(device)
-        self.inv_log_count = inv_log.to(device)
-        self.minus_inf = torch.tensor(-math.inf, device=device)
+        self.inv_log_count = torch.tensor(inv_log, dtype=torch.float32, device=device)
+        self.minus_inf = torch.tensor(-math.inf, dtype=torch.float32, device=device)
         self._pack_index = pack_index.flatten().to(device)
         self._false_column = torch.zeros(1, dtype=torch.bool, device=device)
         self._true_rows = tuple(torch.ones(size, dtype=torch.bool, device=device) for size in sizes)

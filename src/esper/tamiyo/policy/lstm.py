@@ -103,16 +103,18 @@ class LSTMPolicyNetwork(nn.Module):
 
         Eager, read through the LSTM's attributes on every step, so a replaced parameter
         (reassigned, loaded with `assign=True`, swapped in by
-        `torch.func.functional_call`) is the one used; the references kept for
-        torch.compile are renewed when one was. Compiled, the kept references: the
-        ones the last eager step or `load_state_dict` saw.
+        `torch.func.functional_call`) is the one used. Compiled, the references kept
+        for torch.compile: renewed after every `load_state_dict`, and by an eager step
+        that finds new registered parameters (not the plain tensors `functional_call`
+        lends for one call).
         """
         if torch.compiler.is_compiling():
             return self._cell_weights
         current = self._read_cell_weights()
         for now, kept in zip(current, self._cell_weights, strict=True):
             if now is not kept:
-                self._cell_weights = current
+                if all(isinstance(weight, nn.Parameter) for weight in current):
+                    self._cell_weights = current
                 break
         return current
 

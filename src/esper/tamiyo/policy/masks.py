@@ -10,7 +10,7 @@ import torch
 
 from esper.tamiyo.policy.action_space import HEAD_NAMES
 
-__all__ = ["ActionMasks"]
+__all__ = ["ActionMasks", "check_mask_type"]
 
 _VALID_NAMES = ", ".join(HEAD_NAMES)
 _IN_HEAD_ORDER = operator.attrgetter(*HEAD_NAMES)
@@ -45,20 +45,8 @@ class ActionMasks:
     op: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        for name in HEAD_NAMES:
-            mask = getattr(self, name)
-            if mask is None:
-                continue
-            if not isinstance(mask, torch.Tensor):
-                raise TypeError(
-                    f"masks[{name!r}] must be a torch.bool tensor or None, "
-                    f"got {type(mask).__name__}"
-                )
-            if mask.dtype != torch.bool:
-                raise TypeError(
-                    f"masks[{name!r}] must have dtype torch.bool (True = valid action), "
-                    f"got {mask.dtype}; convert it with `.bool()` or `mask != 0`"
-                )
+        for name, mask in zip(HEAD_NAMES, self.as_tuple(), strict=True):
+            check_mask_type(mask, name)
 
     @classmethod
     def from_mapping(cls, masks: Mapping[str, torch.Tensor | None]) -> ActionMasks:
@@ -157,10 +145,52 @@ class ActionMasks:
         """Head name to mask, in `HEAD_NAMES` order (the inverse of `from_mapping`)."""
         return {name: getattr(self, name) for name in HEAD_NAMES}
 
+    def to(self, device: torch.device | str) -> ActionMasks:
+        """The masks on `device` (`None` stays `None`), as `Tensor.to` moves one.
+
+        Example:
+            >>> import torch
+            >>> ActionMasks(op=torch.ones(2, 6, dtype=torch.bool)).to("meta").op.device
+            device(type='meta')
+        """
+        return ActionMasks(
+            **{
+                name: None if mask is None else mask.to(device)
+                for name, mask in self.as_dict().items()
+            }
+        )
+
     def as_tuple(self) -> tuple[torch.Tensor | None, ...]:
         """The masks in `HEAD_NAMES` order (one C-level read of the eight fields)."""
         masks: tuple[torch.Tensor | None, ...] = _IN_HEAD_ORDER(self)
         return masks
+
+
+def check_mask_type(mask: object, head: str) -> None:
+    """Refuse a mask that is not a dense bool tensor (or `None`), naming the head.
+
+    Run when `ActionMasks` is built, and again by the bundle on every call, since a
+    frozen dataclass can still be changed with `object.__setattr__`.
+
+    Raises:
+        TypeError: The mask is not a tensor, not bool, or not dense.
+    """
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(
+            f"masks[{head!r}] must be a torch.bool tensor or None, got {type(mask).__name__}"
+        )
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"masks[{head!r}] must have dtype torch.bool (True = valid action), "
+            f"got {mask.dtype}; convert it with `.bool()` or `mask != 0`"
+        )
+    if mask.layout != torch.strided:
+        raise TypeError(
+            f"masks[{head!r}] must be a dense tensor, got layout {mask.layout}; convert it "
+            "with .to_dense()"
+        )
 
 
 def _as_step_mask(mask: torch.Tensor | None, head: str, index: int) -> torch.Tensor | None:

@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import inspect
-import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from esper.tamiyo.policy.base import PolicyBundle, registered_name
-
-name_of = registered_name
-"""The name a class is registered under, the reverse of `get_policy` (see `registered_name`)."""
+from esper.tamiyo.policy import registrations
+from esper.tamiyo.policy.base import PolicyBundle
+from esper.tamiyo.policy.registrations import name_of
 
 __all__ = ["create_policy", "get_policy", "list_policies", "name_of", "register_policy"]
 
 BundleT = TypeVar("BundleT", bound=type[PolicyBundle])
 
-_REGISTRY: dict[str, type[PolicyBundle]] = {}
-# The file each registered class was defined in, read when it was registered: later,
-# its module's name may belong to another file (a same-named module imported anew).
-_ORIGINS: dict[type[PolicyBundle], str | None] = {}
+_REGISTRY = registrations._REGISTRY  # the table itself, for tests that save and restore it
 
 
 def register_policy(name: str) -> Callable[[BundleT], BundleT]:
@@ -55,39 +50,10 @@ def register_policy(name: str) -> Callable[[BundleT], BundleT]:
             raise TypeError(
                 f"register_policy({name!r}): {cls.__qualname__} is abstract; implement {missing}"
             )
-        taken = _REGISTRY.get(name)
-        if taken is not None and not _same_definition(taken, cls):
-            raise ValueError(
-                f"policy name {name!r} is already taken by {taken.__module__}."
-                f"{taken.__qualname__}; choose another name"
-            )
-        _REGISTRY[name] = cls
-        _ORIGINS[cls] = _file_of(cls)
-        if cls._registered_name is None:  # the first name a class is registered under
-            cls._registered_name = name
+        registrations.add(name, cls)
         return cls
 
     return decorator
-
-
-def _same_definition(registered: type[PolicyBundle], cls: type[PolicyBundle]) -> bool:
-    """`cls` is `registered` defined again: same module, file and qualified name.
-
-    A class local to a function is never the same definition: each call makes a
-    different class under the same name.
-    """
-    if "<locals>" in cls.__qualname__:
-        return False
-    same_name = (registered.__module__, registered.__qualname__) == (
-        cls.__module__,
-        cls.__qualname__,
-    )
-    return same_name and _ORIGINS.get(registered, _file_of(registered)) == _file_of(cls)
-
-
-def _file_of(cls: type[PolicyBundle]) -> str | None:
-    """The file of the module `cls` says it is from, as imported now."""
-    return getattr(sys.modules.get(cls.__module__), "__file__", None)
 
 
 def get_policy(name: str) -> type[PolicyBundle]:
@@ -96,16 +62,16 @@ def get_policy(name: str) -> type[PolicyBundle]:
     Raises:
         ValueError: No policy has that name; the message lists the known names.
     """
-    try:
-        return _REGISTRY[name]
-    except KeyError:
+    cls = registrations.lookup(name)
+    if cls is None:
         known = ", ".join(list_policies()) or "(none)"
-        raise ValueError(f"unknown policy {name!r}; registered policies: {known}") from None
+        raise ValueError(f"unknown policy {name!r}; registered policies: {known}")
+    return cast("type[PolicyBundle]", cls)  # only register_policy adds, and it checks
 
 
 def list_policies() -> list[str]:
     """Registered names, sorted."""
-    return sorted(_REGISTRY)
+    return registrations.names()
 
 
 def create_policy(name: str, **kwargs: Any) -> PolicyBundle:

@@ -77,6 +77,7 @@ __all__ = [
     "ConformanceReport",
     "check_bundle",
     "closures_built_per_call",
+    "function_objects_built_per_call",
     "random_masks",
     "run_checks",
 ]
@@ -102,14 +103,16 @@ class ClauseResult:
 
     Attributes:
         clause: The clause's name, e.g. `"masks respected"`.
-        passed: Whether the bundle satisfied it.
+        passed: Whether the bundle satisfied it (False when it was not run).
         detail: For a failure, what went wrong and what to fix; for a pass, a note
-            (such as `"no trainable parameters"`) or `""`.
+            (such as `"no trainable parameters"`) or `""`; for a clause not run, why.
+        ran: False when an earlier clause's failure kept this one from running.
     """
 
     clause: str
     passed: bool
     detail: str = ""
+    ran: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,19 +134,36 @@ class ConformanceReport:
 
     @property
     def failures(self) -> tuple[ClauseResult, ...]:
-        """The clauses that failed."""
-        return tuple(result for result in self.results if not result.passed)
+        """The clauses that did not pass: those that failed, then those not run."""
+        return (*self.failed, *self.not_run)
+
+    @property
+    def failed(self) -> tuple[ClauseResult, ...]:
+        """The clauses that ran and failed."""
+        return tuple(result for result in self.results if result.ran and not result.passed)
+
+    @property
+    def not_run(self) -> tuple[ClauseResult, ...]:
+        """The clauses an earlier failure kept from running."""
+        return tuple(result for result in self.results if not result.ran)
 
     def format(self) -> str:
-        """One line per clause, `PASS` or `FAIL`, with the detail after a colon."""
+        """One line per clause, `PASS`, `FAIL` or `SKIP`, with the detail after a colon."""
         lines = [f"Conformance of {self.subject}:"]
         for result in self.results:
-            status = "PASS" if result.passed else "FAIL"
+            status = "PASS" if result.passed else "FAIL" if result.ran else "SKIP"
             detail = f": {result.detail}" if result.detail else ""
             lines.append(f"  {status}  {result.clause}{detail}")
-        verdict = "all clauses pass" if self.passed else f"{len(self.failures)} failed"
-        lines.append(f"{len(self.results)} clauses, {verdict}.")
+        lines.append(f"{len(self.results)} clauses, {self.verdict}.")
         return "\n".join(lines)
+
+    @property
+    def verdict(self) -> str:
+        """`all clauses pass`, or how many failed and how many were not run."""
+        if self.passed:
+            return "all clauses pass"
+        skipped = f", {len(self.not_run)} not run" if self.not_run else ""
+        return f"{len(self.failed)} failed{skipped}"
 
 
 def check_bundle(
@@ -166,11 +186,17 @@ def check_bundle(
     """
     report = run_checks(factory, feature_dim=feature_dim, seed=seed)
     if not report.passed:
+        skipped = f" ({len(report.not_run)} not run)" if report.not_run else ""
         heading = (
-            f"{report.subject} fails {len(report.failures)} of {len(report.results)} "
-            "conformance clauses:"
+            f"{report.subject} fails {len(report.failed)} of {len(report.results)} "
+            f"conformance clauses{skipped}:"
         )
-        lines = [f"- {failure.clause}: {failure.detail}" for failure in report.failures]
+        lines = [f"- {failure.clause}: {failure.detail}" for failure in report.failed]
+        if report.not_run:
+            names = ", ".join(result.clause for result in report.not_run)
+            lines.append(
+                f"- not run: {names} ({report.not_run[0].detail.removeprefix('not run: ')})"
+            )
         raise AssertionError("\n".join([heading, *lines]))
     return report
 
@@ -209,7 +235,7 @@ def run_checks(factory: BundleFactory, *, feature_dim: int = 7, seed: int = 0) -
             name = type(subject.build()).__name__
         for clause, check in _CLAUSES[len(results) :]:
             if blocked:
-                results.append(ClauseResult(clause, False, f"not run: {blocked}"))
+                results.append(ClauseResult(clause, False, f"not run: {blocked}", ran=False))
             else:
                 results.append(_run_clause(clause, check, subject))
     return ConformanceReport(name, tuple(results))
@@ -292,6 +318,11 @@ def closures_built_per_call(cls: type, methods: Sequence[str] | None = None) -> 
     return found
 
 
+function_objects_built_per_call = closures_built_per_call
+"""The name `closures_built_per_call` had before ADR 0006 narrowed the rule to nested
+functions and lambdas (comprehensions no longer count); kept so callers keep working."""
+
+
 # ---------------------------------------------------------------------- machinery
 
 
@@ -363,13 +394,7 @@ def _inputs(
 ) -> _Inputs:
     features = torch.randn(*lead, width, generator=generator).to(bundle.device, bundle.dtype)
     masks = random_masks(lead, space=bundle.action_space, generator=generator)
-    return _Inputs(features, _masks_to(masks, bundle.device))
-
-
-def _masks_to(masks: ActionMasks, device: torch.device) -> ActionMasks:
-    return ActionMasks.from_mapping(
-        {name: None if mask is None else mask.to(device) for name, mask in masks.as_dict().items()}
-    )
+    return _Inputs(features, masks.to(bundle.device))
 
 
 def _rows(masks: ActionMasks, rows: slice) -> ActionMasks:
@@ -875,6 +900,7 @@ def _bad_calls(bundle: PolicyBundle, subject: _Subject) -> list[_BadCall]:
             (x, {**actions, "op": actions["op"].float()}, masks),
         ),
         _BadCall("get_value of integer features", "get_value", (x.long(),)),
+        _BadCall("sparse features", "get_action", (x.to_sparse(), masks)),
         _BadCall("a batch size of 0 for initial_hidden", "initial_hidden", (0,)),
     ]
     if bool(has_masked.any()):
@@ -909,6 +935,9 @@ def _bad_calls(bundle: PolicyBundle, subject: _Subject) -> list[_BadCall]:
             t.to(torch.float16 if bundle.dtype != torch.float16 else torch.float32) for t in start
         )
         calls.append(_BadCall("a hidden state of another dtype", "get_action", (x, masks, wrong)))
+        poisoned = tuple(t.clone() for t in start)
+        poisoned[0].view(-1)[0] = math.nan
+        calls.append(_BadCall("NaN in the hidden state", "get_action", (x, masks, poisoned)))
     return calls
 
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
-from esper.tamiyo.policy.masks import ActionMasks
+from esper.tamiyo.policy.masks import ActionMasks, check_mask_type
 
 __all__ = [
     "HookContractError",
@@ -24,12 +24,14 @@ __all__ = [
     "check_actions",
     "check_episode_start",
     "check_features",
+    "check_flag",
     "check_generator",
     "check_hidden",
     "check_hidden_shapes",
     "check_mask",
     "check_masks",
     "check_network_output",
+    "check_not_inference",
     "check_positive_int",
     "check_state_dict",
 ]
@@ -43,6 +45,39 @@ class HookContractError(RuntimeError):
     A bug in the bundle, not in the caller's arguments; the message names the tensor,
     the shape returned and the shape expected.
     """
+
+
+def _check_dense(tensor: torch.Tensor, what: str) -> None:
+    """Refuse a sparse (or otherwise non-strided) tensor: every check below assumes dense."""
+    if tensor.layout != torch.strided:
+        raise TypeError(
+            f"{what} must be a dense tensor, got layout {tensor.layout}; convert it with "
+            ".to_dense()"
+        )
+
+
+def check_flag(value: object, name: str) -> None:
+    """Refuse a flag argument that is not a bool (a string such as "no" is truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+
+
+def check_not_inference(features: torch.Tensor, hidden: tuple[torch.Tensor, ...] | None) -> None:
+    """Refuse tensors made under `torch.inference_mode` where autograd must record a graph.
+
+    Autograd cannot save them for backward: without this check the update fails deep
+    inside the network with torch's "Inference tensors cannot be saved for backward".
+    """
+    named = [("features", features)]
+    named += [(f"hidden[{index}]", tensor) for index, tensor in enumerate(hidden or ())]
+    for name, tensor in named:
+        if tensor.is_inference():
+            raise ValueError(
+                f"{name} was made under torch.inference_mode, and autograd cannot record "
+                "a graph through it: make it outside inference mode (torch.no_grad() "
+                "serves rollouts as well), or copy it outside: "
+                "with torch.inference_mode(False): t = t.clone()"
+            )
 
 
 def _device_error(what: str, got: torch.device, want: torch.device) -> ValueError:
@@ -153,6 +188,7 @@ def check_features(
             f"features must be a torch.Tensor of shape [B, F] or [B, T, F], "
             f"got {type(features).__name__}"
         )
+    _check_dense(features, "features")
     if not features.is_floating_point():
         raise TypeError(
             f"features must be a floating-point tensor, got dtype {features.dtype}; "
@@ -211,16 +247,20 @@ def check_masks(
         if mask is None:
             continue
         any_given = True
-        # The common case, decided with one comparison and no call; else say what is wrong.
-        shape = mask.shape
-        fits = shape == (batch, steps, size) or (steps == 1 and shape == (batch, size))
-        if not (fits and mask.device == device):
+        # The common case, decided with comparisons and no call; else say what is wrong.
+        if not (
+            isinstance(mask, torch.Tensor)
+            and mask.dtype == torch.bool
+            and mask.layout == torch.strided
+            and mask.device == device
+            and (mask.shape == (batch, steps, size) or (steps == 1 and mask.shape == (batch, size)))
+        ):
             check_mask(mask, name, size, batch, steps, single_step, device)
     return in_order if any_given else None
 
 
 def check_mask(
-    mask: torch.Tensor,
+    mask: object,
     head: str,
     size: int,
     batch: int,
@@ -228,9 +268,11 @@ def check_mask(
     single_step: bool,
     device: torch.device,
 ) -> None:
-    """Check one head's mask against the features.
+    """Check one head's mask against the features; raise naming what is wrong.
 
-    The mask's type and dtype were checked when its `ActionMasks` was built.
+    `check_masks` runs this only when its one-comparison test of the common case
+    fails, so it starts from the type (which `ActionMasks` checked when it was built,
+    but `object.__setattr__` can change since).
 
     Args:
         mask: `[B, A]` (when `T == 1`), `[B, 1, A]` or `[B, T, A]` bool.
@@ -240,12 +282,9 @@ def check_mask(
         steps: `T` of the features (1 for a single step).
         single_step: The features were `[B, F]`.
         device: The bundle's device.
-
     """
-    if mask.device == device and (
-        mask.shape == (batch, steps, size) or (steps == 1 and mask.shape == (batch, size))
-    ):
-        return  # the common case, decided with one shape comparison
+    check_mask_type(mask, head)
+    assert isinstance(mask, torch.Tensor)  # check_mask_type refuses every other type
     name = f"masks[{head!r}]"
     shape = tuple(mask.shape)
     rank = len(shape)
@@ -301,6 +340,7 @@ def check_hidden(
         expected = (shape[0], batch, *shape[1:])
         if (
             type(tensor) is torch.Tensor
+            and tensor.layout == torch.strided
             and tensor.shape == expected
             and tensor.device == device
             and tensor.dtype in dtypes
@@ -309,6 +349,7 @@ def check_hidden(
         name = f"hidden[{index}]"
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        _check_dense(tensor, name)
         if not tensor.is_floating_point():
             raise TypeError(f"{name} must be floating point, got dtype {tensor.dtype}")
         got = tuple(tensor.shape)
@@ -345,6 +386,7 @@ def check_episode_start(
         raise TypeError(
             f"episode_start must be a bool torch.Tensor, got {type(episode_start).__name__}"
         )
+    _check_dense(episode_start, "episode_start")
     if episode_start.dtype != torch.bool:
         raise TypeError(
             f"episode_start must have dtype torch.bool (True where an episode starts), "
@@ -417,6 +459,7 @@ def _check_action(
     name = f"actions[{head!r}]"
     if not isinstance(action, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(action).__name__}")
+    _check_dense(action, name)
     if action.is_floating_point() or action.is_complex() or action.dtype == torch.bool:
         raise TypeError(
             f"{name} must be an integer tensor (int64, as get_action returns), "
@@ -490,8 +533,9 @@ def check_network_output(
     owner: str,
     batch: int,
     steps: int,
-    layout: tuple[int, int],
+    logits_shape: tuple[int, int],
     hidden_shapes: tuple[tuple[int, ...], ...] | None,
+    hidden_in: tuple[torch.Tensor, ...] | None,
 ) -> None:
     """Check what a `_forward` hook returned honours the layout contract.
 
@@ -503,9 +547,11 @@ def check_network_output(
         owner: The bundle's class name, for messages.
         batch: `B` of the inputs.
         steps: `T` of the inputs the hook was given.
-        layout: `(H, A_max)` of the padded logits.
+        logits_shape: `(H, A_max)` of the padded logits.
         hidden_shapes: The bundle's declared hidden shapes, without the batch
             dimension; `None` when stateless.
+        hidden_in: The hidden state the hook was given (checked): the state it returns
+            must be on the same device, in a dtype the next call accepts.
 
     Raises:
         TypeError: `out` is not a `NetworkOutput`-like 3-tuple.
@@ -519,10 +565,10 @@ def check_network_output(
             f"got {type(out).__name__}"
         )
     logits, value, hidden = out
-    if logits.shape != (batch, steps, *layout):
+    if logits.shape != (batch, steps, *logits_shape):
         raise HookContractError(
             f"{owner}._forward returned logits of shape {tuple(logits.shape)}; expected "
-            f"[B, T, H, A_max] = {(batch, steps, *layout)}. End the network with "
+            f"[B, T, H, A_max] = {(batch, steps, *logits_shape)}. End the network with "
             "PolicyHeads to get this layout."
         )
     if value.shape != (batch, steps):
@@ -564,6 +610,27 @@ def check_network_output(
                 f"hidden_shapes[{index}] = {shape} declares [d0, B, ...] = {expected}: "
                 f"the batch goes in dimension 1{hint}"
             )
+        if hidden_in is not None:
+            _check_returned_place(owner, index, tensor, hidden_in[index])
+
+
+def _check_returned_place(
+    owner: str, index: int, tensor: torch.Tensor, given: torch.Tensor
+) -> None:
+    """The returned `hidden[index]` is where the given one was, in a dtype it may have."""
+    if tensor.device != given.device:
+        raise HookContractError(
+            f"{owner}._forward returned hidden[{index}] on {tensor.device}, but it was given "
+            f"on {given.device}; return the new state on the bundle's device"
+        )
+    if tensor.dtype != given.dtype and tensor.dtype not in allowed_dtypes(
+        given.device, given.dtype
+    ):
+        raise HookContractError(
+            f"{owner}._forward returned hidden[{index}] in {tensor.dtype}, but it was given in "
+            f"{given.dtype}; the next call would refuse it: return the state in the dtype "
+            "it came in"
+        )
 
 
 def _steps(count: int) -> str:

@@ -175,15 +175,9 @@ class Report:
 
     def to_json(self) -> dict[str, Any]:
         """The report as one JSON object."""
-        rows: list[dict[str, Any]] = []
-        for row in self.rows:
-            rows.append(row.to_json())
-        shares: list[dict[str, Any]] = []
-        for share in self.shares:
-            shares.append(share.to_json())
-        targets: list[dict[str, Any]] = []
-        for target in self.targets:
-            targets.append(target.to_json())
+        rows = [row.to_json() for row in self.rows]
+        shares = [share.to_json() for share in self.shares]
+        targets = [target.to_json() for target in self.targets]
         return {
             "machine": self.machine,
             "commit": self.commit,

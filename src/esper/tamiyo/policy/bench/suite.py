@@ -313,13 +313,6 @@ def build_bundles(feature_dim: int, device: torch.device) -> Bundles:
     return Bundles(old, new.to(device), unchecked.to(device))
 
 
-def _masks_to(masks: ActionMasks, device: torch.device) -> ActionMasks:
-    moved: dict[str, torch.Tensor | None] = {}
-    for name, mask in masks.as_dict().items():
-        moved[name] = None if mask is None else mask.to(device)
-    return ActionMasks.from_mapping(moved)
-
-
 def make_case(
     bundle: PolicyBundle,
     lead: tuple[int, ...],
@@ -342,7 +335,7 @@ def make_case(
     """
     device = bundle.device
     features = torch.randn(*lead, feature_dim, generator=generator).to(device)
-    masks = _masks_to(random_masks(lead, generator=generator), device)
+    masks = random_masks(lead, generator=generator).to(device)
     hidden = bundle.initial_hidden(lead[0])
     assert hidden is not None  # both designs are recurrent
     actions = bundle.get_action(features, masks, hidden).action if with_actions else None
