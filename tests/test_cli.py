@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -198,3 +199,94 @@ def test_more_bad_arguments(argv: list[str], says: str, capsys: pytest.CaptureFi
         main(argv)
     assert exit_info.value.code == 2
     assert says in capsys.readouterr().err
+
+
+EXITING_BUNDLE = """\
+import sys
+
+from esper.tamiyo.policy import MLPPolicyBundle
+
+
+class Exiting(MLPPolicyBundle):
+    pass
+
+
+{call}
+"""
+
+
+@pytest.mark.parametrize(
+    ("call", "shown", "as_file"),
+    [
+        ("sys.exit(0)", "sys.exit(0)", True),
+        ("sys.exit()", "sys.exit()", False),
+        ("raise SystemExit(None)", "sys.exit()", True),
+        ("sys.exit('bye')", "sys.exit('bye')", False),
+    ],
+)
+def test_a_module_that_exits_while_imported_is_refused(
+    call: str,
+    shown: str,
+    as_file: bool,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`sys.exit(0)` at import must not end `check` with status 0 and no report."""
+    module = "exits_at_import"
+    (tmp_path / f"{module}.py").write_text(EXITING_BUNDLE.format(call=call))
+    monkeypatch.chdir(tmp_path)  # MODULE:CLASS imports from the current directory
+    importlib.invalidate_caches()
+    where = f"{tmp_path / module}.py" if as_file else module
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", f"{where}:Exiting"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"esper-policy check: error: cannot import {where!r}: it called {shown} while "
+        'being imported; move that call under if __name__ == "__main__":'
+    ]
+    assert not [name for name in sys.modules if module in name]
+
+
+def test_check_exits_2_when_the_target_exits_0_while_imported(tmp_path: Path) -> None:
+    """As CI runs it: status 2 and one line, not a silent 0; the advised guard works."""
+    target = tmp_path / "exits_zero.py"
+    target.write_text(EXITING_BUNDLE.format(call="sys.exit(0)"))
+    result = subprocess.run(
+        [sys.executable, "-m", "esper.tamiyo.policy", "check", f"{target}:Exiting"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"esper-policy check: error: cannot import {str(target)!r}: it called sys.exit(0) "
+        'while being imported; move that call under if __name__ == "__main__":\n'
+    )
+    guarded = 'if __name__ == "__main__":\n    sys.exit(0)'  # exits only when run as a script
+    target.write_text(EXITING_BUNDLE.format(call=guarded))
+    assert main(["check", f"{target}:Exiting", "--feature-dim", "3"]) == 0
+
+
+def test_a_bundle_that_exits_during_the_checks_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`sys.exit(0)` in the bundle's code must not end `check` with status 0 either."""
+    target = tmp_path / "quits.py"
+    target.write_text(
+        "import sys\n\n"
+        "from esper.tamiyo.policy import MLPPolicyBundle\n\n\n"
+        "class Quits(MLPPolicyBundle):\n"
+        "    def __init__(self, feature_dim: int) -> None:\n"
+        "        sys.exit(0)\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", f"{target}:Quits"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"esper-policy check: error: {target}:Quits called sys.exit(0) during the checks; "
+        "a bundle must not exit the process"
+    ]

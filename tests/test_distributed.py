@@ -6,13 +6,17 @@ rollout with `get_action` on their own data and take PPO steps with `evaluate_ac
 The ranks only record (tensors, error messages, state_dict keys) into one file each;
 the tests below compare the two records, so every failure names what differed. Then
 each rank runs the guide's own script, with the environment `torchrun` would give it.
+A last test runs that script with a 5-second timeout and stops one rank (SIGSTOP): the
+other must fail within the timeout, not hang.
 """
 
 from __future__ import annotations
 
 import contextlib
 import faulthandler
+import importlib.util
 import io
+import multiprocessing
 import os
 import re
 import runpy
@@ -38,6 +42,8 @@ from esper.tamiyo.policy import (
     ActionMasks,
     ActionSpace,
     LSTMPolicyBundle,
+    NetworkOutput,
+    PolicyInputs,
     UniformPolicyBundle,
     load_policy,
 )
@@ -258,8 +264,8 @@ def _train(rank: int, out_dir: Path) -> Record:
     return record
 
 
-def _run_guide_script(rank: int, port: int, out_dir: str) -> None:
-    """Run the guide's script as torchrun would: env:// variables, its own process group."""
+def _set_torchrun_environment(rank: int, port: int) -> None:
+    """The env:// variables torchrun gives each rank's process."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -267,6 +273,11 @@ def _run_guide_script(rank: int, port: int, out_dir: str) -> None:
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(WORLD_SIZE),
     )
+
+
+def _run_guide_script(rank: int, port: int, out_dir: str) -> None:
+    """Run the guide's script as torchrun would: env:// variables, its own process group."""
+    _set_torchrun_environment(rank, port)
     os.chdir(out_dir)  # this process only; the script saves policy.pt in its directory
     runpy.run_path(str(Path(out_dir) / "train_policy.py"), run_name="__main__")
 
@@ -320,6 +331,12 @@ def _stacks_of(out_dir: Path, rank: int) -> str:
     return f"--- rank {rank} ---\n" + (text or "(no stacks: it had not reached _rank_main)")
 
 
+def _write_guide_script(out_dir: Path) -> None:
+    """The guide's script, as `train_policy.py` in `out_dir`."""
+    (script,) = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), flags=re.DOTALL)
+    (out_dir / "train_policy.py").write_text(script)
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -331,8 +348,7 @@ def _free_port() -> int:
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Run the two ranks once; the directory holding their records and the checkpoint."""
     out_dir = tmp_path_factory.mktemp("ddp")
-    (script,) = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), flags=re.DOTALL)
-    (out_dir / "train_policy.py").write_text(script)
+    _write_guide_script(out_dir)
     context: ProcessContext = start_processes(  # type: ignore[no-untyped-call]
         _rank_main,
         args=(str(out_dir / "init"), str(out_dir), _free_port()),
@@ -456,3 +472,93 @@ def test_the_guides_script_trains_and_saves_a_plain_checkpoint(run_dir: Path) ->
     state = torch.load(run_dir / "policy.pt", weights_only=True)
     assert not any(key.startswith("module.") for key in state), list(state)
     LSTMPolicyBundle(32).load_state_dict(state)
+
+
+# ---------------------------------------------------------------------- a stalled rank
+
+STALL_TIMEOUT_S = 5  # the guide script's TIMEOUT in the stalled-rank test
+STALL_MARGIN_S = 10.0  # rank 0 must fail by STALL_TIMEOUT_S + this, not in 30 minutes
+STALL_DEADLINE_S = 60.0  # start-up included; the test takes about 15 s
+
+
+class _StoppingBundle(LSTMPolicyBundle):
+    """Stops its own process (SIGSTOP) at its first network call with autograd: an update.
+
+    It writes the time it stops to `stopped_at` in the current directory first.
+    """
+
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        if torch.is_grad_enabled():
+            Path("stopped_at").write_text(repr(time.time()))
+            os.kill(os.getpid(), signal.SIGSTOP)  # the parent kills it
+        return super()._forward(inputs)
+
+
+def _stalling_rank_main(rank: int, port: int, out_dir: str) -> None:
+    """Run the guide's `main()` with a short TIMEOUT; rank 1 stops at its first update.
+
+    Rank 0 records what `main()` raised, and when.
+    """
+    stacks = (Path(out_dir) / f"rank{rank}.stacks").open("w")
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)  # as _rank_main
+    torch.set_num_threads(1)
+    _set_torchrun_environment(rank, port)
+    os.chdir(out_dir)  # this process only
+    spec = importlib.util.spec_from_file_location("train_policy", f"{out_dir}/train_policy.py")
+    assert spec is not None
+    assert spec.loader is not None
+    script: Any = importlib.util.module_from_spec(spec)  # its globals are set below
+    spec.loader.exec_module(script)  # defines main(); runs nothing
+    script.TIMEOUT = timedelta(seconds=STALL_TIMEOUT_S)  # the user's choice, short here
+    if rank == 1:
+        script.LSTMPolicyBundle = _StoppingBundle
+    error = _error(script.main)
+    record = {"error": error, "failed_at": time.time()}
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    torch.save(record, Path(out_dir) / f"rank{rank}.pt")  # rank 1 never gets here
+
+
+@pytest.mark.skipif(
+    not hasattr(signal, "SIGSTOP"), reason="stalling a rank needs POSIX signals (SIGSTOP)"
+)
+def test_a_stalled_rank_makes_the_other_fail_within_the_timeout(tmp_path: Path) -> None:
+    """The guide's script: a rank stopped with SIGSTOP fails the other after TIMEOUT.
+
+    Without `timeout=` in `init_process_group`, rank 0 would wait for torch's default, 30
+    minutes, and the test would fail at its deadline. The stopped rank is killed at the
+    end, whatever happened.
+    """
+    _write_guide_script(tmp_path)
+    spawn = multiprocessing.get_context("spawn")
+    port = _free_port()
+    processes = [
+        spawn.Process(target=_stalling_rank_main, args=(rank, port, str(tmp_path)))
+        for rank in range(WORLD_SIZE)
+    ]
+    for process in processes:
+        process.start()
+    survivor, stalled = processes
+    try:
+        survivor.join(timeout=STALL_DEADLINE_S)
+        if survivor.exitcode is None:
+            _stop(processes)
+            pytest.fail(
+                f"rank 0 did not finish within {STALL_DEADLINE_S} s: it waits on the "
+                f"stopped rank; where it was:\n{_stacks_of(tmp_path, 0)}"
+            )
+        assert survivor.exitcode == 0, f"rank 0 exited with {survivor.exitcode}"
+        assert stalled.is_alive(), f"rank 1 exited ({stalled.exitcode}) instead of stopping"
+    finally:
+        for process in processes:
+            process.kill()  # SIGKILL ends a stopped process too
+            process.join(timeout=10.0)
+    assert not stalled.is_alive(), "the stopped rank survived SIGKILL"
+    record = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    expected = f"Timed out waiting {STALL_TIMEOUT_S * 1000}ms for recv operation to complete"
+    assert record["error"].startswith("RuntimeError: "), record["error"]
+    assert expected in record["error"], record["error"]
+    waited = record["failed_at"] - float((tmp_path / "stopped_at").read_text())
+    assert waited < STALL_TIMEOUT_S + STALL_MARGIN_S, (
+        f"rank 0 failed {waited:.1f} s after rank 1 stopped, with a {STALL_TIMEOUT_S} s timeout"
+    )

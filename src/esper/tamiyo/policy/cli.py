@@ -68,13 +68,22 @@ def run_check(target: str, feature_dim: int = 7, seed: int = 0) -> int:
         0 when every clause passes, 1 otherwise.
 
     Raises:
-        CommandError: `target` does not name a concrete `PolicyBundle` subclass.
+        CommandError: `target` does not name a concrete `PolicyBundle` subclass, its
+            module called `sys.exit` while being imported, or the bundle called it
+            during the checks (which would otherwise end the command with no report,
+            with status 0 for `sys.exit(0)`).
     """
     try:
         cls = load_bundle_class(target)
     except TargetError as error:
         raise CommandError(str(error)) from None
-    report = run_checks(cls, feature_dim=feature_dim, seed=seed)
+    try:
+        report = run_checks(cls, feature_dim=feature_dim, seed=seed)
+    except SystemExit as stop:
+        call = "sys.exit()" if stop.code is None else f"sys.exit({stop.code!r})"
+        raise CommandError(
+            f"{target} called {call} during the checks; a bundle must not exit the process"
+        ) from None
     print(report.format())
     return 0 if report.passed else 1
 

@@ -67,15 +67,26 @@ def import_module_or_file(where: str) -> ModuleType:
     A module (or file) that is already imported is returned as it is, not run again,
     so its `@register_policy` calls do not run twice.
 
+    A module that calls `sys.exit` while being imported is refused, whatever the exit
+    code: left alone, `sys.exit(0)` would end the command with status 0 before any check
+    ran. `KeyboardInterrupt` is not caught (it is the user's Ctrl-C, not the module's
+    fault), and `os._exit` ends the process at once, beyond anything's reach.
+
     Raises:
-        TargetError: The file does not exist, or importing raised; the message gives
-            the exception in one line.
+        TargetError: The file does not exist, or importing raised or called `sys.exit`;
+            the message says so in one line.
     """
     is_file = where.endswith(".py") or os.sep in where or "/" in where
     try:
         return _load_file(Path(where)) if is_file else _import_name(where)
     except TargetError:
         raise
+    except SystemExit as stop:  # from `sys.exit`, or argparse at module level, ...
+        call = "sys.exit()" if stop.code is None else f"sys.exit({stop.code!r})"
+        raise TargetError(
+            f"cannot import {where!r}: it called {call} while being imported; "
+            'move that call under if __name__ == "__main__":'
+        ) from None
     except Exception as error:  # anything user code raises while importing: one line
         raise TargetError(f"cannot import {where!r}: {type(error).__name__}: {error}") from None
 
