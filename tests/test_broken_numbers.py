@@ -170,7 +170,9 @@ def test_features_that_overflow_inside_a_float16_network_are_named() -> None:
     assert bundle.get_action(x, ActionMasks(op=mask)).action["op"].tolist() == [3, 3, 3, 3]
 
 
-def test_a_network_that_makes_its_hidden_state_nan_is_named() -> None:
+def test_a_network_that_makes_its_hidden_state_nan_is_named_at_the_next_step() -> None:
+    """A NaN in the state the network returned is refused when it comes back, by name."""
+
     class Poisons(type(small_lstm())):  # type: ignore[misc]
         def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
             logits, value, hidden = super()._forward(inputs)
@@ -178,10 +180,12 @@ def test_a_network_that_makes_its_hidden_state_nan_is_named() -> None:
             return NetworkOutput(logits, value, (hidden[0], hidden[1] * math.nan))
 
     bundle = Poisons(FEATURE_DIM, hidden_dim=16, embed_dim=12)
+    step = bundle.get_action(torch.randn(2, FEATURE_DIM), None)
     with pytest.raises(
-        FloatingPointError, match=r"the new hidden\[1\] is NaN or Inf at batch row 0"
+        ValueError,
+        match=r"hidden\[1\] contains NaN or Inf at batch row 0.*NaN only if the network produced it",
     ):
-        bundle.get_action(torch.randn(2, FEATURE_DIM), None)
+        bundle.get_action(torch.randn(2, FEATURE_DIM), None, step.hidden)
 
 
 def test_a_rollout_under_inference_mode_feeds_the_update() -> None:

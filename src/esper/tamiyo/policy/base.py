@@ -263,7 +263,7 @@ class PolicyBundle(ABC):
             # changes with every pattern: that runs eager rather than recompile each time.
             paths = self._paths if not call.resets else EAGER
             out = paths.act(self, call, deterministic, generator)  # [B, T, H], [B, T]
-        self._check_output(call, out.logits, out.value, out.hidden)
+        self._check_output(call, out.logits, out.value)
         new_hidden = out.hidden
         if new_hidden is not None and torch.is_inference_mode_enabled():
             new_hidden = _usable_under_autograd(new_hidden)
@@ -298,7 +298,7 @@ class PolicyBundle(ABC):
         """
         call = self._prepare(features, masks, hidden, episode_start=episode_start, autograd=True)
         raw, value, new_hidden = compute.run_network(self, call)  # [B, T, H, A_max], [B, T]
-        self._check_output(call, raw, value, new_hidden)
+        self._check_output(call, raw, value)
         masked = compute.masked(raw, call)
         if call.inputs.single_step:
             masked, value = masked.squeeze(1), value.squeeze(1)
@@ -344,7 +344,7 @@ class PolicyBundle(ABC):
         call = self._prepare(features, masks, hidden, actions, episode_start, autograd=True)
         paths = self._paths if not call.resets else EAGER  # see get_action
         out = paths.evaluate(self, call)  # [B, T, H], [B, T, H], [B, T]
-        self._check_output(call, out.logits, out.value, out.hidden)
+        self._check_output(call, out.logits, out.value)
         return EvalResult.from_packed(
             out.log_prob, out.entropy, out.value, out.hidden, call.inputs.single_step
         )
@@ -375,7 +375,7 @@ class PolicyBundle(ABC):
         call = self._prepare(features, None, hidden, episode_start=episode_start)
         with torch.no_grad():
             out = compute.run_network(self, call)
-        self._check_output(call, out.logits, out.value, out.hidden)
+        self._check_output(call, out.logits, out.value)
         value = out.value  # [B, T]
         return value.squeeze(1) if call.inputs.single_step else value
 
@@ -502,20 +502,13 @@ class PolicyBundle(ABC):
             check_input_values(inputs, layout.action_counts, masked=masks is not None)
         return compute.Call(inputs, layout, resets)
 
-    def _check_output(
-        self,
-        call: compute.Call,
-        logits: torch.Tensor,
-        value: torch.Tensor,
-        hidden: HiddenState | None,
-    ) -> None:
+    def _check_output(self, call: compute.Call, logits: torch.Tensor, value: torch.Tensor) -> None:
         """Refuse non-finite numbers out of the network, when `check_values` is on."""
         if self.check_values:
             check_output_values(
                 type(self).__name__,
                 logits,
                 value,
-                hidden,
                 call.layout.structural_valid,
                 call.inputs.single_step,
             )

@@ -3,7 +3,7 @@
 `PolicyBundle` runs two when `check_values` is on. Before the network,
 `check_input_values` refuses NaN/Inf features or hidden state, a mask row with no
 valid action, and out-of-range or masked actions. After it, `check_output_values`
-refuses non-finite logits, values or hidden state coming out of the hook. Each folds
+refuses non-finite logits or values coming out of the hook. Each folds
 its conditions into one scalar, one sync; only when that scalar is not finite does a
 slow path look for the first offending row to name it.
 """
@@ -15,7 +15,7 @@ import math
 import torch
 
 from esper.tamiyo.policy.action_space import HEAD_NAMES
-from esper.tamiyo.policy.inputs import HiddenState, PolicyInputs
+from esper.tamiyo.policy.inputs import PolicyInputs
 
 __all__ = ["check_input_values", "check_output_values"]
 
@@ -60,22 +60,18 @@ def check_input_values(inputs: PolicyInputs, action_counts: torch.Tensor, masked
     _overflowed(inputs.features, *(inputs.hidden or ()))
 
 
-@torch.no_grad()  # the logits may carry a graph: the check must not add to it
 def check_output_values(
-    owner: str,
-    logits: torch.Tensor,
-    value: torch.Tensor,
-    hidden: HiddenState | None,
-    heads: torch.Tensor,
-    single_step: bool,
+    owner: str, logits: torch.Tensor, value: torch.Tensor, heads: torch.Tensor, single_step: bool
 ) -> None:
-    """Refuse non-finite logits (in the heads' own columns), values or hidden state.
+    """Refuse non-finite logits (in the heads' own columns) or values out of the network.
+
+    The new hidden state is not summed here: a network that makes it NaN makes the
+    logits NaN at the same step or the next, and the next call's input check names it.
 
     Args:
         owner: The bundle's class name, for the message.
         logits: `[B, T, H, A_max]` as the hook returned them.
         value: `[B, T]`.
-        hidden: The new hidden state, or `None`.
         heads: `[H, A_max]` bool, True on each head's own columns (padding is ignored).
         single_step: The caller gave one step, so rows are named without a step.
 
@@ -84,10 +80,7 @@ def check_output_values(
             tensor, the head and the row.
     """
     head_logits = torch.where(heads, logits, 0.0)  # [B, T, H, A_max], padding ignored
-    total = _sum(head_logits) + _sum(value)
-    for tensor in hidden or ():
-        total = total + _sum(tensor)
-    if math.isfinite(total.item()):
+    if math.isfinite((_sum(head_logits) + _sum(value)).item()):
         return
     bad = (~torch.isfinite(logits) & heads).any(dim=-1).nonzero()  # [n, 3]
     if bad.numel():
@@ -101,14 +94,7 @@ def check_output_values(
         raise FloatingPointError(
             f"{owner}: the value is NaN or Inf at {_where(bad[0], single_step)}; {_NETWORK_ADVICE}"
         )
-    for index, tensor in enumerate(hidden or ()):
-        rows = _non_finite_rows(tensor)
-        if rows.numel():
-            raise FloatingPointError(
-                f"{owner}: the new hidden[{index}] is NaN or Inf at batch row "
-                f"{int(rows[0])}; {_NETWORK_ADVICE}"
-            )
-    _overflowed(head_logits, value, *(hidden or ()))
+    _overflowed(head_logits.detach(), value.detach())
 
 
 def _actions_allowed(
