@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
+import os
 import sys
 import tempfile
 import time
@@ -20,7 +22,7 @@ from esper.tamiyo.policy import (
     LSTMPolicyBundle,
     MLPPolicyBundle,
     UniformPolicyBundle,
-    registry,
+    registrations,
 )
 from esper.tamiyo.policy.cli import main
 from esper.tamiyo.policy.demo import PPOTrainer, TaskConfig
@@ -171,13 +173,13 @@ def test_load_imports_the_file_that_registers_a_contributed_bundle(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bundle of one's own: `--import` runs its registration, then `--load` works."""
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registrations, "_REGISTRY", dict(registrations._REGISTRY))
     gru = load_guide_example(keep_registration=True).GRUPolicyBundle
     path = gru(TaskConfig().feature_dim, hidden_dim=8).save(tmp_path / "gru.pt")
     for name, module in list(sys.modules.items()):  # as in a new process
         if getattr(module, "__file__", None) == str(GUIDE_EXAMPLE):
             monkeypatch.delitem(sys.modules, name)
-    del registry._REGISTRY["gru"]
+    del registrations._REGISTRY["gru"]
     err = _error_of(["demo", "--load", str(path)], capsys)
     assert "'gru', which is not registered" in err
     assert "(--import the module or file that registers it)" in err
@@ -252,8 +254,52 @@ def test_a_failed_write_after_training_is_reported_in_one_line(
     (tmp_path / "mlp.pt").mkdir()  # a folder where the checkpoint goes
     argv = ["demo", "--steps", "256", "--envs", "8", "--eval-episodes", "8"]
     err = _error_of([*argv, "--output", str(tmp_path), "--no-progress"], capsys)
-    assert f"--output {tmp_path}: could not write the results:" in err
-    assert "mlp.pt" in err
+    assert err.splitlines() == [
+        f"esper-policy demo: error: --output {tmp_path}: could not write mlp.pt (Is a directory)"
+    ]
+    assert (tmp_path / "results.json").exists()
+
+
+def _torch_save_on_a_full_disk(*args: object, **kwargs: object) -> None:
+    """What torch.save raises when the disk fills: its RuntimeError, the OSError inside."""
+    try:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from None
+
+
+def test_a_full_disk_after_training_still_saves_the_results_and_names_the_checkpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """results.json and the plot are written; one line names each checkpoint that is not."""
+    monkeypatch.setattr(torch, "save", _torch_save_on_a_full_disk)
+    argv = ["demo", "--steps", "256", "--envs", "8", "--eval-episodes", "8", "--no-progress"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--output", str(tmp_path)])
+    assert exit_info.value.code == 2
+    printed = capsys.readouterr()
+    assert printed.err.splitlines() == [
+        f"esper-policy demo: error: --output {tmp_path}: could not write lstm.pt (No space "
+        "left on device), mlp.pt (No space left on device)"
+    ]
+    assert f"Saved in {tmp_path}/: learning_curves.png, results.json" in printed.out
+    assert sorted(os.listdir(tmp_path)) == ["learning_curves.png", "results.json"]
+    assert results_of(tmp_path)["options"]["steps"] == 256
+    assert (tmp_path / "learning_curves.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_load_refuses_a_damaged_checkpoint_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A flag flipped in the zip's directory: zipfile's own error, named as a damaged file."""
+    path = UniformPolicyBundle(TaskConfig().feature_dim).save(tmp_path / "uniform.pt")
+    data = bytearray(path.read_bytes())
+    end = data.rfind(b"PK\x05\x06")
+    directory = int.from_bytes(data[end + 16 : end + 20], "little")
+    data[directory + 8] ^= 0x01  # the first record's "encrypted" flag
+    path.write_bytes(bytes(data))
+    err = _error_of(["demo", "--load", str(path)], capsys)
+    assert f"--load: {path} cannot be read: it is truncated or corrupt (RuntimeError: " in err
 
 
 def test_default_output_folders_never_collide(
@@ -276,3 +322,18 @@ def test_the_demo_says_how_to_install_a_missing_optional_package(
     err = _error_of(["demo", "--steps", "1"], capsys)
     assert "the demo needs tqdm: install the demo extra" in err
     assert "pip install 'esper-tamiyo-policy[demo]'" in err
+
+
+def test_import_refuses_a_module_that_exits_while_imported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`sys.exit(0)` in an `--import`ed file must not end the demo with status 0."""
+    path = UniformPolicyBundle(TaskConfig().feature_dim).save(tmp_path / "uniform.pt")
+    exits = tmp_path / "exits_on_import.py"
+    exits.write_text("import sys\n\nsys.exit(0)\n")
+    argv = ["demo", "--load", str(path), "--import", str(exits), "--eval-episodes", "8"]
+    err = _error_of(argv, capsys)
+    assert err.splitlines() == [
+        f"esper-policy demo: error: --import: cannot import {str(exits)!r}: it called "
+        'sys.exit(0) while being imported; move that call under if __name__ == "__main__":'
+    ]

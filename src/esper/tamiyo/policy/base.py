@@ -680,8 +680,12 @@ class PolicyBundle(ABC):
         as it was. See `esper.tamiyo.policy.checkpoint.save_policy`.
 
         Raises:
-            ValueError: The class is not registered (`register_policy`).
-            TypeError: A `config` value cannot be stored safely.
+            ValueError: The class is not registered (`register_policy`), `path` is
+                empty, or a weight holds NaN or Inf (`load_policy` would refuse it).
+            TypeError: A `config` value or a piece of state cannot be stored safely.
+            IsADirectoryError: `path` names a folder.
+            OSError: Writing failed (disk full, no permission, ...): the message names
+                the file and the cause, the errno is kept, the previous file is intact.
         """
         cls = type(self)
         return write_checkpoint(
@@ -689,6 +693,7 @@ class PolicyBundle(ABC):
             policy=name_of(cls),
             config=keyword_arguments(cls, self.config),
             dtype=self.dtype,
+            state_dict=self.state_dict(),
             network=self.network,
             owner=cls.__name__,
         )

@@ -9,15 +9,19 @@ The run, start to end:
 3. evaluate both, greedily, and `UniformPolicyBundle`, sampling, on the same seeded
    episodes, and print a table with the acceptance checks;
 4. save both checkpoints, a learning-curve PNG and `results.json` in the output
-   folder, and name it.
+   folder, and name it. A file that cannot be written (a full disk, say) does not
+   stop the others: the run ends with one line naming each failed file and its cause,
+   and exit status 2.
 
 `--load PATH` evaluates a saved checkpoint on the same episodes instead.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import platform
 import tempfile
 import time
@@ -187,12 +191,12 @@ def _train_and_compare(options: DemoOptions, device: torch.device) -> int:
     acceptance = check_acceptance(evaluations, config.chance)
     _print_table(evaluations, options, config)
     _print_acceptance(acceptance)
-    try:
-        files = _save(run, evaluations, acceptance, options, config, output)
-    except OSError as error:
-        raise DemoError(f"--output {output}: could not write the results: {error}") from None
+    written, failed = _save(run, evaluations, acceptance, options, config, output)
     total = sum(run.seconds.values())
-    print(f"\nDone in {total:.0f} s. Saved in {output}/: {', '.join(f.name for f in files)}")
+    saved = ", ".join(path.name for path in written) or "nothing"
+    print(f"\nDone in {total:.0f} s. Saved in {output}/: {saved}")
+    if failed:
+        raise DemoError(f"--output {output}: could not write {', '.join(failed)}")
     return 0 if all(a.passed for a in acceptance) else 1
 
 
@@ -202,6 +206,8 @@ def _evaluate_checkpoint(path: Path, options: DemoOptions, device: torch.device)
         bundle = load_policy(path, map_location=device)
     except FileNotFoundError:
         raise DemoError(f"--load {path}: no such file") from None
+    except OSError as error:
+        raise DemoError(f"--load {path}: cannot read it: {error}") from None
     except UnregisteredPolicyError as error:
         hint = "--import the module or file that registers it"
         raise DemoError(f"--load: {error} ({hint})") from None
@@ -287,15 +293,14 @@ def _save(
     options: DemoOptions,
     config: TaskConfig,
     output: Path,
-) -> list[Path]:
+) -> tuple[list[Path], list[str]]:
+    """Write the checkpoints, the plot and `results.json`, each whatever became of the others.
+
+    Returns:
+        The files written, and `"name (cause)"` for each that could not be.
+    """
     from esper.tamiyo.policy.demo.plot import plot_learning_curves  # noqa: PLC0415
 
-    files = [bundle.save(output / f"{name}.pt") for name, bundle in run.bundles.items()]
-    files.append(
-        plot_learning_curves(
-            run.histories, evaluations["uniform"], config, output / "learning_curves.png"
-        )
-    )
     results: dict[str, Any] = {
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
         "task": {"feature_dim": config.feature_dim, "episode_steps": config.episode_steps,
@@ -308,10 +313,37 @@ def _save(
         "machine": {"torch": torch.__version__, "python": platform.python_version(),
                     "processor": platform.processor() or platform.machine()},
     }  # fmt: skip
-    path = output / "results.json"
+    writers: list[tuple[Path, Callable[[Path], object]]] = [
+        (output / f"{name}.pt", bundle.save) for name, bundle in run.bundles.items()
+    ]
+    writers.append(
+        (
+            output / "learning_curves.png",
+            functools.partial(plot_learning_curves, run.histories, evaluations["uniform"], config),
+        )
+    )
+    writers.append((output / "results.json", functools.partial(_write_json, results)))
+    written: list[Path] = []
+    failed: list[str] = []
+    for path, write in writers:
+        try:
+            write(path)
+        except (OSError, ValueError) as error:  # ValueError: weights a checkpoint refuses
+            failed.append(f"{path.name} ({_cause(error)})")
+        else:
+            written.append(path)
+    return written, failed
+
+
+def _write_json(results: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
-    files.append(path)
-    return files
+
+
+def _cause(error: Exception) -> str:
+    """Why a write failed, in a few words: the OS's own for an errno."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return os.strerror(error.errno)
+    return str(error)
 
 
 def _history_row(stats: IterationStats) -> dict[str, Any]:
