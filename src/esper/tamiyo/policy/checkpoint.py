@@ -29,7 +29,6 @@ import os
 import pickle
 import warnings
 import zipfile
-from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Final
@@ -46,6 +45,8 @@ from esper.tamiyo.policy.checkpoint_writer import (
     LOADABLE_DTYPES,
     MAX_CONFIG_ITEMS,
     MAX_NESTING,
+    PLAIN_CONTAINERS,
+    PLAIN_SCALARS,
     TYPE_TAG,
     non_finite_key,
     payload_digest,
@@ -62,8 +63,6 @@ __all__ = [
 
 _REQUIRED_KEYS: Final = ("policy", "config", "dtype", "state_dict")
 _MAX_STATE_ITEMS: Final = 1_000_000  # values in a state_dict, all levels: far more than any
-_SCALARS: Final = (int, float, str, bool, type(None))
-_CONTAINERS: Final = (dict, OrderedDict, list, tuple, torch.Size)
 _PARAMETER_DTYPES: Final = tuple(dtype for dtype in LOADABLE_DTYPES if dtype.is_floating_point)
 
 
@@ -422,12 +421,12 @@ def _check_data(file: Path, value: object, where: str, max_items: int, *, tensor
     seen = 0
     while pending:
         item, here, depth = pending.pop()
-        if type(item) in _SCALARS:
+        if type(item) in PLAIN_SCALARS:
             continue
         if isinstance(item, torch.Tensor) and tensors:
             _check_tensor(file, item, here)
             continue
-        if type(item) not in _CONTAINERS:
+        if type(item) not in PLAIN_CONTAINERS:
             raise CheckpointError(
                 f"{file}: {here} is a {type(item).__name__}, which save_policy never writes "
                 "there; the file was not written by save_policy, or it was altered"

@@ -55,6 +55,8 @@ __all__ = [
     "LOADABLE_DTYPES",
     "MAX_CONFIG_ITEMS",
     "MAX_NESTING",
+    "PLAIN_CONTAINERS",
+    "PLAIN_SCALARS",
     "TYPE_TAG",
     "non_finite_key",
     "payload_digest",
@@ -88,8 +90,11 @@ LOADABLE_DTYPES: Final = (
 )
 """The dtypes a checkpoint's tensors may have; the floating ones are the parameters'."""
 
-_SCALARS: Final = (int, float, str, bool, type(None))
-_CONTAINERS: Final = (dict, OrderedDict, list, tuple, torch.Size)
+PLAIN_SCALARS: Final = (int, float, str, bool, type(None))
+"""The scalar types a checkpoint may hold besides tensors (what `weights_only` reads)."""
+
+PLAIN_CONTAINERS: Final = (dict, OrderedDict, list, tuple, torch.Size)
+"""The container types a checkpoint may hold."""
 _WRAPPERS: Final = (nn.DataParallel, nn.parallel.DistributedDataParallel)  # weights in .module
 _HASH_CHUNK_BYTES: Final = 1 << 22  # a tensor is hashed through a CPU buffer of this size
 _STALE_AFTER_S: Final = 60.0  # an unlocked temporary untouched this long is abandoned
@@ -196,7 +201,7 @@ def _target(path: str | os.PathLike[str]) -> Path:
 
 def _encode(value: object, where: str, depth: int) -> object:
     """A config value as plain data; an `ActionSpace` becomes a tagged dict."""
-    if type(value) in _SCALARS:
+    if type(value) in PLAIN_SCALARS:
         return value
     if type(value) in (list, tuple):
         assert isinstance(value, list | tuple)
@@ -240,9 +245,9 @@ def _check_plain(value: object, where: str, depth: int) -> None:
                 f"tensors of {', '.join(str(d).removeprefix('torch.') for d in LOADABLE_DTYPES)}"
             )
         return
-    if type(value) in _SCALARS:
+    if type(value) in PLAIN_SCALARS:
         return
-    if type(value) in _CONTAINERS:
+    if type(value) in PLAIN_CONTAINERS:
         if depth >= MAX_NESTING:
             raise TypeError(
                 f"cannot save {where}: containers nest more than {MAX_NESTING} deep in it, "
