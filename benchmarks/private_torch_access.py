@@ -57,7 +57,7 @@ class PrivateWeights(LSTMPolicyNetwork):
 
 def _functional_step(
     network: LSTMPolicyNetwork, features: torch.Tensor, hidden: HiddenState
-) -> tuple[torch.Tensor, torch.Tensor, HiddenState]:
+) -> tuple[torch.Tensor, torch.Tensor, HiddenState, torch.Tensor | None]:
     """`LSTMPolicyNetwork._single_step` with `F.linear` / `F.layer_norm` for the leaf layers."""
     embed, norm, out_norm, heads = (
         network.embed,
@@ -74,7 +74,7 @@ def _functional_step(
     z = z.reshape(-1, heads.num_heads + 1, heads.head_hidden_dim).transpose(0, 1)
     out = torch.baddbmm(heads.out_bias, z, heads.out_weight).transpose(0, 1)
     logits, value = out[:, : heads.num_heads], out[:, heads.num_heads, 0]
-    return logits.unsqueeze(1), value.unsqueeze(1), (h.unsqueeze(0), c.unsqueeze(0))
+    return logits.unsqueeze(1), value.unsqueeze(1), (h.unsqueeze(0), c.unsqueeze(0)), None
 
 
 class FunctionalLayers(LSTMPolicyNetwork):
@@ -82,7 +82,7 @@ class FunctionalLayers(LSTMPolicyNetwork):
 
     def _single_step(
         self, features: torch.Tensor, hidden: HiddenState
-    ) -> tuple[torch.Tensor, torch.Tensor, HiddenState]:
+    ) -> tuple[torch.Tensor, torch.Tensor, HiddenState, torch.Tensor | None]:
         return _functional_step(self, features, hidden)
 
 
@@ -91,7 +91,7 @@ class Both(PrivateWeights):
 
     def _single_step(
         self, features: torch.Tensor, hidden: HiddenState
-    ) -> tuple[torch.Tensor, torch.Tensor, HiddenState]:
+    ) -> tuple[torch.Tensor, torch.Tensor, HiddenState, torch.Tensor | None]:
         return _functional_step(self, features, hidden)
 
 

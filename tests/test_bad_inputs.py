@@ -24,6 +24,7 @@ from esper.tamiyo.policy import (
     ActionMasks,
     MLPPolicyBundle,
     NetworkOutput,
+    OpConditionedOutput,
     PolicyBundle,
     PolicyInputs,
     UniformPolicyBundle,
@@ -392,7 +393,7 @@ def test_bad_input_is_refused_clearly_and_the_bundle_keeps_working(
     bundle.network.register_forward_pre_hook(lambda *_: calls.append("network"))
     hook = bundle._forward
 
-    def counted_hook(inputs: PolicyInputs) -> NetworkOutput:
+    def counted_hook(inputs: PolicyInputs) -> NetworkOutput | OpConditionedOutput:
         calls.append("hook")
         return hook(inputs)
 

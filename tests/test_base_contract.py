@@ -160,9 +160,11 @@ def test_a_hook_returning_a_batch_first_hidden_state_is_named_before_any_result(
 
     class BatchFirst(LSTMPolicyBundle):
         def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
-            logits, value, hidden = super()._forward(inputs)
-            assert hidden is not None
-            return NetworkOutput(logits, value, tuple(h.transpose(0, 1) for h in hidden))
+            out = super()._forward(inputs)
+            assert out.hidden is not None
+            return NetworkOutput(
+                out.logits, out.value, tuple(h.transpose(0, 1) for h in out.hidden)
+            )
 
     bundle = BatchFirst(FEATURE_DIM, hidden_dim=16, embed_dim=8)
     with pytest.raises(HookContractError) as caught:
@@ -178,8 +180,8 @@ def test_a_hook_returning_a_batch_first_hidden_state_is_named_before_any_result(
 def test_a_recurrent_hook_must_return_its_state_and_a_stateless_one_none() -> None:
     class Forgets(LSTMPolicyBundle):
         def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
-            logits, value, _ = super()._forward(inputs)
-            return NetworkOutput(logits, value, None)
+            out = super()._forward(inputs)
+            return NetworkOutput(out.logits, out.value, None)
 
     with pytest.raises(HookContractError, match=r"as a tuple of 2 tensor\(s\).*got NoneType"):
         Forgets(FEATURE_DIM, hidden_dim=16, embed_dim=8).get_value(torch.randn(2, FEATURE_DIM))
@@ -259,6 +261,7 @@ def test_config_records_the_constructor_arguments_of_any_bundle() -> None:
         "embed_dim": 12,
         "num_layers": 2,
         "action_space": space,
+        "op_conditioned_logits": False,
     }
     twin = type(bundle)(**bundle.config)
     assert twin.config == bundle.config

@@ -43,6 +43,7 @@ from esper.tamiyo.policy import (
     ActionSpace,
     LSTMPolicyBundle,
     NetworkOutput,
+    OpConditionedOutput,
     PolicyInputs,
     UniformPolicyBundle,
     load_policy,
@@ -487,7 +488,7 @@ class _StoppingBundle(LSTMPolicyBundle):
     It writes the time it stops to `stopped_at` in the current directory first.
     """
 
-    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput | OpConditionedOutput:
         if torch.is_grad_enabled():
             Path("stopped_at").write_text(repr(time.time()))
             os.kill(os.getpid(), signal.SIGSTOP)  # the parent kills it

@@ -126,7 +126,8 @@ def test_single_step_path_equals_nn_lstm(
     x = torch.randn(batch, 1, FEATURE_DIM, dtype=dtype)
     h0 = torch.randn(num_layers, batch, 16, dtype=dtype)
     c0 = torch.randn(num_layers, batch, 16, dtype=dtype)
-    logits, value, (h, c) = net(x, (h0, c0))
+    logits, value, (h, c), by_op = net(x, (h0, c0))
+    assert by_op is None  # not op-conditioned
     loss = logits.square().sum() + value.sum() + h.sum() + c.sum()
     step_grads = torch.autograd.grad(loss, list(net.parameters()))
 
@@ -229,7 +230,7 @@ def _step_and_reference(
     net: LSTMPolicyNetwork, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of the step path, and of the general path (nn.LSTM) on the same input."""
-    logits, _, _ = net(x, state)
+    logits, _, _, _ = net(x, state)
     embedded = torch.relu(net.embed_norm(net.embed(x)))
     out, _ = net.lstm(embedded, state)
     reference, _ = net.heads(net.lstm_norm(out))

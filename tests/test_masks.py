@@ -14,8 +14,9 @@ def _full() -> dict[str, torch.Tensor | None]:
     return dict.fromkeys(HEAD_NAMES, None)
 
 
-def test_fields_are_exactly_the_heads_in_order() -> None:
-    assert tuple(f.name for f in dataclasses.fields(ActionMasks)) == HEAD_NAMES
+def test_fields_are_exactly_the_heads_in_order_then_the_per_op_masks() -> None:
+    names = tuple(f.name for f in dataclasses.fields(ActionMasks))
+    assert names == HEAD_NAMES + tuple(f"{h}_by_op" for h in HEAD_NAMES if h != "op")
 
 
 def test_is_frozen_and_slotted() -> None:

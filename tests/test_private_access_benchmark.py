@@ -53,8 +53,8 @@ def test_the_private_weights_variant_reads_the_same_tensors(script: ModuleType) 
 def test_a_variant_that_computes_something_else_is_refused(script: ModuleType) -> None:
     class Wrong(script.LSTMPolicyNetwork):  # type: ignore[name-defined,misc]
         def _single_step(self, features: torch.Tensor, hidden: object) -> object:
-            logits, value, new_hidden = super()._single_step(features, hidden)
-            return logits, value + 1.0, new_hidden
+            logits, value, new_hidden, by_op = super()._single_step(features, hidden)
+            return logits, value + 1.0, new_hidden, by_op
 
     variants = dict(script.VARIANTS)
     try:

@@ -12,6 +12,9 @@ from esper.tamiyo.policy import demo
 EXPECTED = [
     "HEAD_NAMES",
     "MASKED_LOGIT",
+    "TAMIYO_HIERARCHY",
+    "TAMIYO_OPS",
+    "ActionHierarchy",
     "ActionMasks",
     "ActionResult",
     "ActionSpace",
@@ -24,6 +27,8 @@ EXPECTED = [
     "MLPPolicyBundle",
     "MaskArg",
     "NetworkOutput",
+    "OpConditionedLogits",
+    "OpConditionedOutput",
     "PolicyBundle",
     "PolicyHeads",
     "PolicyInputs",

@@ -17,7 +17,13 @@ Example:
     True
 """
 
-from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
+from esper.tamiyo.policy.action_space import (
+    HEAD_NAMES,
+    TAMIYO_HIERARCHY,
+    TAMIYO_OPS,
+    ActionHierarchy,
+    ActionSpace,
+)
 from esper.tamiyo.policy.base import MaskArg, PolicyBundle
 from esper.tamiyo.policy.checkpoint import (
     CheckpointError,
@@ -25,13 +31,19 @@ from esper.tamiyo.policy.checkpoint import (
     load_policy,
     save_policy,
 )
-from esper.tamiyo.policy.heads import PolicyHeads
+from esper.tamiyo.policy.heads import OpConditionedLogits, PolicyHeads
 from esper.tamiyo.policy.inputs import HiddenState, PolicyInputs
 from esper.tamiyo.policy.layout import MASKED_LOGIT
 from esper.tamiyo.policy.lstm import LSTMPolicyBundle
 from esper.tamiyo.policy.masks import ActionMasks
 from esper.tamiyo.policy.mlp import MLPPolicyBundle
-from esper.tamiyo.policy.outputs import ActionResult, EvalResult, ForwardResult, NetworkOutput
+from esper.tamiyo.policy.outputs import (
+    ActionResult,
+    EvalResult,
+    ForwardResult,
+    NetworkOutput,
+    OpConditionedOutput,
+)
 from esper.tamiyo.policy.registry import create_policy, get_policy, list_policies, register_policy
 from esper.tamiyo.policy.uniform import UniformPolicyBundle
 from esper.tamiyo.policy.validation import HookContractError
@@ -39,6 +51,9 @@ from esper.tamiyo.policy.validation import HookContractError
 __all__ = [
     "HEAD_NAMES",
     "MASKED_LOGIT",
+    "TAMIYO_HIERARCHY",
+    "TAMIYO_OPS",
+    "ActionHierarchy",
     "ActionMasks",
     "ActionResult",
     "ActionSpace",
@@ -51,6 +66,8 @@ __all__ = [
     "MLPPolicyBundle",
     "MaskArg",
     "NetworkOutput",
+    "OpConditionedLogits",
+    "OpConditionedOutput",
     "PolicyBundle",
     "PolicyHeads",
     "PolicyInputs",

@@ -37,7 +37,14 @@ from esper.tamiyo.policy.config import Arguments, bind, keyword_arguments, snaps
 from esper.tamiyo.policy.inputs import HiddenState, PolicyInputs, reset_hidden, zero_hidden
 from esper.tamiyo.policy.layout import HeadLayout, split_heads
 from esper.tamiyo.policy.masks import ActionMasks
-from esper.tamiyo.policy.outputs import ActionResult, EvalResult, ForwardResult, NetworkOutput
+from esper.tamiyo.policy.outputs import (
+    ActionResult,
+    EvalResult,
+    ForwardResult,
+    HookOutput,
+    NetworkOutput,
+    OpConditionedOutput,
+)
 from esper.tamiyo.policy.registrations import name_of
 from esper.tamiyo.policy.validation import (
     allowed_dtypes,
@@ -198,7 +205,7 @@ class PolicyBundle(ABC):
     # ------------------------------------------------------------------ the hook
 
     @abstractmethod
-    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput | OpConditionedOutput:
         """Run the network on normalized inputs. Required; called by every public method.
 
         Called once per public call, after `_normalize_inputs` (once per stretch of the
@@ -212,7 +219,9 @@ class PolicyBundle(ABC):
         Returns:
             Unmasked logits `[B, T, H, A_max]` (build them with `PolicyHeads`), values
             `[B, T]`, and the new hidden state in the declared shapes (`None` when
-            stateless).
+            stateless), as a `NetworkOutput`; or, to make the other heads' logits
+            depend on the op under a hierarchical space, an `OpConditionedOutput` that
+            adds `logits_by_op` `[B, T, N_op, H, A_max]`.
         """
 
     # ------------------------------------------------------------------ public API
@@ -263,12 +272,12 @@ class PolicyBundle(ABC):
             # changes with every pattern: that runs eager rather than recompile each time.
             paths = self._paths if not call.resets else EAGER
             out = paths.act(self, call, deterministic, generator)  # [B, T, H], [B, T]
-        self._check_output(call, out.logits, out.value)
-        new_hidden = out.hidden
+        self._check_output(call, out.network)
+        new_hidden = out.network.hidden
         if new_hidden is not None and torch.is_inference_mode_enabled():
             new_hidden = _usable_under_autograd(new_hidden)
         return ActionResult.from_packed(
-            out.actions, out.log_prob, out.value, new_hidden, call.inputs.single_step
+            out.actions, out.log_prob, out.network.value, new_hidden, call.inputs.single_step
         )
 
     def forward(
@@ -297,9 +306,9 @@ class PolicyBundle(ABC):
             ValueError: An argument has the wrong shape, a wrong key, or bad values.
         """
         call = self._prepare(features, masks, hidden, episode_start=episode_start, autograd=True)
-        raw, value, new_hidden = compute.run_network(self, call)  # [B, T, H, A_max], [B, T]
-        self._check_output(call, raw, value)
-        masked = compute.masked(raw, call)
+        out = compute.run_network(self, call)  # [B, T, H, A_max], [B, T]
+        self._check_output(call, out)
+        masked, value, new_hidden = compute.masked(out.logits, call), out.value, out.hidden
         if call.inputs.single_step:
             masked, value = masked.squeeze(1), value.squeeze(1)
         logits = split_heads(masked, self.action_space.sizes)
@@ -313,6 +322,7 @@ class PolicyBundle(ABC):
         hidden: HiddenState | None = None,
         *,
         episode_start: torch.Tensor | None = None,
+        joint_entropy: bool = False,
     ) -> EvalResult:
         """Log-probabilities and entropies of given actions, with autograd. Do not override.
 
@@ -331,22 +341,39 @@ class PolicyBundle(ABC):
                 rollout passed to `get_action` step by step: the hidden state of a row
                 is zeroed before each step where its episode starts, inside the
                 sequence too, so the update sees exactly what the rollout saw.
+            joint_entropy: Also compute the exact entropy of the whole action
+                (`EvalResult.joint_entropy`); under a hierarchy it scores every head
+                at every op, a few more kernels.
 
         Returns:
-            Log-probabilities and normalized entropies per head, values, and the new
-            hidden state; `[B]` for `[B, F]` features and `[B, T]` for `[B, T, F]`.
+            Log-probabilities and normalized entropies per head, values, the new hidden
+            state, and per head its relevance and availability (see `EvalResult`);
+            `[B]` for `[B, F]` features and `[B, T]` for `[B, T, F]`. Under a
+            hierarchical space, figures are conditional on the stored op, and the heads
+            it does not use have log-probability and entropy exactly 0.
 
         Raises:
             TypeError: An argument has the wrong type or dtype.
             ValueError: An argument has the wrong shape, a wrong key, or bad values,
-                including an action out of range or masked.
+                including an action out of range or masked, or (hierarchical) an
+                action of a head the op does not use that is not its canonical one.
         """
+        check_flag(joint_entropy, "joint_entropy")
         call = self._prepare(features, masks, hidden, actions, episode_start, autograd=True)
+        if joint_entropy:
+            call = call._replace(joint_entropy=True)
         paths = self._paths if not call.resets else EAGER  # see get_action
-        out = paths.evaluate(self, call)  # [B, T, H], [B, T, H], [B, T]
-        self._check_output(call, out.logits, out.value)
+        out = paths.evaluate(self, call)  # [B, T, H] each, [B, T]
+        self._check_output(call, out.network)
         return EvalResult.from_packed(
-            out.log_prob, out.entropy, out.value, out.hidden, call.inputs.single_step
+            out.log_prob,
+            out.entropy,
+            out.network.value,
+            out.network.hidden,
+            call.inputs.single_step,
+            out.relevance,
+            out.availability,
+            out.joint_entropy,
         )
 
     def get_value(
@@ -375,7 +402,7 @@ class PolicyBundle(ABC):
         call = self._prepare(features, None, hidden, episode_start=episode_start)
         with torch.no_grad():
             out = compute.run_network(self, call)
-        self._check_output(call, out.logits, out.value)
+        self._check_output(call, out)
         value = out.value  # [B, T]
         return value.squeeze(1) if call.inputs.single_step else value
 
@@ -448,7 +475,10 @@ class PolicyBundle(ABC):
         )  # [B, T, H]
         hidden = self._resolve_hidden(hidden, batch, device, dtype, dtypes)
         layout = self._layout_for(device)
-        given = check_masks(masks, layout.head_sizes, batch, steps, single_step, device)
+        num_ops = layout.num_ops if layout.hierarchical else None
+        given, by_op = check_masks(
+            masks, layout.head_sizes, batch, steps, single_step, device, num_ops
+        )
         valid = (
             layout.all_valid(batch, steps)
             if given is None
@@ -461,6 +491,7 @@ class PolicyBundle(ABC):
             action_space=self.action_space,
             action_index=action_index,
             single_step=single_step,
+            valid_by_op=None if by_op is None else layout.pack_by_op(by_op, valid),
         )
 
     def _prepare(
@@ -499,18 +530,14 @@ class PolicyBundle(ABC):
             inputs, resets = self._start_episodes(inputs, episode_start)
         layout = self._layout_for(inputs.features.device)
         if self.check_values:
-            check_input_values(inputs, layout.action_counts, masked=masks is not None)
+            check_input_values(inputs, layout, masked=masks is not None)
         return compute.Call(inputs, layout, resets)
 
-    def _check_output(self, call: compute.Call, logits: torch.Tensor, value: torch.Tensor) -> None:
+    def _check_output(self, call: compute.Call, out: HookOutput) -> None:
         """Refuse non-finite numbers out of the network, when `check_values` is on."""
         if self.check_values:
             check_output_values(
-                type(self).__name__,
-                logits,
-                value,
-                call.layout.structural_valid,
-                call.inputs.single_step,
+                type(self).__name__, out, call.layout.structural_valid, call.inputs.single_step
             )
 
     def _start_episodes(

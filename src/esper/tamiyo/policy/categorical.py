@@ -14,6 +14,9 @@ import torch
 from esper.tamiyo.policy.layout import BROKEN_LOGIT
 
 __all__ = [
+    "choose",
+    "entropy_of",
+    "gumbel_noise",
     "log_prob_of",
     "mask_logits",
     "normalized_entropy",
@@ -67,13 +70,8 @@ def sample(
 ) -> torch.Tensor:
     """Draw one action per head with the Gumbel-max trick, or take the mode.
 
-    `argmax(log_p + g)` with `g = -log(-log(u))`, `u ~ U[0, 1)`, is an exact sample
-    of the categorical. `u` is raised to the dtype's smallest normal number, so the
-    noise is finite: between about -4.5 and 17 in float32 (`u` below 1 by at least one
-    ulp). It can never lift a masked action over the most likely valid one, which is at
-    least 5000 above it (see `mask_logits`).
-    Unclamped, `torch.rand`'s `u = 0` (one draw in 2**24 in float32) would give the
-    valid action `-inf` and hand a head with one valid action to a masked one.
+    `choose(log_probs, gumbel_noise(log_probs, generator))`, or `choose(log_probs,
+    None)` when `deterministic`.
 
     Args:
         log_probs: `[..., A_max]` normalized log-probabilities.
@@ -83,16 +81,47 @@ def sample(
     Returns:
         `[...]` int64 action indices.
     """
-    if deterministic:
-        return log_probs.argmax(dim=-1)
+    return choose(log_probs, None if deterministic else gumbel_noise(log_probs, generator))
+
+
+def gumbel_noise(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`-log(-log(u))` for the Gumbel-max trick, negated: `[...]` shaped like `like`.
+
+    `argmax(log_p + g)` with `g = -log(-log(u))`, `u ~ U[0, 1)`, is an exact sample
+    of the categorical; this returns `-g = log(-log(u))`, for `choose` to subtract. `u`
+    is raised to the dtype's smallest normal number, so the noise is finite: between
+    about -4.5 and 17 in float32 (`u` below 1 by at least one ulp). It can never lift a
+    masked action over the most likely valid one, which is at least 5000 above it (see
+    `mask_logits`). Unclamped, `torch.rand`'s `u = 0` (one draw in 2**24 in float32)
+    would give the valid action `-inf` and hand a head with one valid action to a
+    masked one.
+
+    One draw serves every stage of a hierarchical sample: the op's stage reads the op
+    row, the next stage the rest, so both stages see the same noise for the op.
+
+    Args:
+        like: The log-probabilities the noise is for.
+        generator: Random source; the global one when `None`.
+    """
     if generator is None:  # rand_like: `torch.rand(..., generator=None)` breaks dynamic shapes
-        noise = torch.rand_like(log_probs)
+        noise = torch.rand_like(like)
     else:
-        noise = torch.rand(
-            log_probs.shape, dtype=log_probs.dtype, device=log_probs.device, generator=generator
-        )
-    # log_p + g = log_p - log(-log(u)), computed in place on the noise buffer.
-    noise = noise.clamp_(min=torch.finfo(noise.dtype).tiny).log_().neg_().log_()
+        noise = torch.rand(like.shape, dtype=like.dtype, device=like.device, generator=generator)
+    return noise.clamp_(min=torch.finfo(noise.dtype).tiny).log_().neg_().log_()
+
+
+def choose(log_probs: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    """`argmax(log_probs - noise)`: a sample with `gumbel_noise`, the mode with `None`.
+
+    Args:
+        log_probs: `[..., A_max]` normalized log-probabilities.
+        noise: `[..., A_max]` from `gumbel_noise`, or `None` for the most likely action.
+
+    Returns:
+        `[...]` int64 action indices.
+    """
+    if noise is None:
+        return log_probs.argmax(dim=-1)
     return (log_probs - noise).argmax(dim=-1)
 
 
@@ -129,7 +158,11 @@ def normalized_entropy(
     Returns:
         `[...]` normalized entropies.
     """
+    return entropy_of(masked_logits, log_probs) * inv_log_count[valid.sum(dim=-1)]
+
+
+def entropy_of(masked_logits: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each row: `[..., A_max]` masked logits and their log-softmax to `[...]`."""
     # softmax rather than exp(log_probs): exp() of the ~-1e4 entries takes a slow path.
     probs = torch.softmax(masked_logits, dim=-1)
-    entropy = -(probs * log_probs).sum(dim=-1)  # [...]
-    return entropy * inv_log_count[valid.sum(dim=-1)]
+    return -(probs * log_probs).sum(dim=-1)

@@ -36,7 +36,7 @@ from typing import Any, BinaryIO, Final
 import torch
 
 from esper.tamiyo.policy import registry
-from esper.tamiyo.policy.action_space import ActionSpace
+from esper.tamiyo.policy.action_space import ActionHierarchy, ActionSpace
 from esper.tamiyo.policy.base import PolicyBundle
 from esper.tamiyo.policy.checkpoint_writer import (
     DIGEST_KEY,
@@ -522,9 +522,27 @@ def _decode(file: Path, value: object, where: str) -> object:
             "was it written by a newer esper-tamiyo-policy?"
         )
     try:
-        return ActionSpace(**value["sizes"])
-    except (TypeError, ValueError) as error:
+        return ActionSpace(**value["sizes"], hierarchy=_decode_hierarchy(value.get("hierarchy")))
+    except (TypeError, ValueError, AttributeError) as error:
         raise CheckpointError(f"{file}: {where} is not a valid ActionSpace: {error}") from None
+
+
+def _decode_hierarchy(table: object) -> ActionHierarchy | None:
+    """The `ActionHierarchy` of an encoded `ActionSpace`; `None` for a flat one.
+
+    Raises:
+        TypeError, ValueError: The table is malformed (the caller names the file).
+    """
+    if table is None:
+        return None
+    if not isinstance(table, dict) or set(table) != {"ops", "used", "canonical"}:
+        raise ValueError(f"its hierarchy is not a table of ops, used and canonical: {table!r}")
+    used, canonical = table["used"], table["canonical"]
+    if not isinstance(used, list) or not isinstance(canonical, dict):
+        raise TypeError(f"its hierarchy's used and canonical are malformed: {table!r}")
+    return ActionHierarchy.from_table(
+        dict(zip(table["ops"], used, strict=True)), canonical=canonical
+    )
 
 
 def _dtype(file: Path, name: object) -> torch.dtype:

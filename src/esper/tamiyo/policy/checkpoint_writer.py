@@ -12,7 +12,7 @@ The file is a `torch.save` of one dict (format version 2):
 | `format_version` | `FORMAT_VERSION` when written |
 | `torch_version` | the torch version that wrote it, as a string |
 | `policy` | the registered name of the bundle's class |
-| `config` | the constructor's keyword arguments, an `ActionSpace` as a tagged dict |
+| `config` | the constructor's keyword arguments, an `ActionSpace` as a tagged dict (with its hierarchy's table, if any) |
 | `dtype` | the parameters' dtype, such as `"float32"` |
 | `state_dict` | the network's `state_dict`, without a `DataParallel` wrapper's prefix |
 | `sha256` | `payload_digest` of `policy`, `config`, `dtype` and `state_dict` (new in 2) |
@@ -213,7 +213,18 @@ def _encode(value: object, where: str, depth: int) -> object:
         items = [_encode(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value)]
         return items if isinstance(value, list) else tuple(items)
     if type(value) is ActionSpace:
-        return {TYPE_TAG: "ActionSpace", "sizes": dict(zip(HEAD_NAMES, value.sizes, strict=True))}
+        encoded: dict[str, object] = {
+            TYPE_TAG: "ActionSpace",
+            "sizes": dict(zip(HEAD_NAMES, value.sizes, strict=True)),
+        }
+        table = value.hierarchy
+        if table is not None:  # absent for a flat space, as in files written before it existed
+            encoded["hierarchy"] = {
+                "ops": list(table.ops),
+                "used": [list(heads) for heads in table.used],
+                "canonical": dict(zip(HEAD_NAMES, table.canonical, strict=True)),
+            }
+        return encoded
     raise TypeError(
         f"cannot save {where} = {value!r} ({type(value).__name__}): a checkpoint stores "
         "only ints, floats, strs, bools, None, lists and tuples of them, and ActionSpace; "

@@ -7,6 +7,12 @@ Python branch on tensor values: they are what `PolicyBundle.compile` hands to
 `torch.compile` (`act` and `evaluate`), with the checks left eager outside them.
 They take the bundle as an argument, so one compiled function serves any bundle, and
 a copy of a compiled bundle runs its own network.
+
+Under a hierarchical space (`ActionHierarchy`) the op is chosen first, then every other
+head under its masks (and, if the hook gives them, its logits) at that op, in one
+vectorized pass: `_given_op` and `_relevant_only` are that rule, and `act` (at the
+sampled op) and `evaluate` (at the stored op) both run it, so the rollout and the update
+cannot drift apart.
 """
 
 from __future__ import annotations
@@ -19,8 +25,8 @@ import torch
 
 from esper.tamiyo.policy import categorical
 from esper.tamiyo.policy.inputs import HiddenState, PolicyInputs, reset_hidden
-from esper.tamiyo.policy.layout import HeadLayout
-from esper.tamiyo.policy.outputs import NetworkOutput
+from esper.tamiyo.policy.layout import PRIMARY, HeadLayout, at_op
+from esper.tamiyo.policy.outputs import HookOutput, NetworkOutput, OpConditionedOutput
 from esper.tamiyo.policy.validation import check_network_output
 
 __all__ = ["Acted", "Bundle", "Call", "Scored", "act", "evaluate", "masked", "run_network"]
@@ -31,7 +37,7 @@ class Bundle(Protocol):
 
     _hidden_shapes: tuple[tuple[int, ...], ...] | None
 
-    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput | OpConditionedOutput:
         """The bundle's network on normalized inputs."""
 
 
@@ -43,14 +49,16 @@ class Call(NamedTuple):
         layout: The padded layout's tables on the bundle's device.
         resets: The steps after the first where some row's episode starts (the hook
             then runs once per stretch between them); empty in the usual case.
+        joint_entropy: `evaluate` also computes the exact joint entropy.
     """
 
     inputs: PolicyInputs
     layout: HeadLayout
     resets: tuple[int, ...] = ()
+    joint_entropy: bool = False
 
 
-def run_network(bundle: Bundle, call: Call) -> NetworkOutput:
+def run_network(bundle: Bundle, call: Call) -> HookOutput:
     """Call the hook and check what it returned; once per stretch between episode resets.
 
     Without resets inside the sequence (the usual case) the hook runs once. With resets
@@ -62,26 +70,30 @@ def run_network(bundle: Bundle, call: Call) -> NetworkOutput:
         return _run_stretches(bundle, call)
     out = bundle._forward(call.inputs)
     _check_output(bundle, call.inputs, call.layout, out)
-    return out
+    return HookOutput(*out)
 
 
-def _run_stretches(bundle: Bundle, call: Call) -> NetworkOutput:
+def _run_stretches(bundle: Bundle, call: Call) -> HookOutput:
     inputs = call.inputs
     starts = inputs.episode_start
     assert starts is not None  # resets come from the flags
-    logits: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
+    outs: list[HookOutput] = []
     hidden = inputs.hidden
     for begin, end in itertools.pairwise((0, *call.resets, inputs.seq_len)):
         if begin > 0 and hidden is not None:
             hidden = reset_hidden(hidden, starts[:, begin])
         stretch = _steps(inputs, begin, end, hidden)
-        out = bundle._forward(stretch)
+        out = HookOutput(*bundle._forward(stretch))
         _check_output(bundle, stretch, call.layout, out)
-        logits.append(out.logits)
-        values.append(out.value)
+        outs.append(out)
         hidden = out.hidden
-    return NetworkOutput(torch.cat(logits, dim=1), torch.cat(values, dim=1), hidden)
+    by_op = [out.logits_by_op for out in outs]
+    return HookOutput(
+        torch.cat([out.logits for out in outs], dim=1),
+        torch.cat([out.value for out in outs], dim=1),
+        hidden,
+        None if by_op[0] is None else torch.cat(by_op, dim=1),  # type: ignore[arg-type]  # all or none: checked
+    )
 
 
 def _steps(inputs: PolicyInputs, begin: int, end: int, hidden: HiddenState | None) -> PolicyInputs:
@@ -95,6 +107,7 @@ def _steps(inputs: PolicyInputs, begin: int, end: int, hidden: HiddenState | Non
         valid=inputs.valid[:, begin:end],
         action_index=None if index is None else index[:, begin:end],
         episode_start=None if starts is None else starts[:, begin:end],
+        valid_by_op=None if inputs.valid_by_op is None else inputs.valid_by_op[:, begin:end],
     )
 
 
@@ -107,6 +120,7 @@ def _check_output(bundle: Bundle, inputs: PolicyInputs, layout: HeadLayout, out:
         (layout.num_heads, layout.padded_size),
         bundle._hidden_shapes,
         inputs.hidden,
+        layout.num_ops if layout.hierarchical else None,
     )
 
 
@@ -117,49 +131,165 @@ def masked(logits: torch.Tensor, call: Call) -> torch.Tensor:
 
 
 class Acted(NamedTuple):
-    """What `act` returns: `[B, T, H]` actions and log-probs, `[B, T]` values, hidden, logits.
+    """What `act` returns: `[B, T, H]` actions and log-probs, and the network's output.
 
-    `logits` are the hook's, unmasked, for the base's check of the network's numbers.
+    `network` holds the hook's unmasked logits, for the base's check of its numbers,
+    with the values and the new hidden state.
     """
 
     actions: torch.Tensor
     log_prob: torch.Tensor
-    value: torch.Tensor
-    hidden: HiddenState | None
-    logits: torch.Tensor
+    network: HookOutput
 
 
 class Scored(NamedTuple):
-    """What `evaluate` returns: `[B, T, H]` log-probs and entropies, values, hidden, logits."""
+    """What `evaluate` returns: `[B, T, H]` log-probs, entropies, relevance, availability."""
 
     log_prob: torch.Tensor
     entropy: torch.Tensor
-    value: torch.Tensor
-    hidden: HiddenState | None
-    logits: torch.Tensor
+    relevance: torch.Tensor
+    availability: torch.Tensor
+    joint_entropy: torch.Tensor | None
+    network: HookOutput
 
 
 def act(
     bundle: Bundle, call: Call, deterministic: bool, generator: torch.Generator | None = None
 ) -> Acted:
-    """Sample (or take the mode of) every head, for `get_action`."""
-    logits, value, hidden = run_network(bundle, call)
+    """Sample (or take the mode of) every head, for `get_action`.
+
+    Flat space: every head at once under its mask. Hierarchical: the op first, then
+    every other head under its masks and logits at that op (`_given_op`), then the
+    heads the op does not use set to their canonical action with log-prob 0
+    (`_relevant_only`). One Gumbel draw serves both stages, so the second stage's op
+    row, computed from the same numbers, picks the op the first stage picked.
+    """
+    out = run_network(bundle, call)
+    inputs, layout = call.inputs, call.layout
+    logits = out.logits  # [B, T, H, A_max]
+    noise = None if deterministic else categorical.gumbel_noise(logits, generator)
     log_probs = masked(logits, call).log_softmax(dim=-1)  # [B, T, H, A_max]
-    actions = categorical.sample(
-        log_probs, deterministic=deterministic, generator=generator
-    )  # [B, T, H]
-    return Acted(actions, categorical.log_prob_of(log_probs, actions), value, hidden, logits)
+    if layout.hierarchical and (inputs.valid_by_op is not None or out.logits_by_op is not None):
+        op_noise = None if noise is None else noise[..., PRIMARY, :]
+        op = categorical.choose(log_probs[..., PRIMARY, :], op_noise)  # [B, T]
+        log_probs = _log_probs(*_given_op(out, inputs, layout, op), layout)
+    actions = categorical.choose(log_probs, noise)  # [B, T, H]
+    log_prob = categorical.log_prob_of(log_probs, actions)  # [B, T, H]
+    if not layout.hierarchical:
+        return Acted(actions, log_prob, out)
+    relevant = _relevance(layout, actions[..., PRIMARY])  # [B, T, H]
+    assert layout.canonical is not None  # hierarchical
+    actions = torch.where(relevant, actions, layout.canonical)
+    return Acted(actions, _relevant_only(log_prob, relevant), out)
 
 
 def evaluate(bundle: Bundle, call: Call) -> Scored:
-    """Score the actions of `call.inputs`, for `evaluate_actions`."""
-    inputs = call.inputs
-    assert inputs.action_index is not None  # evaluate_actions always packs actions
-    logits, value, hidden = run_network(bundle, call)
-    masked_logits = masked(logits, call)  # [B, T, H, A_max]
-    log_probs = masked_logits.log_softmax(dim=-1)
-    chosen = categorical.log_prob_of(log_probs, inputs.action_index)  # [B, T, H]
+    """Score the actions of `call.inputs`, for `evaluate_actions`.
+
+    Hierarchical: at the stored op, through the same `_given_op` and `_relevant_only`
+    as `act`, so the log-probs equal the rollout's.
+    """
+    inputs, layout = call.inputs, call.layout
+    actions = inputs.action_index
+    assert actions is not None  # evaluate_actions always packs actions
+    out = run_network(bundle, call)
+    logits, valid = out.logits, inputs.valid  # [B, T, H, A_max]
+    op = actions[..., PRIMARY]  # [B, T]
+    if layout.hierarchical and (inputs.valid_by_op is not None or out.logits_by_op is not None):
+        logits, valid = _given_op(out, inputs, layout, op)
+    masked_logits = categorical.mask_logits(logits, valid, layout.fill, layout.minus_inf)
+    log_probs = masked_logits.log_softmax(dim=-1)  # [B, T, H, A_max]
+    chosen = categorical.log_prob_of(log_probs, actions)  # [B, T, H]
     entropy = categorical.normalized_entropy(
-        masked_logits, log_probs, inputs.valid, call.layout.inv_log_count
+        masked_logits, log_probs, valid, layout.inv_log_count
     )  # [B, T, H]
-    return Scored(chosen, entropy, value, hidden, logits)
+    joint = (
+        _joint_entropy(out, inputs, layout, masked_logits, log_probs)
+        if call.joint_entropy
+        else None
+    )
+    if not layout.hierarchical:
+        every = layout.every_head.expand(actions.shape)  # [B, T, H], a view
+        return Scored(chosen, entropy, every, every, joint, out)
+    relevant = _relevance(layout, op)  # [B, T, H]
+    return Scored(
+        _relevant_only(chosen, relevant),
+        _relevant_only(entropy, relevant),
+        relevant,
+        availability(inputs.valid, layout),
+        joint,
+        out,
+    )
+
+
+def _given_op(
+    out: HookOutput, inputs: PolicyInputs, layout: HeadLayout, op: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every head's logits and validity at each row's op: `[B, T, H, A_max]` each.
+
+    The op's own row is unchanged (its flat logits and mask), so scoring the result
+    scores the op as the first stage did.
+    """
+    valid = inputs.valid if inputs.valid_by_op is None else at_op(inputs.valid_by_op, op)
+    logits = out.logits
+    if out.logits_by_op is not None:
+        assert layout.primary_row is not None  # hierarchical
+        logits = torch.where(layout.primary_row, logits, at_op(out.logits_by_op, op))
+    return logits, valid
+
+
+def _log_probs(logits: torch.Tensor, valid: torch.Tensor, layout: HeadLayout) -> torch.Tensor:
+    """`[B, T, H, A_max]` log-probabilities of every head under `valid`."""
+    return categorical.mask_logits(logits, valid, layout.fill, layout.minus_inf).log_softmax(-1)
+
+
+def _relevance(layout: HeadLayout, op: torch.Tensor) -> torch.Tensor:
+    """`[B, T, H]` bool: which heads each row's op `[B, T]` uses."""
+    assert layout.relevance is not None  # hierarchical
+    return layout.relevance[op]
+
+
+def _relevant_only(per_head: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
+    """`[B, T, H]` figures with the heads the op does not use set to exactly 0 (no gradient)."""
+    return torch.where(relevant, per_head, 0.0)
+
+
+def availability(valid: torch.Tensor, layout: HeadLayout) -> torch.Tensor:
+    """`[B, T, H]` bool: some op the flat op mask allows uses the head.
+
+    Args:
+        valid: `[B, T, H, A_max]`, the packed flat masks.
+        layout: A hierarchical layout.
+    """
+    assert layout.relevance is not None  # hierarchical
+    valid_ops = valid[..., PRIMARY, : layout.num_ops]  # [B, T, N_op]
+    return (valid_ops.unsqueeze(-1) & layout.relevance).any(dim=-2)  # [B, T, H]
+
+
+def _joint_entropy(
+    out: HookOutput,
+    inputs: PolicyInputs,
+    layout: HeadLayout,
+    masked_logits: torch.Tensor,
+    log_probs: torch.Tensor,
+) -> torch.Tensor:
+    """`[B, T]` exact entropy of the whole action, in nats.
+
+    Flat: the heads are independent, so the sum of their entropies. Hierarchical:
+    `H(op) + sum_n pi(n) sum_{h used by n} H(h | n)`, with each head's conditional
+    entropy under its masks and logits at every op `n` at once, `[B, T, N_op, H]`.
+    """
+    if not layout.hierarchical:
+        return categorical.entropy_of(masked_logits, log_probs).sum(dim=-1)  # [B, T]
+    assert layout.other_heads_used is not None  # hierarchical
+    logits_by_op = out.logits if out.logits_by_op is None else out.logits_by_op
+    if out.logits_by_op is None:
+        logits_by_op = logits_by_op.unsqueeze(2)  # [B, T, 1, H, A_max]
+    valid_by_op = inputs.valid.unsqueeze(2) if inputs.valid_by_op is None else inputs.valid_by_op
+    masked_by_op = categorical.mask_logits(logits_by_op, valid_by_op, layout.fill, layout.minus_inf)
+    entropy_by_op = categorical.entropy_of(masked_by_op, masked_by_op.log_softmax(dim=-1))
+    conditional = (entropy_by_op * layout.other_heads_used).sum(dim=-1)  # [B, T, N_op]
+    op_log_probs = log_probs[..., PRIMARY, : layout.num_ops]  # [B, T, N_op]
+    op_probs = op_log_probs.exp()
+    op_entropy = -(op_probs * op_log_probs).sum(dim=-1)  # [B, T]
+    return op_entropy + (op_probs * conditional).sum(dim=-1)

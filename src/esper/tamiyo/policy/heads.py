@@ -10,7 +10,7 @@ from torch import nn
 from esper.tamiyo.policy.action_space import ActionSpace
 from esper.tamiyo.policy.validation import check_action_space
 
-__all__ = ["PolicyHeads", "init_orthogonal_"]
+__all__ = ["OpConditionedLogits", "PolicyHeads", "init_orthogonal_"]
 
 _TORSO_GAIN = math.sqrt(2.0)
 _POLICY_GAIN = 0.01
@@ -123,3 +123,61 @@ class PolicyHeads(nn.Module):
             logits = logits.reshape(*lead, self.num_heads, self.padded_size)
             value = value.reshape(lead)
         return logits, value
+
+
+class OpConditionedLogits(nn.Module):
+    """Per-op logits for every head: `PolicyHeads`' logits plus a learned offset per op.
+
+    Opt into op-conditioned logits under a hierarchical space with this module: its
+    output is `OpConditionedOutput.logits_by_op`, so a policy can prefer slot 0 to
+    germinate and slot 2 to fossilize in the same state, which per-head logits cannot
+    say. `logits_by_op[..., n, h, :] = logits[..., h, :] + W_{n,h} x + b_{n,h}`: one
+    `Linear(input_dim, N_op * H * A_max)`, zero-initialized, so a new network starts as
+    exactly the op-independent one and learns how far each op moves each head.
+
+    Args:
+        input_dim: Width of the input, the torso's output (what `PolicyHeads` reads).
+        action_space: A hierarchical space (`N_op` is its op head's size).
+
+    Shape:
+        `forward(x [..., input_dim], logits [..., H, A_max])` returns
+        `[..., N_op, H, A_max]`.
+
+    Raises:
+        ValueError: The space has no hierarchy.
+    """
+
+    def __init__(self, input_dim: int, action_space: ActionSpace) -> None:
+        super().__init__()
+        check_action_space(action_space, type(self).__name__)
+        if action_space.hierarchy is None:
+            raise ValueError(
+                "OpConditionedLogits needs a hierarchical action space (the op is chosen "
+                "first); got a flat one: use ActionSpace.tamiyo()"
+            )
+        self.num_ops = action_space.op
+        self.num_heads = action_space.num_heads
+        self.padded_size = action_space.padded_size
+        self.action_sizes = action_space.sizes
+        self.offset = nn.Linear(input_dim, self.num_ops * self.num_heads * self.padded_size)
+        nn.init.zeros_(self.offset.weight)
+        nn.init.zeros_(self.offset.bias)
+
+    def get_extra_state(self) -> dict[str, tuple[int, ...]]:
+        """Saved in the `state_dict`: the head sizes the offsets are laid out for."""
+        return {"action_sizes": self.action_sizes}
+
+    def set_extra_state(self, state: dict[str, tuple[int, ...]]) -> None:
+        """Refuse a checkpoint made for other head sizes."""
+        sizes = tuple(state["action_sizes"])
+        if sizes != self.action_sizes:
+            raise ValueError(
+                f"OpConditionedLogits: the checkpoint was made for head sizes {sizes}, "
+                f"this module has {self.action_sizes}"
+            )
+
+    def forward(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Per-op logits: `x` `[..., input_dim]`, `logits` `[..., H, A_max]`."""
+        flat: torch.Tensor = self.offset(x)  # [..., N_op * H * A_max]
+        offset = flat.view(*x.shape[:-1], self.num_ops, self.num_heads, self.padded_size)
+        return logits.unsqueeze(-3) + offset  # [..., N_op, H, A_max]

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from esper.tamiyo.policy.action_space import ActionSpace
+from esper.tamiyo.policy.action_space import PRIMARY_HEAD, ActionSpace
 from esper.tamiyo.policy.layout import per_head, split_heads
-from esper.tamiyo.policy.masks import ActionMasks
+from esper.tamiyo.policy.masks import ActionMasks, by_op_name
 
 __all__ = ["HiddenState", "PolicyInputs", "reset_hidden", "zero_hidden"]
 
@@ -36,7 +36,11 @@ class PolicyInputs:
         valid: `[B, T, H, A_max]` bool, the masks of every head packed in the padded
             layout: True where an action may be taken, False for masked actions and
             padding columns.
-        action_space: The head sizes, which say the columns of each head in `valid`.
+        action_space: The head sizes, which say the columns of each head in `valid`,
+            and the hierarchy, if any.
+        valid_by_op: `[B, T, N_op, H, A_max]` bool when the caller gave per-op masks
+            (a hierarchical space only): `valid` ANDed with each head's mask for op
+            `n`. `None` otherwise: then the masks do not depend on the op.
         action_index: `[B, T, H]` int64 actions in `HEAD_NAMES` order, for
             `evaluate_actions`; else `None`.
         single_step: The caller gave `[B, F]` features, so the base drops the `T` axis
@@ -54,6 +58,7 @@ class PolicyInputs:
     action_index: torch.Tensor | None = None
     single_step: bool = False
     episode_start: torch.Tensor | None = None
+    valid_by_op: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -67,8 +72,19 @@ class PolicyInputs:
 
     @property
     def masks(self) -> ActionMasks:
-        """Per-head masks, each a `[B, T, A_h]` bool view of `valid` (made on access)."""
-        return ActionMasks(**split_heads(self.valid, self.action_space.sizes))
+        """Per-head masks, `[B, T, A_h]` bool views of `valid` (made on access).
+
+        With per-op masks, `<head>_by_op` are `[B, T, N_op, A_h]` views of
+        `valid_by_op` (already ANDed with the flat masks).
+        """
+        flat = split_heads(self.valid, self.action_space.sizes)
+        if self.valid_by_op is None:
+            return ActionMasks(**flat)
+        by_op = split_heads(self.valid_by_op, self.action_space.sizes)
+        return ActionMasks(
+            **flat,
+            **{by_op_name(head): mask for head, mask in by_op.items() if head != PRIMARY_HEAD},
+        )
 
     @property
     def actions(self) -> dict[str, torch.Tensor] | None:

@@ -6,7 +6,9 @@ are padding. One layout for all heads is what lets the base mask, sample, score
 and measure entropy of all eight heads with one kernel launch each.
 
 `HeadLayout` precomputes, once per bundle and device, the small index and fill tensors that
-map between per-head tensors and that layout, so no per-call work rebuilds them.
+map between per-head tensors and that layout, so no per-call work rebuilds them. For a
+hierarchical space it also holds the hierarchy as tensors: which heads each op uses
+(`relevance`) and the canonical action of each head.
 """
 
 from __future__ import annotations
@@ -17,9 +19,18 @@ from typing import Final
 
 import torch
 
-from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
+from esper.tamiyo.policy.action_space import HEAD_NAMES, PRIMARY_HEAD, ActionSpace
 
-__all__ = ["BROKEN_LOGIT", "MASKED_LOGIT", "PADDING_LOGIT", "HeadLayout", "per_head", "split_heads"]
+__all__ = [
+    "BROKEN_LOGIT",
+    "MASKED_LOGIT",
+    "PADDING_LOGIT",
+    "PRIMARY",
+    "HeadLayout",
+    "at_op",
+    "per_head",
+    "split_heads",
+]
 
 MASKED_LOGIT: Final = -1e4
 """Logit given to an invalid action: exp() of it underflows to exactly 0 in fp32, and
@@ -37,6 +48,9 @@ checks off a head whose every action is masked samples one of its own actions,
 never a padding column."""
 
 _PADDING_CACHE_SIZE = 16  # distinct batch shapes whose padding column `HeadLayout` keeps
+
+PRIMARY: Final = HEAD_NAMES.index(PRIMARY_HEAD)
+"""Index of the `op` head in `HEAD_NAMES` and in every packed tensor."""
 
 
 class HeadLayout:
@@ -60,6 +74,15 @@ class HeadLayout:
         inv_log_count: `[A_max + 1]` float32, `1 / log(n)` for `n >= 2` valid actions
             and 0 for `n <= 1`, indexed by the number of valid actions: normalizes
             entropy to [0, 1] with a lookup instead of a log and a division per call.
+        hierarchical: The space has an `ActionHierarchy`; the three tables below are
+            `None` when it has not.
+        relevance: `[N_op, H]` bool, True where op `n` uses head `h` (`op` always).
+        canonical: `[H]` int64, each head's canonical action.
+        primary_row: `[H, 1]` bool, True on the `op` row, to take the op's logits from
+            the flat logits when a hook gives per-op logits.
+        other_heads_used: `[N_op, H]` float32, `relevance` without the `op` column:
+            weighs each head's conditional entropy in the joint entropy.
+        every_head: `[H]` bool, all True: a flat space's relevance and availability.
     """
 
     def __init__(self, action_space: ActionSpace, device: torch.device) -> None:
@@ -96,6 +119,21 @@ class HeadLayout:
         self._false_column = torch.zeros(1, dtype=torch.bool, device=device)
         self._true_rows = tuple(torch.ones(size, dtype=torch.bool, device=device) for size in sizes)
         self._padding_columns: dict[tuple[int, ...], torch.Tensor] = {}
+        table = action_space.hierarchy
+        self.hierarchical = table is not None
+        self.num_ops = sizes[PRIMARY]
+        self.relevance: torch.Tensor | None = None
+        self.canonical: torch.Tensor | None = None
+        self.primary_row: torch.Tensor | None = None
+        self.other_heads_used: torch.Tensor | None = None
+        self.every_head = torch.ones(self.num_heads, dtype=torch.bool, device=device)
+        if table is not None:
+            relevance = torch.tensor(table.relevance_table())  # [N_op, H]
+            primary = torch.arange(self.num_heads) == PRIMARY  # [H]
+            self.relevance = relevance.to(device)
+            self.canonical = torch.tensor(table.canonical, dtype=torch.long, device=device)
+            self.primary_row = primary.view(-1, 1).to(device)
+            self.other_heads_used = (relevance & ~primary).float().to(device)
 
     def all_valid(self, batch: int, steps: int) -> torch.Tensor:
         """`[B, T, H, A_max]` validity when nothing is masked (a view, no copy)."""
@@ -140,6 +178,42 @@ class HeadLayout:
             batch, steps, self.num_heads, self.padded_size
         )  # [B, T, H, A_max]
 
+    def pack_by_op(self, masks: Sequence[torch.Tensor | None], valid: torch.Tensor) -> torch.Tensor:
+        """Pack per-op masks like `pack_masks`, ANDed with the flat masks already packed.
+
+        Args:
+            masks: Checked per-op masks of the heads other than `op`, in `HEAD_NAMES`
+                order (`ActionMasks.by_op_tuple()`), each `[B, N_op, A_h]` (only when
+                `T == 1`) or `[B, T, N_op, A_h]`, or `None` where a head has none.
+            valid: `[B, T, H, A_max]`, the packed flat masks.
+
+        Returns:
+            `[B, T, N_op, H, A_max]` bool: True where an action is valid when op `n` is
+            chosen. The `op` row of every `n` is the flat op mask.
+        """
+        batch, steps = valid.shape[0], valid.shape[1]
+        ops = self.num_ops
+        flat = steps == 1  # [B, N_op, A_h] masks as they are
+        for mask in masks:
+            if mask is not None and mask.dim() != 3:
+                flat = False
+                break
+        lead = (batch, ops, -1) if flat else (batch, steps, ops, -1)
+        rows = iter(masks)
+        columns: list[torch.Tensor] = []
+        for head in range(self.num_heads):
+            mask = None if head == PRIMARY else next(rows)
+            if mask is None:
+                columns.append(self._true_rows[head].expand(*lead))
+            elif not flat and mask.dim() == 3:
+                columns.append(mask.unsqueeze(1))  # [B, 1, N_op, A_h]
+            else:
+                columns.append(mask)
+        columns.append(self._padding_column(lead))
+        packed = torch.cat(columns, dim=-1).index_select(-1, self._pack_index)
+        by_op = packed.view(batch, steps, ops, self.num_heads, self.padded_size)
+        return by_op & valid.unsqueeze(2)  # [B, T, N_op, H, A_max]
+
     def _padding_column(self, lead: tuple[int, ...]) -> torch.Tensor:
         """The all-False column the pack gathers padding from, `[*lead, 1]`; cached.
 
@@ -152,6 +226,24 @@ class HeadLayout:
                 self._padding_columns.clear()
             column = self._padding_columns[lead] = self._false_column.expand(*lead)
         return column
+
+
+def at_op(by_op: torch.Tensor, op: torch.Tensor) -> torch.Tensor:
+    """Each row's slice of a per-op tensor at its op: what the chosen op conditions.
+
+    The one place where the hierarchy's per-op masks and logits meet the op, for
+    `get_action` (the sampled op) and `evaluate_actions` (the stored one) alike.
+
+    Args:
+        by_op: `[B, T, N_op, H, A_max]`.
+        op: `[B, T]` int64 ops.
+
+    Returns:
+        `[B, T, H, A_max]`.
+    """
+    batch, steps, _, heads, width = by_op.shape
+    index = op.view(batch, steps, 1, 1, 1).expand(batch, steps, 1, heads, width)
+    return by_op.gather(2, index).squeeze(2)
 
 
 def split_heads(padded: torch.Tensor, sizes: tuple[int, ...]) -> dict[str, torch.Tensor]:

@@ -7,11 +7,11 @@ from torch import nn
 
 from esper.tamiyo.policy.action_space import ActionSpace
 from esper.tamiyo.policy.base import PolicyBundle
-from esper.tamiyo.policy.heads import PolicyHeads, init_orthogonal_
+from esper.tamiyo.policy.heads import OpConditionedLogits, PolicyHeads, init_orthogonal_
 from esper.tamiyo.policy.inputs import HiddenState, PolicyInputs
-from esper.tamiyo.policy.outputs import NetworkOutput
+from esper.tamiyo.policy.outputs import NetworkOutput, OpConditionedOutput
 from esper.tamiyo.policy.registry import register_policy
-from esper.tamiyo.policy.validation import check_positive_int
+from esper.tamiyo.policy.validation import check_action_space, check_flag, check_positive_int
 
 __all__ = ["LSTMPolicyBundle", "LSTMPolicyNetwork"]
 
@@ -19,7 +19,8 @@ __all__ = ["LSTMPolicyBundle", "LSTMPolicyNetwork"]
 class LSTMPolicyNetwork(nn.Module):
     """Feature embedding, an LSTM, and the fused policy and value heads.
 
-    `Linear(F, E) -> LayerNorm -> ReLU -> LSTM(E, D) -> LayerNorm -> PolicyHeads(D)`.
+    `Linear(F, E) -> LayerNorm -> ReLU -> LSTM(E, D) -> LayerNorm -> PolicyHeads(D)`,
+    and `OpConditionedLogits(D)` beside the heads when `op_conditioned` is set.
 
     A single step (`T == 1`) runs `torch.lstm_cell` on the LSTM's own weights, layer by
     layer, instead of `nn.LSTM`: the same function (pinned by a test), about 100 µs
@@ -32,10 +33,12 @@ class LSTMPolicyNetwork(nn.Module):
         embed_dim: `E`, the embedding width.
         num_layers: Stacked LSTM layers.
         action_space: Head sizes.
+        op_conditioned: Also compute per-op logits (a hierarchical space only).
 
     Shape:
         `forward(features [B, T, F], (h, c) each [L, B, D])` returns logits
-        `[B, T, H, A_max]`, value `[B, T]` and the new `(h, c)`.
+        `[B, T, H, A_max]`, value `[B, T]`, the new `(h, c)`, and per-op logits
+        `[B, T, N_op, H, A_max]` or `None`.
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class LSTMPolicyNetwork(nn.Module):
         embed_dim: int,
         num_layers: int,
         action_space: ActionSpace,
+        op_conditioned: bool = False,
     ) -> None:
         super().__init__()
         self.embed = nn.Linear(feature_dim, embed_dim)
@@ -52,6 +56,7 @@ class LSTMPolicyNetwork(nn.Module):
         self.lstm = nn.LSTM(embed_dim, hidden_dim, num_layers=num_layers, batch_first=True)
         self.lstm_norm = nn.LayerNorm(hidden_dim)
         self.heads = PolicyHeads(hidden_dim, action_space, hidden_dim=hidden_dim // 2)
+        self.op_logits = OpConditionedLogits(hidden_dim, action_space) if op_conditioned else None
         self.num_layers = num_layers
         # The single-step path's own references to the LSTM's parameters, for
         # torch.compile, which cannot trace any use of an `nn.LSTM` module: see
@@ -76,7 +81,7 @@ class LSTMPolicyNetwork(nn.Module):
 
     def forward(
         self, features: torch.Tensor, hidden: HiddenState
-    ) -> tuple[torch.Tensor, torch.Tensor, HiddenState]:
+    ) -> tuple[torch.Tensor, torch.Tensor, HiddenState, torch.Tensor | None]:
         """Run a step or a sequence.
 
         Args:
@@ -84,14 +89,17 @@ class LSTMPolicyNetwork(nn.Module):
             hidden: `(h, c)`, each `[L, B, D]`.
 
         Returns:
-            `(logits [B, T, H, A_max], value [B, T], (h, c))`.
+            `(logits [B, T, H, A_max], value [B, T], (h, c), logits_by_op)`, the last
+            `[B, T, N_op, H, A_max]` or `None`.
         """
         if features.shape[1] == 1:
             return self._single_step(features, hidden)
         x = torch.relu(self.embed_norm(self.embed(features)))  # [B, T, E]
         out, (h, c) = self.lstm(x, (hidden[0], hidden[1]))  # [B, T, D]
-        logits, value = self.heads(self.lstm_norm(out))  # [B, T, H, A_max], [B, T]
-        return logits, value, (h, c)
+        top = self.lstm_norm(out)  # [B, T, D]
+        logits, value = self.heads(top)  # [B, T, H, A_max], [B, T]
+        by_op = None if self.op_logits is None else self.op_logits(top, logits)
+        return logits, value, (h, c), by_op
 
     def _read_cell_weights(self) -> tuple[torch.Tensor, ...]:
         """The LSTM's parameters as registered now, in `torch.lstm_cell`'s order per layer."""
@@ -120,7 +128,7 @@ class LSTMPolicyNetwork(nn.Module):
 
     def _single_step(
         self, features: torch.Tensor, hidden: HiddenState
-    ) -> tuple[torch.Tensor, torch.Tensor, HiddenState]:
+    ) -> tuple[torch.Tensor, torch.Tensor, HiddenState, torch.Tensor | None]:
         """`forward` for T == 1: `torch.lstm_cell` on `nn.LSTM`'s own weights, in `[B, ...]`.
 
         Valid for the LSTM this module builds: unidirectional, no dropout, no projection.
@@ -142,8 +150,10 @@ class LSTMPolicyNetwork(nn.Module):
             new_hidden: HiddenState = (hs[0].unsqueeze(0), cs[0].unsqueeze(0))
         else:
             new_hidden = (torch.stack(hs), torch.stack(cs))  # [L, B, D] each
-        logits, value = self.heads(self.lstm_norm(h))  # [B, H, A_max], [B]
-        return logits.unsqueeze(1), value.unsqueeze(1), new_hidden
+        top = self.lstm_norm(h)  # [B, D]
+        logits, value = self.heads(top)  # [B, H, A_max], [B]
+        by_op = None if self.op_logits is None else self.op_logits(top, logits).unsqueeze(1)
+        return logits.unsqueeze(1), value.unsqueeze(1), new_hidden, by_op
 
 
 @register_policy("lstm")
@@ -166,7 +176,10 @@ class LSTMPolicyBundle(PolicyBundle):
         hidden_dim: LSTM width `D`; each head's hidden layer is `D // 2`.
         embed_dim: Width of the feature embedding.
         num_layers: Stacked LSTM layers.
-        action_space: Head sizes.
+        action_space: Head sizes; `ActionSpace.tamiyo()` for Tamiyo's op-first
+            hierarchy.
+        op_conditioned_logits: Make every other head's logits depend on the op
+            (`OpConditionedLogits`); needs a hierarchical `action_space`.
     """
 
     is_recurrent = True
@@ -180,14 +193,25 @@ class LSTMPolicyBundle(PolicyBundle):
         embed_dim: int = 128,
         num_layers: int = 1,
         action_space: ActionSpace = ActionSpace(),
+        op_conditioned_logits: bool = False,
     ) -> None:
         owner = type(self).__name__
         check_positive_int(feature_dim, "feature_dim", owner)
         check_positive_int(hidden_dim, "hidden_dim", owner, minimum=2)
         check_positive_int(embed_dim, "embed_dim", owner)
         check_positive_int(num_layers, "num_layers", owner)
+        check_flag(op_conditioned_logits, "op_conditioned_logits")
+        check_action_space(action_space, owner)
+        if op_conditioned_logits and action_space.hierarchy is None:
+            raise ValueError(
+                f"{owner}: op_conditioned_logits=True needs a hierarchical action space "
+                "(the op is chosen first); pass action_space=ActionSpace.tamiyo()"
+            )
+        network = LSTMPolicyNetwork(
+            feature_dim, hidden_dim, embed_dim, num_layers, action_space, op_conditioned_logits
+        )
         super().__init__(
-            LSTMPolicyNetwork(feature_dim, hidden_dim, embed_dim, num_layers, action_space),
+            network,
             feature_dim=feature_dim,
             action_space=action_space,
             hidden_shapes=((num_layers, hidden_dim), (num_layers, hidden_dim)),
@@ -195,11 +219,14 @@ class LSTMPolicyBundle(PolicyBundle):
         self.hidden_dim = hidden_dim
         self.embed_dim = embed_dim
         self.num_layers = num_layers
+        self.op_conditioned_logits = op_conditioned_logits
 
-    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput | OpConditionedOutput:
         assert inputs.hidden is not None  # the base fills in zeros for a recurrent bundle
-        logits, value, hidden = self.network(inputs.features, inputs.hidden)
-        return NetworkOutput(logits, value, hidden)
+        logits, value, hidden, by_op = self.network(inputs.features, inputs.hidden)
+        if by_op is None:
+            return NetworkOutput(logits, value, hidden)
+        return OpConditionedOutput(logits, value, hidden, by_op)
 
 
 def _weight_names(num_layers: int) -> tuple[str, ...]:

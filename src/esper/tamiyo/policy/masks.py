@@ -1,19 +1,30 @@
-"""`ActionMasks`: one boolean mask per action head, in a dataclass rather than eight keywords."""
+"""`ActionMasks`: one boolean mask per action head, and per op, in a dataclass of tensors."""
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Final
 
 import torch
 
-from esper.tamiyo.policy.action_space import HEAD_NAMES
+from esper.tamiyo.policy.action_space import CONDITIONED_HEADS, HEAD_NAMES
 
-__all__ = ["ActionMasks", "check_mask_type"]
+__all__ = ["BY_OP_NAMES", "ActionMasks", "by_op_name", "check_mask_type"]
 
-_VALID_NAMES = ", ".join(HEAD_NAMES)
+
+def by_op_name(head: str) -> str:
+    """The `ActionMasks` field of `head`'s op-conditioned mask: `slot` -> `slot_by_op`."""
+    return f"{head}_by_op"
+
+
+BY_OP_NAMES: Final[tuple[str, ...]] = tuple(by_op_name(head) for head in CONDITIONED_HEADS)
+"""The op-conditioned mask fields, in `HEAD_NAMES` order (no `op_by_op`)."""
+
+_VALID_NAMES = ", ".join(HEAD_NAMES + BY_OP_NAMES)
 _IN_HEAD_ORDER = operator.attrgetter(*HEAD_NAMES)
+_BY_OP_IN_HEAD_ORDER = operator.attrgetter(*BY_OP_NAMES)
 
 
 @dataclass(frozen=True, slots=True, eq=False)  # == on tensors has no truth value: identity
@@ -25,13 +36,24 @@ class ActionMasks:
     Shapes are `[B, A]` for a single step or `[B, T, A]` for a sequence; the bundle
     checks them against the features it is given.
 
-    The fields follow `HEAD_NAMES` order. Construction checks types and dtypes only:
-    a non-tensor or non-bool mask is refused here, at the place it was made.
+    For a hierarchical space (`ActionSpace.tamiyo()`) every head but `op` may also
+    carry a mask per op, `<head>_by_op`, `[B, N_op, A]` for a step or
+    `[B, T, N_op, A]` for a sequence: row `n` holds the actions legal when op `n` is
+    chosen ("germinate an empty slot, fossilize a blended one"). The bundle ANDs it
+    with the head's flat mask, gathered at the chosen op. A row of an op that is
+    masked may be all False.
+
+    The fields follow `HEAD_NAMES` order, then the per-op masks in the same order.
+    Construction checks types and dtypes only: a non-tensor or non-bool mask is
+    refused here, at the place it was made; a misspelt field is a `TypeError`.
 
     Example:
         >>> import torch
         >>> m = ActionMasks(op=torch.tensor([[True, False, True, True, True, True]]))
         >>> m.slot is None
+        True
+        >>> slots = torch.ones(1, 6, 3, dtype=torch.bool)  # [B, N_op, S]
+        >>> ActionMasks(slot_by_op=slots).has_by_op
         True
     """
 
@@ -43,9 +65,18 @@ class ActionMasks:
     alpha_speed: torch.Tensor | None = None
     alpha_curve: torch.Tensor | None = None
     op: torch.Tensor | None = None
+    slot_by_op: torch.Tensor | None = None
+    blueprint_by_op: torch.Tensor | None = None
+    style_by_op: torch.Tensor | None = None
+    tempo_by_op: torch.Tensor | None = None
+    alpha_target_by_op: torch.Tensor | None = None
+    alpha_speed_by_op: torch.Tensor | None = None
+    alpha_curve_by_op: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         for name, mask in zip(HEAD_NAMES, self.as_tuple(), strict=True):
+            check_mask_type(mask, name)
+        for name, mask in zip(BY_OP_NAMES, self.by_op_tuple(), strict=True):
             check_mask_type(mask, name)
 
     @classmethod
@@ -54,9 +85,11 @@ class ActionMasks:
 
         Every head must be present, so that a misspelt or forgotten key can never
         silently leave a head unmasked: pass `None` explicitly for an unmasked head.
+        The per-op masks (`slot_by_op`, ...) are optional keys.
 
         Args:
-            masks: Head name to a bool tensor or `None`, one entry per head.
+            masks: Head name to a bool tensor or `None`, one entry per head, and
+                optionally `<head>_by_op` entries.
 
         Returns:
             The equivalent `ActionMasks`.
@@ -71,7 +104,7 @@ class ActionMasks:
                 f"got {type(masks).__name__}"
             )
         for key in masks:
-            if key not in HEAD_NAMES:
+            if key not in HEAD_NAMES and key not in BY_OP_NAMES:
                 raise ValueError(f"masks has unknown head {key!r}; valid heads: {_VALID_NAMES}")
         for name in HEAD_NAMES:
             if name not in masks:
@@ -79,21 +112,24 @@ class ActionMasks:
                     f"masks is missing head {name!r}; pass {name}=None explicitly "
                     f"if every {name} action is valid"
                 )
-        return cls(**{name: masks[name] for name in HEAD_NAMES})
+        return cls(**{name: masks[name] for name in HEAD_NAMES + BY_OP_NAMES if name in masks})
 
     @classmethod
     def stack(cls, steps: Iterable[ActionMasks]) -> ActionMasks:
         """Stack the masks of consecutive steps into sequence masks, for a PPO update.
 
         A head that is `None` at some steps and masked at others gets all-True rows
-        at the `None` steps; a head `None` at every step stays `None`.
+        at the `None` steps; a head `None` at every step stays `None`. Per-op masks
+        stack the same way, `[B, N_op, A_h]` per step to `[B, T, N_op, A_h]`.
 
         Args:
             steps: One `ActionMasks` per step, in order, each head `[B, A_h]`,
-                `[B, 1, A_h]` or `None` (any iterable; it is read once).
+                `[B, 1, A_h]` or `None` (any iterable; it is read once); per-op masks
+                `[B, N_op, A_h]` or `[B, 1, N_op, A_h]`.
 
         Returns:
-            Masks whose heads are `[B, T, A_h]` (or `None`).
+            Masks whose heads are `[B, T, A_h]` and per-op masks `[B, T, N_op, A_h]`
+            (or `None`).
 
         Raises:
             TypeError: An element is not an `ActionMasks`.
@@ -115,35 +151,19 @@ class ActionMasks:
                     f"ActionMasks.stack takes ActionMasks, got {type(step).__name__} at "
                     f"step {index}; convert a mapping with ActionMasks.from_mapping"
                 )
-        stacked: list[torch.Tensor | None] = []
-        for name in HEAD_NAMES:
-            columns: list[torch.Tensor | None] = []
-            template: torch.Tensor | None = None
-            for index, step in enumerate(frozen):
-                mask = _as_step_mask(getattr(step, name), name, index)
-                if mask is not None and template is None:
-                    template = mask
-                elif (
-                    mask is not None
-                    and template is not None
-                    and (mask.shape != template.shape or mask.device != template.device)
-                ):
-                    raise ValueError(
-                        f"masks[{name!r}] is {tuple(mask.shape)} on {mask.device} at step "
-                        f"{index} but {tuple(template.shape)} on {template.device} earlier"
-                    )
-                columns.append(mask)
-            if template is None:
-                stacked.append(None)
-                continue
-            full = torch.ones_like(template)
-            dense = [full if mask is None else mask for mask in columns]
-            stacked.append(torch.stack(dense, dim=1))  # [B, T, A_h]
-        return cls(*stacked)
+        stacked = {name: _stack_field(frozen, name, 2) for name in HEAD_NAMES}
+        for name in BY_OP_NAMES:
+            stacked[name] = _stack_field(frozen, name, 3)
+        return cls(**stacked)
 
     def as_dict(self) -> dict[str, torch.Tensor | None]:
-        """Head name to mask, in `HEAD_NAMES` order (the inverse of `from_mapping`)."""
-        return {name: getattr(self, name) for name in HEAD_NAMES}
+        """Head name to mask, in `HEAD_NAMES` order (the inverse of `from_mapping`).
+
+        The per-op masks follow, under their own names, only where they are set.
+        """
+        flat = {name: getattr(self, name) for name in HEAD_NAMES}
+        by_op = {name: getattr(self, name) for name in BY_OP_NAMES}
+        return flat | {name: mask for name, mask in by_op.items() if mask is not None}
 
     def to(self, device: torch.device | str) -> ActionMasks:
         """The masks on `device` (`None` stays `None`), as `Tensor.to` moves one.
@@ -161,9 +181,19 @@ class ActionMasks:
         )
 
     def as_tuple(self) -> tuple[torch.Tensor | None, ...]:
-        """The masks in `HEAD_NAMES` order (one C-level read of the eight fields)."""
+        """The flat masks in `HEAD_NAMES` order (one C-level read of the eight fields)."""
         masks: tuple[torch.Tensor | None, ...] = _IN_HEAD_ORDER(self)
         return masks
+
+    def by_op_tuple(self) -> tuple[torch.Tensor | None, ...]:
+        """The per-op masks in `BY_OP_NAMES` order (the seven heads other than `op`)."""
+        masks: tuple[torch.Tensor | None, ...] = _BY_OP_IN_HEAD_ORDER(self)
+        return masks
+
+    @property
+    def has_by_op(self) -> bool:
+        """Whether any per-op mask is set."""
+        return any(mask is not None for mask in self.by_op_tuple())
 
 
 def check_mask_type(mask: object, head: str) -> None:
@@ -193,13 +223,43 @@ def check_mask_type(mask: object, head: str) -> None:
         )
 
 
-def _as_step_mask(mask: torch.Tensor | None, head: str, index: int) -> torch.Tensor | None:
-    """One step's mask as `[B, A]`: `[B, 1, A]` is squeezed, other ranks refused."""
-    if mask is None or mask.dim() == 2:
+def _stack_field(steps: tuple[ActionMasks, ...], name: str, rank: int) -> torch.Tensor | None:
+    """One field of every step stacked along a new dimension 1; `None` if never set.
+
+    `rank` is the field's rank for one step: 2 for `[B, A]`, 3 for `[B, N_op, A]`.
+    """
+    columns: list[torch.Tensor | None] = []
+    template: torch.Tensor | None = None
+    for index, step in enumerate(steps):
+        mask = _as_step_mask(getattr(step, name), name, index, rank)
+        if mask is not None and template is None:
+            template = mask
+        elif (
+            mask is not None
+            and template is not None
+            and (mask.shape != template.shape or mask.device != template.device)
+        ):
+            raise ValueError(
+                f"masks[{name!r}] is {tuple(mask.shape)} on {mask.device} at step "
+                f"{index} but {tuple(template.shape)} on {template.device} earlier"
+            )
+        columns.append(mask)
+    if template is None:
+        return None
+    full = torch.ones_like(template)
+    return torch.stack([full if mask is None else mask for mask in columns], dim=1)
+
+
+def _as_step_mask(
+    mask: torch.Tensor | None, name: str, index: int, rank: int
+) -> torch.Tensor | None:
+    """One step's mask at `rank`: a singleton step dimension 1 is squeezed, else refused."""
+    if mask is None or mask.dim() == rank:
         return mask
-    if mask.dim() == 3 and mask.shape[1] == 1:
+    if mask.dim() == rank + 1 and mask.shape[1] == 1:
         return mask.squeeze(1)
+    shape = "[B, A] or [B, 1, A]" if rank == 2 else "[B, N_op, A] or [B, 1, N_op, A]"
     raise ValueError(
-        f"masks[{head!r}] at step {index} has shape {tuple(mask.shape)}; "
-        "ActionMasks.stack takes one step's masks, [B, A] or [B, 1, A]"
+        f"masks[{name!r}] at step {index} has shape {tuple(mask.shape)}; "
+        f"ActionMasks.stack takes one step's masks, {shape}"
     )

@@ -257,6 +257,7 @@ def random_masks(
     keep: float = 0.5,
     generator: torch.Generator | None = None,
     unmasked: Sequence[str] = (),
+    by_op: Sequence[str] = (),
 ) -> ActionMasks:
     """Random masks `[*lead, A_h]` with at least one valid action in every row.
 
@@ -266,6 +267,9 @@ def random_masks(
         keep: Probability that each action is valid.
         generator: Random source; the global one by default.
         unmasked: Heads that get `None` (every action valid).
+        by_op: Heads that also get a per-op mask `[*lead, N_op, A_h]` (a hierarchical
+            `space` only), random too, whose every row shares an action with the
+            head's flat mask: no (op, row) is ever void.
 
     Returns:
         The masks, on the CPU.
@@ -273,13 +277,17 @@ def random_masks(
     space = space or ActionSpace()
     masks: dict[str, torch.Tensor | None] = {}
     for name, size in zip(HEAD_NAMES, space.sizes, strict=True):
-        if name in unmasked:
-            masks[name] = None
-            continue
-        mask = torch.rand(*lead, size, generator=generator) < keep
-        forced = torch.randint(size, lead, generator=generator)
-        mask.scatter_(-1, forced.unsqueeze(-1), True)  # never a void row
+        mask = None if name in unmasked else torch.rand(*lead, size, generator=generator) < keep
         masks[name] = mask
+        if mask is None and name not in by_op:
+            continue
+        forced = torch.randint(size, lead, generator=generator).unsqueeze(-1)  # [*lead, 1]
+        if mask is not None:
+            mask.scatter_(-1, forced, True)  # never a void row
+        if name in by_op:
+            per_op = torch.rand(*lead, space.op, size, generator=generator) < keep
+            per_op.scatter_(-1, forced.unsqueeze(-2).expand(*lead, space.op, 1), True)
+            masks[f"{name}_by_op"] = per_op
     return ActionMasks.from_mapping(masks)
 
 

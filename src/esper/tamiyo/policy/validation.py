@@ -14,14 +14,15 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
-from esper.tamiyo.policy.masks import ActionMasks, check_mask_type
+from esper.tamiyo.policy.action_space import CONDITIONED_HEADS, HEAD_NAMES, ActionSpace
+from esper.tamiyo.policy.masks import BY_OP_NAMES, ActionMasks, check_mask_type
 
 __all__ = [
     "HookContractError",
     "allowed_dtypes",
     "check_action_space",
     "check_actions",
+    "check_by_op_mask",
     "check_episode_start",
     "check_features",
     "check_flag",
@@ -222,8 +223,9 @@ def check_masks(
     steps: int,
     single_step: bool,
     device: torch.device,
-) -> tuple[torch.Tensor | None, ...] | None:
-    """Check the masks of every head against the features.
+    num_ops: int | None = None,
+) -> tuple[tuple[torch.Tensor | None, ...] | None, tuple[torch.Tensor | None, ...] | None]:
+    """Check the masks of every head, and the per-op masks, against the features.
 
     Args:
         masks: What the caller passed: `ActionMasks`, a mapping of every head name to a
@@ -233,13 +235,16 @@ def check_masks(
         steps: `T` of the features (1 for a single step).
         single_step: The features were `[B, F]`.
         device: The bundle's device.
+        num_ops: `N_op` when the space is hierarchical; `None` for a flat space, which
+            refuses per-op masks.
 
     Returns:
-        The masks in `HEAD_NAMES` order (`None` for an unmasked head), or `None` when
-        no head is masked.
+        The flat masks in `HEAD_NAMES` order (`None` for an unmasked head), or `None`
+        when no head is masked; then the per-op masks in `BY_OP_NAMES` order, or `None`
+        when there are none.
     """
     if masks is None:
-        return None
+        return None, None
     given = masks if isinstance(masks, ActionMasks) else ActionMasks.from_mapping(masks)
     in_order = given.as_tuple()
     any_given = False
@@ -256,7 +261,90 @@ def check_masks(
             and (mask.shape == (batch, steps, size) or (steps == 1 and mask.shape == (batch, size)))
         ):
             check_mask(mask, name, size, batch, steps, single_step, device)
-    return in_order if any_given else None
+    flat = in_order if any_given else None
+    by_op = given.by_op_tuple()
+    if all(mask is None for mask in by_op):
+        return flat, None
+    head_sizes = dict(zip(HEAD_NAMES, sizes, strict=True))
+    for head, name, mask in zip(CONDITIONED_HEADS, BY_OP_NAMES, by_op, strict=True):
+        if mask is None:
+            continue
+        if num_ops is None:
+            raise ValueError(
+                f"masks[{name!r}] is a per-op mask, but the action space is flat (no "
+                "hierarchy); build the bundle with ActionSpace.tamiyo() (or an "
+                f"ActionSpace with a hierarchy), or fold the mask into masks[{head!r}]"
+            )
+        size = head_sizes[head]
+        if not (
+            isinstance(mask, torch.Tensor)
+            and mask.dtype == torch.bool
+            and mask.layout == torch.strided
+            and mask.device == device
+            and (
+                mask.shape == (batch, steps, num_ops, size)
+                or (steps == 1 and mask.shape == (batch, num_ops, size))
+            )
+        ):
+            check_by_op_mask(mask, name, size, num_ops, batch, steps, single_step, device)
+    return flat, by_op
+
+
+def check_by_op_mask(
+    mask: object,
+    name: str,
+    size: int,
+    num_ops: int,
+    batch: int,
+    steps: int,
+    single_step: bool,
+    device: torch.device,
+) -> None:
+    """Check one per-op mask against the features; raise naming the mask and dimension.
+
+    Args:
+        mask: `[B, N_op, A]` (when `T == 1`), `[B, 1, N_op, A]` or `[B, T, N_op, A]` bool.
+        name: The mask's field, `slot_by_op` say, for messages.
+        size: `A`, the head's number of actions.
+        num_ops: `N_op`.
+        batch: `B` of the features.
+        steps: `T` of the features.
+        single_step: The features were `[B, F]`.
+        device: The bundle's device.
+    """
+    check_mask_type(mask, name)
+    assert isinstance(mask, torch.Tensor)  # check_mask_type refuses every other type
+    what = f"masks[{name!r}]"
+    shape = tuple(mask.shape)
+    rank = len(shape)
+    step_form = "[B, N_op, A] or [B, 1, N_op, A]" if single_step else "[B, T, N_op, A]"
+    if rank == 3:
+        if steps != 1:
+            raise ValueError(
+                f"{what} has shape {shape} ([B, N_op, A]) but the features are a sequence "
+                f"of T={steps} steps; give it as [B, T, N_op, A] = "
+                f"{(batch, steps, num_ops, size)}"
+            )
+    elif rank != 4:
+        raise ValueError(f"{what} must be {step_form}, got rank {rank} with shape {shape}")
+    elif shape[1] != steps:
+        raise ValueError(
+            f"{what} has {_steps(shape[1])} in dimension 1 but the features have T={steps}; "
+            f"expected {(batch, steps, num_ops, size)}"
+        )
+    if shape[0] != batch:
+        raise ValueError(f"{what} has batch {shape[0]} but the features have batch {batch}")
+    if shape[-2] != num_ops:
+        raise ValueError(
+            f"{what} has {shape[-2]} ops in dimension {rank - 2} (N_op); the op head has {num_ops}"
+        )
+    if shape[-1] != size:
+        raise ValueError(
+            f"{what} has {shape[-1]} actions in its last dimension; head "
+            f"{name.removesuffix('_by_op')!r} has {size}"
+        )
+    if mask.device != device:
+        raise _device_error(what, mask.device, device)
 
 
 def check_mask(
@@ -536,6 +624,7 @@ def check_network_output(
     logits_shape: tuple[int, int],
     hidden_shapes: tuple[tuple[int, ...], ...] | None,
     hidden_in: tuple[torch.Tensor, ...] | None,
+    num_ops: int | None = None,
 ) -> None:
     """Check what a `_forward` hook returned honours the layout contract.
 
@@ -552,19 +641,23 @@ def check_network_output(
             dimension; `None` when stateless.
         hidden_in: The hidden state the hook was given (checked): the state it returns
             must be on the same device, in a dtype the next call accepts.
+        num_ops: `N_op` of a hierarchical space, whose hook may return op-conditioned
+            logits; `None` for a flat space, which refuses them.
 
     Raises:
-        TypeError: `out` is not a `NetworkOutput`-like 3-tuple.
+        TypeError: `out` is not a `NetworkOutput`-like 3- or 4-tuple.
         HookContractError: A tensor has the wrong shape, or the hidden state does not
             match the declared shapes (a `RuntimeError`); the message names the
             tensor, the shape returned and the shape expected.
     """
-    if not (isinstance(out, tuple) and len(out) == 3):
+    if not (isinstance(out, tuple) and len(out) in (3, 4)):
         raise TypeError(
             f"{owner}._forward must return NetworkOutput(logits, value, hidden), "
             f"got {type(out).__name__}"
         )
-    logits, value, hidden = out
+    logits, value, hidden = out[:3]
+    if len(out) == 4 and out[3] is not None:
+        _check_logits_by_op(out[3], owner, (batch, steps, *logits_shape), num_ops)
     if logits.shape != (batch, steps, *logits_shape):
         raise HookContractError(
             f"{owner}._forward returned logits of shape {tuple(logits.shape)}; expected "
@@ -612,6 +705,30 @@ def check_network_output(
             )
         if hidden_in is not None:
             _check_returned_place(owner, index, tensor, hidden_in[index])
+
+
+def _check_logits_by_op(
+    logits_by_op: object, owner: str, flat_shape: tuple[int, ...], num_ops: int | None
+) -> None:
+    """The hook's op-conditioned logits are `[B, T, N_op, H, A_max]`, in a hierarchical space."""
+    if num_ops is None:
+        raise HookContractError(
+            f"{owner}._forward returned logits_by_op, but the action space is flat (no "
+            "hierarchy): per-op logits need an op chosen first; build the bundle with "
+            "ActionSpace.tamiyo(), or return logits_by_op=None"
+        )
+    if not isinstance(logits_by_op, torch.Tensor):
+        raise HookContractError(
+            f"{owner}._forward returned logits_by_op as a {type(logits_by_op).__name__}; "
+            "it is a tensor or None"
+        )
+    batch, steps, heads, width = flat_shape
+    expected = (batch, steps, num_ops, heads, width)
+    if logits_by_op.shape != expected:
+        raise HookContractError(
+            f"{owner}._forward returned logits_by_op of shape {tuple(logits_by_op.shape)}; "
+            f"expected [B, T, N_op, H, A_max] = {expected}"
+        )
 
 
 def _check_returned_place(
