@@ -285,3 +285,21 @@ def test_config_is_a_snapshot_of_the_arguments() -> None:
     bundle = _ListConfigured(4, widths)
     widths.append(99)
     assert bundle.config == {"feature_dim": 4, "widths": [1, 2]}
+
+
+def test_a_value_that_is_a_view_of_a_parameter_comes_back_without_a_graph() -> None:
+    """Under no_grad a view of a parameter still requires grad; results must not."""
+
+    class ParameterValue(TinyStatelessBundle):
+        def __init__(self) -> None:
+            super().__init__()
+            self.network.register_parameter("bias", torch.nn.Parameter(torch.zeros(())))
+
+        def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+            out = super()._forward(inputs)
+            bias = self.network.get_parameter("bias")
+            return NetworkOutput(out.logits, bias.expand(inputs.batch_size, inputs.seq_len), None)
+
+    bundle = ParameterValue()
+    assert not bundle.get_action(torch.randn(2, FEATURE_DIM), None).value.requires_grad
+    assert not bundle.get_value(torch.randn(2, FEATURE_DIM)).requires_grad

@@ -42,9 +42,21 @@ QUICK_ROWS = {
     "get_action/B=32/unchecked",
     "get_action/B=32/old_unvalidated",
     "evaluate/B=8,T=16",
+    "hierarchy/get_action/B=1",
+    "hierarchy/get_action/B=32",
+    "hierarchy/evaluate/B=8,T=16",
     "memory/B=8,T=16",
 }
-TARGETS = {"get_action/B=1", "get_action/B=32", "evaluate/B=8,T=16", "normalize", "overhead_share"}
+TARGETS = {
+    "get_action/B=1",
+    "get_action/B=32",
+    "evaluate/B=8,T=16",
+    "normalize",
+    "overhead_share",
+    "hierarchy/get_action/B=1",
+    "hierarchy/get_action/B=32",
+    "hierarchy/evaluate/B=8,T=16",
+}
 THREADS_BEFORE = 2
 
 
@@ -75,7 +87,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
 
 
 def test_quick_bench_exits_zero_and_prints_every_section(quick_run: QuickRun) -> None:
-    """The quick run exits 0 and prints sections 1 to 5 and the targets."""
+    """The quick run exits 0 and prints every section but the compiled one, and the targets."""
     assert quick_run.exit_code == 0
     for key, title in suite.SECTIONS.items():
         assert (title in quick_run.out) == (key != "compile"), key
@@ -111,8 +123,8 @@ def test_every_row_has_positive_finite_figures_and_their_ratio(quick_run: QuickR
     assert keys == QUICK_ROWS
 
 
-def test_the_five_targets_are_reported_with_a_boolean(quick_run: QuickRun) -> None:
-    """The targets list has the five targets, each with a boolean `met`."""
+def test_the_eight_targets_are_reported_with_a_boolean(quick_run: QuickRun) -> None:
+    """The targets list has the eight targets, each with a boolean `met`."""
     targets = quick_run.payload["targets"]
     assert {target["key"] for target in targets} == TARGETS
     assert len(targets) == len(TARGETS)

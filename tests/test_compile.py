@@ -13,6 +13,7 @@ import torch._dynamo
 from conftest import FEATURE_DIM, small_lstm
 from esper.tamiyo.policy import (
     HEAD_NAMES,
+    ActionSpace,
     MLPPolicyBundle,
     PolicyBundle,
     UniformPolicyBundle,
@@ -157,3 +158,40 @@ def test_a_functional_call_does_not_leave_its_weights_in_the_compiled_step() -> 
         lent = torch.func.functional_call(bundle.network, zeros, (x3, hidden))
     assert torch.equal(lent[1], torch.zeros_like(lent[1]))  # the lent weights were used
     torch.testing.assert_close(bundle.get_action(x, None, deterministic=True).value, want)
+
+
+HIERARCHICAL: dict[str, Callable[[], PolicyBundle]] = {
+    "lstm": lambda: small_lstm(action_space=ActionSpace.tamiyo()),
+    "lstm-op-logits": lambda: small_lstm(
+        action_space=ActionSpace.tamiyo(), op_conditioned_logits=True
+    ),
+    "mlp": lambda: MLPPolicyBundle(FEATURE_DIM, hidden_dim=16, action_space=ActionSpace.tamiyo()),
+}
+
+
+@pytest.mark.parametrize("name", HIERARCHICAL)
+def test_a_compiled_hierarchical_bundle_gives_the_same_numbers_with_no_graph_break(
+    name: str,
+) -> None:
+    """Both stages and the gather at the op trace whole, and sample what eager samples."""
+    eager, compiled = HIERARCHICAL[name](), HIERARCHICAL[name]()
+    compiled.network.load_state_dict(eager.network.state_dict())
+    compiled.compile(backend="eager")
+    x = torch.randn(3, FEATURE_DIM)
+    masks = random_masks((3,), space=ActionSpace.tamiyo(), by_op=("slot", "alpha_speed"))
+    want = eager.get_action(x, masks, generator=torch.Generator().manual_seed(7))
+    got = compiled.get_action(x, masks, generator=torch.Generator().manual_seed(7))
+    ev_want = eager.evaluate_actions(x, want.action, masks)
+    ev_got = compiled.evaluate_actions(x, want.action, masks)
+    for head in HEAD_NAMES:
+        assert torch.equal(got.action[head], want.action[head])
+        torch.testing.assert_close(got.log_prob[head], want.log_prob[head])
+        torch.testing.assert_close(ev_got.log_prob[head], ev_want.log_prob[head])
+        assert torch.equal(ev_got.relevance[head], ev_want.relevance[head])
+    call = eager._prepare(x, masks, None)
+    with torch.no_grad():
+        act = torch._dynamo.explain(compute.act)(eager, call, False)
+    assert act.graph_break_count == 0, act.break_reasons
+    scored = eager._prepare(x, masks, None, want.action)
+    evaluate = torch._dynamo.explain(compute.evaluate)(eager, scored)
+    assert evaluate.graph_break_count == 0, evaluate.break_reasons

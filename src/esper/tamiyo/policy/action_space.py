@@ -164,7 +164,9 @@ class ActionHierarchy:
     def __repr__(self) -> str:
         if self == TAMIYO_HIERARCHY:
             return "TAMIYO_HIERARCHY"
-        return f"ActionHierarchy(ops={self.ops!r}, used={self.used!r}, canonical={self.canonical!r})"
+        return (
+            f"ActionHierarchy(ops={self.ops!r}, used={self.used!r}, canonical={self.canonical!r})"
+        )
 
     @property
     def num_ops(self) -> int:

@@ -277,7 +277,11 @@ class PolicyBundle(ABC):
         if new_hidden is not None and torch.is_inference_mode_enabled():
             new_hidden = _usable_under_autograd(new_hidden)
         return ActionResult.from_packed(
-            out.actions, out.log_prob, out.network.value, new_hidden, call.inputs.single_step
+            out.actions,
+            out.log_prob,
+            _no_graph(out.network.value),
+            new_hidden,
+            call.inputs.single_step,
         )
 
     def forward(
@@ -300,6 +304,9 @@ class PolicyBundle(ABC):
             Masked logits per head (`[B, A_h]` or `[B, T, A_h]`): each row shifted so
             its largest valid logit is 0 (softmax and argmax are unchanged), invalid
             actions at -1e4; values (`[B]` or `[B, T]`) and the new hidden state.
+            Under a hierarchical space these are the hook's flat logits under the flat
+            masks: what a head may take, and its logits, given an op are applied once
+            an op is chosen (`get_action`, `evaluate_actions`).
 
         Raises:
             TypeError: An argument has the wrong type or dtype.
@@ -403,7 +410,7 @@ class PolicyBundle(ABC):
         with torch.no_grad():
             out = compute.run_network(self, call)
         self._check_output(call, out)
-        value = out.value  # [B, T]
+        value = _no_graph(out.value)  # [B, T]
         return value.squeeze(1) if call.inputs.single_step else value
 
     def initial_hidden(self, batch_size: int) -> HiddenState | None:
@@ -536,9 +543,7 @@ class PolicyBundle(ABC):
     def _check_output(self, call: compute.Call, out: HookOutput) -> None:
         """Refuse non-finite numbers out of the network, when `check_values` is on."""
         if self.check_values:
-            check_output_values(
-                type(self).__name__, out, call.layout.structural_valid, call.inputs.single_step
-            )
+            check_output_values(type(self).__name__, out, call.layout, call.inputs.single_step)
 
     def _start_episodes(
         self, inputs: PolicyInputs, episode_start: torch.Tensor
@@ -778,6 +783,15 @@ _FINAL_METHODS = (
     "_start_episodes",
     "_check_output",
 )
+
+
+def _no_graph(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` detached if it still requires grad, which no op's result does here.
+
+    A view of a parameter made under `torch.no_grad` does (a hook may return one as
+    its value); `get_action` promises tensors without autograd history.
+    """
+    return tensor.detach() if tensor.requires_grad else tensor
 
 
 def _usable_under_autograd(hidden: HiddenState) -> HiddenState:

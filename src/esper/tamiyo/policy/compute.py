@@ -9,10 +9,10 @@ They take the bundle as an argument, so one compiled function serves any bundle,
 a copy of a compiled bundle runs its own network.
 
 Under a hierarchical space (`ActionHierarchy`) the op is chosen first, then every other
-head under its masks (and, if the hook gives them, its logits) at that op, in one
-vectorized pass: `_given_op` and `_relevant_only` are that rule, and `act` (at the
-sampled op) and `evaluate` (at the stored op) both run it, so the rollout and the update
-cannot drift apart.
+head under its validity given that op (`HeadLayout.valid_at_op`, where a head the op
+ignores has its canonical action alone) and, if the hook gives them, its logits at that
+op (`_given_op`). `act` samples under them at the sampled op, `evaluate` scores under
+them at the stored op: one rule, so the rollout and the update cannot drift apart.
 """
 
 from __future__ import annotations
@@ -158,36 +158,35 @@ def act(
 ) -> Acted:
     """Sample (or take the mode of) every head, for `get_action`.
 
-    Flat space: every head at once under its mask. Hierarchical: the op first, then
-    every other head under its masks and logits at that op (`_given_op`), then the
-    heads the op does not use set to their canonical action with log-prob 0
-    (`_relevant_only`). One Gumbel draw serves both stages, so the second stage's op
-    row, computed from the same numbers, picks the op the first stage picked.
+    Flat space: every head at once under its mask. Hierarchical, two stages, the
+    dependency depth: the op under its mask, then every head at once under its
+    validity and logits given that op (`_given_op`, as `evaluate` scores them), where a
+    head the op ignores has one valid action, its canonical one, with log-prob exactly
+    0. One Gumbel draw serves both stages.
     """
     out = run_network(bundle, call)
     inputs, layout = call.inputs, call.layout
     logits = out.logits  # [B, T, H, A_max]
     noise = None if deterministic else categorical.gumbel_noise(logits, generator)
-    log_probs = masked(logits, call).log_softmax(dim=-1)  # [B, T, H, A_max]
-    if layout.hierarchical and (inputs.valid_by_op is not None or out.logits_by_op is not None):
-        op_noise = None if noise is None else noise[..., PRIMARY, :]
-        op = categorical.choose(log_probs[..., PRIMARY, :], op_noise)  # [B, T]
-        log_probs = _log_probs(*_given_op(out, inputs, layout, op), layout)
+    valid = inputs.valid
+    if layout.hierarchical:
+        # Gumbel-max needs no normalization: the op is the argmax over its valid logits.
+        op_logits = torch.where(valid[..., PRIMARY, :], logits[..., PRIMARY, :], layout.minus_inf)
+        op = categorical.choose(op_logits, None if noise is None else noise[..., PRIMARY, :])
+        logits, valid = _given_op(out, inputs, layout, op)  # [B, T, H, A_max] each
+    log_probs = _log_probs(logits, valid, layout)  # [B, T, H, A_max]
     actions = categorical.choose(log_probs, noise)  # [B, T, H]
-    log_prob = categorical.log_prob_of(log_probs, actions)  # [B, T, H]
-    if not layout.hierarchical:
-        return Acted(actions, log_prob, out)
-    relevant = _relevance(layout, actions[..., PRIMARY])  # [B, T, H]
-    assert layout.canonical is not None  # hierarchical
-    actions = torch.where(relevant, actions, layout.canonical)
-    return Acted(actions, _relevant_only(log_prob, relevant), out)
+    if layout.hierarchical:
+        actions[..., PRIMARY] = op  # the op row's draw, rounded otherwise, can differ
+    return Acted(actions, categorical.log_prob_of(log_probs, actions), out)
 
 
 def evaluate(bundle: Bundle, call: Call) -> Scored:
     """Score the actions of `call.inputs`, for `evaluate_actions`.
 
-    Hierarchical: at the stored op, through the same `_given_op` and `_relevant_only`
-    as `act`, so the log-probs equal the rollout's.
+    Hierarchical: under the validity and logits given the stored op, what `act`
+    sampled under, so the log-probs equal the rollout's; a head the op ignores has one
+    valid action, so its log-prob, entropy and gradient are exactly 0.
     """
     inputs, layout = call.inputs, call.layout
     actions = inputs.action_index
@@ -195,7 +194,7 @@ def evaluate(bundle: Bundle, call: Call) -> Scored:
     out = run_network(bundle, call)
     logits, valid = out.logits, inputs.valid  # [B, T, H, A_max]
     op = actions[..., PRIMARY]  # [B, T]
-    if layout.hierarchical and (inputs.valid_by_op is not None or out.logits_by_op is not None):
+    if layout.hierarchical:
         logits, valid = _given_op(out, inputs, layout, op)
     masked_logits = categorical.mask_logits(logits, valid, layout.fill, layout.minus_inf)
     log_probs = masked_logits.log_softmax(dim=-1)  # [B, T, H, A_max]
@@ -211,26 +210,20 @@ def evaluate(bundle: Bundle, call: Call) -> Scored:
     if not layout.hierarchical:
         every = layout.every_head.expand(actions.shape)  # [B, T, H], a view
         return Scored(chosen, entropy, every, every, joint, out)
-    relevant = _relevance(layout, op)  # [B, T, H]
-    return Scored(
-        _relevant_only(chosen, relevant),
-        _relevant_only(entropy, relevant),
-        relevant,
-        availability(inputs.valid, layout),
-        joint,
-        out,
-    )
+    assert layout.relevance is not None  # hierarchical
+    relevance = layout.relevance[op]  # [B, T, H]
+    return Scored(chosen, entropy, relevance, availability(inputs.valid, layout), joint, out)
 
 
 def _given_op(
     out: HookOutput, inputs: PolicyInputs, layout: HeadLayout, op: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every head's logits and validity at each row's op: `[B, T, H, A_max]` each.
+    """Every head's logits and validity given each row's op `[B, T]`: `[B, T, H, A_max]` each.
 
-    The op's own row is unchanged (its flat logits and mask), so scoring the result
-    scores the op as the first stage did.
+    The rule of the hierarchy, for `act` at the sampled op and `evaluate` at the stored
+    one. The op's own row keeps its flat logits and mask.
     """
-    valid = inputs.valid if inputs.valid_by_op is None else at_op(inputs.valid_by_op, op)
+    valid = layout.valid_at_op(inputs.valid, inputs.valid_by_op, op)
     logits = out.logits
     if out.logits_by_op is not None:
         assert layout.primary_row is not None  # hierarchical
@@ -238,20 +231,21 @@ def _given_op(
     return logits, valid
 
 
+def _logits_given_op(out: HookOutput, layout: HeadLayout) -> torch.Tensor:
+    """Every head's logits given each op: `[B, T, N_op, H, A_max]`, or `[B, T, 1, ...]`.
+
+    The hook's per-op logits, with the op's row from its flat logits; without them the
+    flat logits, one row that broadcasts over the ops.
+    """
+    if out.logits_by_op is None:
+        return out.logits.unsqueeze(2)
+    assert layout.primary_row is not None  # hierarchical
+    return torch.where(layout.primary_row, out.logits.unsqueeze(2), out.logits_by_op)
+
+
 def _log_probs(logits: torch.Tensor, valid: torch.Tensor, layout: HeadLayout) -> torch.Tensor:
-    """`[B, T, H, A_max]` log-probabilities of every head under `valid`."""
+    """Log-probabilities of every head under `valid`, on the last dimension."""
     return categorical.mask_logits(logits, valid, layout.fill, layout.minus_inf).log_softmax(-1)
-
-
-def _relevance(layout: HeadLayout, op: torch.Tensor) -> torch.Tensor:
-    """`[B, T, H]` bool: which heads each row's op `[B, T]` uses."""
-    assert layout.relevance is not None  # hierarchical
-    return layout.relevance[op]
-
-
-def _relevant_only(per_head: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
-    """`[B, T, H]` figures with the heads the op does not use set to exactly 0 (no gradient)."""
-    return torch.where(relevant, per_head, 0.0)
 
 
 def availability(valid: torch.Tensor, layout: HeadLayout) -> torch.Tensor:
@@ -276,19 +270,19 @@ def _joint_entropy(
     """`[B, T]` exact entropy of the whole action, in nats.
 
     Flat: the heads are independent, so the sum of their entropies. Hierarchical:
-    `H(op) + sum_n pi(n) sum_{h used by n} H(h | n)`, with each head's conditional
-    entropy under its masks and logits at every op `n` at once, `[B, T, N_op, H]`.
+    `H(op) + sum_n pi(n) sum_{h != op} H(h | n)`, each head's conditional entropy under
+    its validity and logits given every op at once, `[B, T, N_op, H]` (a head op `n`
+    ignores has one valid action: entropy 0).
     """
     if not layout.hierarchical:
         return categorical.entropy_of(masked_logits, log_probs).sum(dim=-1)  # [B, T]
-    assert layout.other_heads_used is not None  # hierarchical
-    logits_by_op = out.logits if out.logits_by_op is None else out.logits_by_op
-    if out.logits_by_op is None:
-        logits_by_op = logits_by_op.unsqueeze(2)  # [B, T, 1, H, A_max]
-    valid_by_op = inputs.valid.unsqueeze(2) if inputs.valid_by_op is None else inputs.valid_by_op
-    masked_by_op = categorical.mask_logits(logits_by_op, valid_by_op, layout.fill, layout.minus_inf)
+    assert layout.other_heads is not None  # hierarchical
+    valid_every_op = layout.valid_every_op(inputs.valid, inputs.valid_by_op)
+    masked_by_op = categorical.mask_logits(
+        _logits_given_op(out, layout), valid_every_op, layout.fill, layout.minus_inf
+    )  # [B, T, N_op, H, A_max]
     entropy_by_op = categorical.entropy_of(masked_by_op, masked_by_op.log_softmax(dim=-1))
-    conditional = (entropy_by_op * layout.other_heads_used).sum(dim=-1)  # [B, T, N_op]
+    conditional = (entropy_by_op * layout.other_heads).sum(dim=-1)  # [B, T, N_op]
     op_log_probs = log_probs[..., PRIMARY, : layout.num_ops]  # [B, T, N_op]
     op_probs = op_log_probs.exp()
     op_entropy = -(op_probs * op_log_probs).sum(dim=-1)  # [B, T]

@@ -6,9 +6,13 @@ are padding. One layout for all heads is what lets the base mask, sample, score
 and measure entropy of all eight heads with one kernel launch each.
 
 `HeadLayout` precomputes, once per bundle and device, the small index and fill tensors that
-map between per-head tensors and that layout, so no per-call work rebuilds them. For a
-hierarchical space it also holds the hierarchy as tensors: which heads each op uses
-(`relevance`) and the canonical action of each head.
+map between per-head tensors and that layout, so no per-call work rebuilds them.
+
+For a hierarchical space it also holds the hierarchy's rule, `valid_at_op`: given an
+op, a head the op uses may take what its flat mask AND its per-op mask at that op
+allow, and a head the op ignores only its canonical action. A head the op ignores is
+thus a head with one valid action, so sampling takes its canonical action, and its
+log-probability, entropy and gradient come out exactly 0 with no step of their own.
 """
 
 from __future__ import annotations
@@ -19,7 +23,12 @@ from typing import Final
 
 import torch
 
-from esper.tamiyo.policy.action_space import HEAD_NAMES, PRIMARY_HEAD, ActionSpace
+from esper.tamiyo.policy.action_space import (
+    CONDITIONED_HEADS,
+    HEAD_NAMES,
+    PRIMARY_HEAD,
+    ActionSpace,
+)
 
 __all__ = [
     "BROKEN_LOGIT",
@@ -52,6 +61,8 @@ _PADDING_CACHE_SIZE = 16  # distinct batch shapes whose padding column `HeadLayo
 PRIMARY: Final = HEAD_NAMES.index(PRIMARY_HEAD)
 """Index of the `op` head in `HEAD_NAMES` and in every packed tensor."""
 
+_CONDITIONED: Final = tuple(HEAD_NAMES.index(head) for head in CONDITIONED_HEADS)
+
 
 class HeadLayout:
     """Index and fill tables for one `ActionSpace` on one device.
@@ -68,20 +79,22 @@ class HeadLayout:
         head_sizes: Each head's number of actions, `A_h`, in `HEAD_NAMES` order.
         action_counts: `[H]` int64, `head_sizes` as a tensor, for range checks.
         structural_valid: `[H, A_max]` bool, True on each head's own columns.
+        conditioned_valid: `structural_valid` without the `op` row: the columns of
+            per-op logits the base reads.
         fill: `[H, A_max]` float32, `MASKED_LOGIT` on head columns and `PADDING_LOGIT`
             on padding columns: what masked positions of the logits become.
         minus_inf: 0-dim float32 `-inf`, for `categorical.mask_logits`.
         inv_log_count: `[A_max + 1]` float32, `1 / log(n)` for `n >= 2` valid actions
             and 0 for `n <= 1`, indexed by the number of valid actions: normalizes
             entropy to [0, 1] with a lookup instead of a log and a division per call.
-        hierarchical: The space has an `ActionHierarchy`; the three tables below are
-            `None` when it has not.
+        hierarchical: The space has an `ActionHierarchy`; the tables below but
+            `every_head` are `None` when it has not.
+        num_ops: `N_op`, the op head's size.
         relevance: `[N_op, H]` bool, True where op `n` uses head `h` (`op` always).
-        canonical: `[H]` int64, each head's canonical action.
         primary_row: `[H, 1]` bool, True on the `op` row, to take the op's logits from
             the flat logits when a hook gives per-op logits.
-        other_heads_used: `[N_op, H]` float32, `relevance` without the `op` column:
-            weighs each head's conditional entropy in the joint entropy.
+        other_heads: `[H]` float32, 1 but on the `op` row: sums the conditional
+            entropies of the heads other than the op.
         every_head: `[H]` bool, all True: a flat space's relevance and availability.
     """
 
@@ -108,6 +121,9 @@ class HeadLayout:
         # float32 whatever torch's default dtype is when a device's tables are first built.
         self.action_counts = torch.tensor(sizes, dtype=torch.long, device=device)
         self.structural_valid = structural.to(device)
+        conditioned = structural.clone()
+        conditioned[PRIMARY] = False
+        self.conditioned_valid = conditioned.to(device)
         self.fill = torch.where(
             structural,
             torch.tensor(MASKED_LOGIT, dtype=torch.float32),
@@ -123,17 +139,21 @@ class HeadLayout:
         self.hierarchical = table is not None
         self.num_ops = sizes[PRIMARY]
         self.relevance: torch.Tensor | None = None
-        self.canonical: torch.Tensor | None = None
         self.primary_row: torch.Tensor | None = None
-        self.other_heads_used: torch.Tensor | None = None
+        self.other_heads: torch.Tensor | None = None
         self.every_head = torch.ones(self.num_heads, dtype=torch.bool, device=device)
+        self._used: torch.Tensor | None = None
+        self._canonical_only: torch.Tensor | None = None
         if table is not None:
             relevance = torch.tensor(table.relevance_table())  # [N_op, H]
             primary = torch.arange(self.num_heads) == PRIMARY  # [H]
+            canonical = torch.zeros(self.num_heads, width, dtype=torch.bool)
+            canonical[torch.arange(self.num_heads), torch.tensor(table.canonical)] = True
             self.relevance = relevance.to(device)
-            self.canonical = torch.tensor(table.canonical, dtype=torch.long, device=device)
             self.primary_row = primary.view(-1, 1).to(device)
-            self.other_heads_used = (relevance & ~primary).float().to(device)
+            self.other_heads = (~primary).float().to(device)
+            self._used = relevance.unsqueeze(-1).to(device)  # [N_op, H, 1]
+            self._canonical_only = canonical.to(device)  # [H, A_max]
 
     def all_valid(self, batch: int, steps: int) -> torch.Tensor:
         """`[B, T, H, A_max]` validity when nothing is masked (a view, no copy)."""
@@ -179,40 +199,63 @@ class HeadLayout:
         )  # [B, T, H, A_max]
 
     def pack_by_op(self, masks: Sequence[torch.Tensor | None], valid: torch.Tensor) -> torch.Tensor:
-        """Pack per-op masks like `pack_masks`, ANDed with the flat masks already packed.
+        """Pack the per-op masks into `[B, T, N_op, H, A_max]`, ANDed with the flat masks.
 
         Args:
             masks: Checked per-op masks of the heads other than `op`, in `HEAD_NAMES`
                 order (`ActionMasks.by_op_tuple()`), each `[B, N_op, A_h]` (only when
-                `T == 1`) or `[B, T, N_op, A_h]`, or `None` where a head has none.
+                `T == 1`), `[B, 1, N_op, A_h]` or `[B, T, N_op, A_h]`, or `None`.
             valid: `[B, T, H, A_max]`, the packed flat masks.
 
         Returns:
-            `[B, T, N_op, H, A_max]` bool: True where an action is valid when op `n` is
-            chosen. The `op` row of every `n` is the flat op mask.
+            What each head's flat AND per-op masks allow given op `n` (the flat mask
+            alone for a head without a per-op mask; the op's own row is its flat mask).
         """
         batch, steps = valid.shape[0], valid.shape[1]
-        ops = self.num_ops
-        flat = steps == 1  # [B, N_op, A_h] masks as they are
-        for mask in masks:
-            if mask is not None and mask.dim() != 3:
-                flat = False
-                break
-        lead = (batch, ops, -1) if flat else (batch, steps, ops, -1)
-        rows = iter(masks)
-        columns: list[torch.Tensor] = []
-        for head in range(self.num_heads):
-            mask = None if head == PRIMARY else next(rows)
-            if mask is None:
-                columns.append(self._true_rows[head].expand(*lead))
-            elif not flat and mask.dim() == 3:
-                columns.append(mask.unsqueeze(1))  # [B, 1, N_op, A_h]
-            else:
-                columns.append(mask)
-        columns.append(self._padding_column(lead))
-        packed = torch.cat(columns, dim=-1).index_select(-1, self._pack_index)
-        by_op = packed.view(batch, steps, ops, self.num_heads, self.padded_size)
-        return by_op & valid.unsqueeze(2)  # [B, T, N_op, H, A_max]
+        packed = valid.unsqueeze(2).repeat(1, 1, self.num_ops, 1, 1)  # [B, T, N_op, H, A_max]
+        for head, mask in zip(_CONDITIONED, masks, strict=True):
+            if mask is not None:
+                rows = packed[:, :, :, head, : self.head_sizes[head]]  # [B, T, N_op, A_h]
+                rows &= mask.view(batch, steps, *mask.shape[-2:])
+        return packed
+
+    def valid_at_op(
+        self, valid: torch.Tensor, by_op: torch.Tensor | None, op: torch.Tensor
+    ) -> torch.Tensor:
+        """The hierarchy's rule: what each head may take given each row's op.
+
+        The one place it is written, for `get_action` (at the sampled op),
+        `evaluate_actions` (at the stored op) and the check of stored actions.
+
+        Args:
+            valid: `[B, T, H, A_max]`, the packed flat masks.
+            by_op: `[B, T, N_op, H, A_max]` from `pack_by_op`, or `None`.
+            op: `[B, T]` int64 ops.
+
+        Returns:
+            `[B, T, H, A_max]` bool: the flat masks AND the per-op masks at `op` for
+            the heads `op` uses (the op's own row is its flat mask), and only the
+            canonical action for the heads it does not use.
+        """
+        assert self.relevance is not None  # hierarchical
+        assert self._canonical_only is not None
+        if by_op is not None:
+            valid = at_op(by_op, op)
+        used = self.relevance[op].unsqueeze(-1)  # [B, T, H, 1]
+        return torch.where(used, valid, self._canonical_only)
+
+    def valid_every_op(self, valid: torch.Tensor, by_op: torch.Tensor | None) -> torch.Tensor:
+        """`valid_at_op` at every op at once, `[B, T, N_op, H, A_max]` (for the joint entropy)."""
+        assert self._used is not None  # hierarchical
+        assert self._canonical_only is not None
+        given = valid.unsqueeze(2) if by_op is None else by_op
+        return torch.where(self._used, given, self._canonical_only)
+
+    def needed(self, valid: torch.Tensor) -> torch.Tensor:
+        """`[B, T, N_op, H]` bool: op `n` is valid under the flat op mask and uses the head."""
+        assert self.relevance is not None  # hierarchical
+        valid_ops = valid[..., PRIMARY, : self.num_ops].unsqueeze(-1)  # [B, T, N_op, 1]
+        return valid_ops & self.relevance
 
     def _padding_column(self, lead: tuple[int, ...]) -> torch.Tensor:
         """The all-False column the pack gathers padding from, `[*lead, 1]`; cached.

@@ -16,7 +16,7 @@ import torch
 
 from esper.tamiyo.policy.action_space import HEAD_NAMES
 from esper.tamiyo.policy.inputs import PolicyInputs
-from esper.tamiyo.policy.layout import PRIMARY, HeadLayout, at_op
+from esper.tamiyo.policy.layout import PRIMARY, HeadLayout
 from esper.tamiyo.policy.outputs import HookOutput
 
 __all__ = ["check_input_values", "check_output_values"]
@@ -38,9 +38,9 @@ def _sum(tensor: torch.Tensor) -> torch.Tensor:
 def check_input_values(inputs: PolicyInputs, layout: HeadLayout, masked: bool) -> None:
     """Refuse NaN/Inf features or hidden state, void mask rows, bad actions; one sync.
 
-    Under a hierarchical space a mask row may be void where no valid op uses the head;
-    a head a valid op uses needs a valid action under its masks for that op. An action
-    of a head the stored op does not use must be the head's canonical action.
+    Under a hierarchical space a head that a valid op uses also needs a valid action
+    under its flat AND per-op masks for that op; an action of a head the stored op
+    does not use must be the head's canonical action.
 
     Args:
         inputs: The normalized inputs.
@@ -57,7 +57,9 @@ def check_input_values(inputs: PolicyInputs, layout: HeadLayout, masked: bool) -
     for tensor in inputs.hidden or ():
         total = total + _sum(tensor)
     if masked:
-        total = total / _rows_not_void(inputs, layout).all()
+        total = total / inputs.valid.any(dim=-1).all()
+        if inputs.valid_by_op is not None:
+            total = total / _usable_given_op(inputs, layout).all()
     if inputs.action_index is not None:
         total = total / _actions_allowed(inputs, layout).all()
     if math.isfinite(total.item()):
@@ -66,9 +68,7 @@ def check_input_values(inputs: PolicyInputs, layout: HeadLayout, masked: bool) -
     _overflowed(inputs.features, *(inputs.hidden or ()))
 
 
-def check_output_values(
-    owner: str, out: HookOutput, heads: torch.Tensor, single_step: bool
-) -> None:
+def check_output_values(owner: str, out: HookOutput, layout: HeadLayout, single_step: bool) -> None:
     """Refuse non-finite logits (in the heads' own columns) or values out of the network.
 
     The new hidden state is not summed here: a network that makes it NaN makes the
@@ -79,7 +79,7 @@ def check_output_values(
         owner: The bundle's class name, for the message.
         out: What the hook returned: logits `[B, T, H, A_max]`, value `[B, T]`, and
             maybe logits per op `[B, T, N_op, H, A_max]`.
-        heads: `[H, A_max]` bool, True on each head's own columns (padding is ignored).
+        layout: The padded layout's tables: which columns are the heads' own.
         single_step: The caller gave one step, so rows are named without a step.
 
     Raises:
@@ -87,10 +87,10 @@ def check_output_values(
             tensor, the head and the row.
     """
     logits, value, by_op = out.logits, out.value, out.logits_by_op
-    head_logits = torch.where(heads, logits, 0.0)  # [B, T, H, A_max], padding ignored
+    heads = layout.structural_valid  # [H, A_max], padding ignored
+    head_logits = torch.where(heads, logits, 0.0)  # [B, T, H, A_max]
     total = _sum(head_logits) + _sum(value)
-    by_op_heads = heads.clone()
-    by_op_heads[PRIMARY] = False  # the op row of per-op logits is not read
+    by_op_heads = layout.conditioned_valid  # the op row of per-op logits is not read
     if by_op is not None:
         total = total + _sum(torch.where(by_op_heads, by_op, 0.0))
     if math.isfinite(total.item()):
@@ -120,52 +120,32 @@ def check_output_values(
     _overflowed(head_logits.detach(), value.detach(), *(() if by_op is None else (by_op,)))
 
 
-def _rows_not_void(inputs: PolicyInputs, layout: HeadLayout) -> torch.Tensor:
-    """Bool, False where a mask row that must offer an action offers none.
+def _usable_given_op(inputs: PolicyInputs, layout: HeadLayout) -> torch.Tensor:
+    """`[B, T, N_op, H]` bool, False where a valid op's head has no valid action.
 
-    Flat: `[B, T, H]`, every row. Hierarchical: a head's row at op `n` must offer an
-    action where op `n` is valid and uses the head (`[B, T, N_op, H]` with per-op
-    masks, `[B, T, H]` without: some valid op uses the head); the op's row always.
+    That is: op `n` is valid and uses the head, but the head's flat mask AND its per-op
+    mask at `n` leave it nothing.
     """
-    if not layout.hierarchical:
-        return inputs.valid.any(dim=-1)
-    return _offered(inputs).any(dim=-1) >= _needed(inputs, layout)
-
-
-def _offered(inputs: PolicyInputs) -> torch.Tensor:
-    """`[B, T, N_op, H, A_max]` with per-op masks, else `[B, T, H, A_max]`: what is valid."""
-    return inputs.valid if inputs.valid_by_op is None else inputs.valid_by_op
-
-
-def _needed(inputs: PolicyInputs, layout: HeadLayout) -> torch.Tensor:
-    """Bool, the rows `_offered` must not leave void (hierarchical)."""
-    assert layout.relevance is not None
-    assert layout.primary_row is not None
-    valid_ops = inputs.valid[..., PRIMARY, : layout.num_ops].unsqueeze(-1)  # [B, T, N_op, 1]
-    needed = (valid_ops & layout.relevance) | layout.primary_row.view(-1)  # [B, T, N_op, H]
-    return needed if inputs.valid_by_op is not None else needed.any(dim=-2)
+    assert inputs.valid_by_op is not None  # per-op masks given
+    offered = inputs.valid_by_op.any(dim=-1)  # [B, T, N_op, H]
+    return offered >= layout.needed(inputs.valid)
 
 
 def _actions_allowed(inputs: PolicyInputs, layout: HeadLayout) -> torch.Tensor:
     """`[B, T, H]` bool: each action is in range and allowed by its masks.
 
-    Hierarchical: allowed by the masks at the stored op where the op uses the head,
-    and the head's canonical action where it does not.
+    Hierarchical: allowed given the stored op, so a head the op ignores allows only
+    its canonical action.
     """
     action_index = inputs.action_index
     assert action_index is not None  # evaluate_actions
     in_range = (action_index >= 0) & (action_index < layout.action_counts)
     safe = action_index.clamp(0, layout.padded_size - 1)  # [B, T, H]
-    if not layout.hierarchical:
-        valid = inputs.valid
-        return in_range & valid.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    assert layout.relevance is not None
-    assert layout.canonical is not None
-    op = safe[..., PRIMARY].clamp(max=layout.num_ops - 1)  # [B, T]
-    valid = inputs.valid if inputs.valid_by_op is None else at_op(inputs.valid_by_op, op)
-    allowed = valid.gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # [B, T, H]
-    canonical = action_index == layout.canonical
-    return in_range & torch.where(layout.relevance[op], allowed, canonical)
+    valid = inputs.valid
+    if layout.hierarchical:
+        op = safe[..., PRIMARY].clamp(max=layout.num_ops - 1)  # [B, T]
+        valid = layout.valid_at_op(valid, inputs.valid_by_op, op)
+    return in_range & valid.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
 
 
 def _explain_inputs(inputs: PolicyInputs, layout: HeadLayout) -> None:
@@ -188,39 +168,28 @@ def _explain_inputs(inputs: PolicyInputs, layout: HeadLayout) -> None:
 
 
 def _explain_void(inputs: PolicyInputs, layout: HeadLayout) -> None:
-    """Raise naming the first mask row that must offer an action and offers none."""
+    """Raise naming the first mask row that offers no valid action."""
     single_step = inputs.single_step
-    if not layout.hierarchical:
-        void = (~inputs.valid.any(dim=-1)).nonzero()  # [n, 3]
-    else:
-        void = (_offered(inputs).any(dim=-1) < _needed(inputs, layout)).nonzero()
-    if not void.numel():
-        return
-    at = void[0]
-    head = HEAD_NAMES[int(at[-1])]
-    if int(at[-1]) == PRIMARY or not layout.hierarchical:
+    void = (~inputs.valid.any(dim=-1)).nonzero()  # [n, 3]
+    if void.numel():
+        head = HEAD_NAMES[int(void[0, 2])]
         raise ValueError(
-            f"masks[{head!r}] has no valid action at {_where(at, single_step)}: "
+            f"masks[{head!r}] has no valid action at {_where(void[0], single_step)}: "
             "every row needs at least one True (what should the policy do there?)"
         )
+    if inputs.valid_by_op is None:
+        return
+    stuck = (~_usable_given_op(inputs, layout)).nonzero()  # [n, 4]: (row, step, op, head)
+    if not stuck.numel():
+        return
+    op, head = int(stuck[0, 2]), HEAD_NAMES[int(stuck[0, 3])]
     table = inputs.action_space.hierarchy
-    assert table is not None
-    assert layout.relevance is not None
-    row, step = int(at[0]), int(at[1])
-    if inputs.valid_by_op is not None:
-        op = int(at[2])
-        given = f"masks[{head!r}] AND masks['{head}_by_op'] at that op leave"
-    else:
-        valid_ops = (
-            inputs.valid[row, step, PRIMARY, : layout.num_ops] & layout.relevance[:, int(at[-1])]
-        )
-        op = int(valid_ops.nonzero()[0, 0])
-        given = f"masks[{head!r}] leaves"
+    assert table is not None  # per-op masks need a hierarchy
     name = table.ops[op]
     raise ValueError(
-        f"{given} no valid {head} under op {name} at {_where(at, single_step)}, "
-        f"where {name} is valid and uses {head!r}: allow an action there, or mask {name} "
-        "out in masks['op']"
+        f"masks[{head!r}] AND masks['{head}_by_op'] at op {name} leave no valid {head} at "
+        f"{_where(stuck[0], single_step)}, where {name} is valid and uses {head!r}: allow "
+        f"an action there, or mask {name} out in masks['op']"
     )
 
 
@@ -258,7 +227,7 @@ def _explain_actions(inputs: PolicyInputs, layout: HeadLayout) -> None:
         raise ValueError(
             f"actions[{head!r}] = {value} at {_where(at, single_step)}: op {name} does not "
             f"use {head!r}, so its action must be the canonical {table.canonical[head_i]} "
-            "(what get_action returns there)"
+            "(what get_action returns there), whatever the masks"
         )
     given = (
         f"masks[{head!r}]" if head_i == PRIMARY else f"masks[{head!r}] and masks['{head}_by_op']"

@@ -27,7 +27,7 @@ import datetime
 import functools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +87,11 @@ SECTIONS: dict[str, str] = {
     "   (2-D: features [B, F], masks [B, A_h]; 3-D: features [B, 1, F], masks [B, 1, A_h])",
     "get_action": "2. get_action, one step (features [B, F])",
     "evaluate": "3. evaluate_actions forward + backward (features [B, T, F])",
-    "share": "4. Share of a new get_action step at B=1 (µs, % of the step)",
-    "memory": "5. Peak memory of the training step of section 3",
-    "compile": "6. New bundle compiled with PolicyBundle.compile (--compile)",
+    "hierarchy": "4. Op-first hierarchy; old: the new bundle on the flat ActionSpace(); new: the\n"
+    "   same weights on ActionSpace.tamiyo() with per-op slot masks (slot_by_op)",
+    "share": "5. Share of a new get_action step at B=1 (µs, % of the step)",
+    "memory": "6. Peak memory of the training step of section 3",
+    "compile": "7. New bundle compiled with PolicyBundle.compile (--compile)",
 }
 """Section key to the title printed above its table, in print order."""
 
@@ -513,6 +515,74 @@ def measure_get_action(ctx: Context) -> list[Comparison]:
     return rows
 
 
+HIERARCHY_LIMIT = 1.10
+"""The most a hierarchical call may cost against the flat one (issue 13)."""
+
+
+def hierarchical_case(case: Case, generator: torch.Generator) -> Case:
+    """`case` under Tamiyo's hierarchy: the same inputs plus random per-op slot masks.
+
+    Every row of `slot_by_op` shares a slot with the flat slot mask, so no (op, row) is
+    void; sampled actions, when `case` has them, are resampled by the caller.
+    """
+    masks = case.masks
+    assert masks.slot is not None  # random_masks masks every head
+    lead = masks.slot.shape[:-1]
+    space = ActionSpace.tamiyo()
+    per_op = torch.rand(*lead, space.op, space.slot, generator=generator) < 0.5
+    per_op = per_op.to(masks.slot.device) | masks.slot.unsqueeze(-2)  # [*lead, N_op, S]
+    return replace(case, masks=replace(masks, slot_by_op=per_op))
+
+
+def hierarchical_bundle(flat: LSTMPolicyBundle) -> LSTMPolicyBundle:
+    """`flat`'s weights on `ActionSpace.tamiyo()` (the layouts are the same)."""
+    bundle = LSTMPolicyBundle(
+        flat.feature_dim or 1,
+        hidden_dim=flat.hidden_dim,
+        embed_dim=flat.embed_dim,
+        num_layers=flat.num_layers,
+        action_space=ActionSpace.tamiyo(),
+    ).to(flat.device)
+    bundle.load_state_dict(flat.state_dict())
+    return bundle
+
+
+def measure_hierarchy(ctx: Context, cases: Mapping[tuple[int, int], Case]) -> list[Comparison]:
+    """Section 4: the hierarchical paths against the flat ones, same weights and inputs.
+
+    `get_action` at B=1 and B=32, and the training step at the first training shape,
+    each with the flat masks of the other sections plus per-op slot masks.
+    """
+    rows: list[Comparison] = []
+    flat = ctx.bundles.new
+    tiered = hierarchical_bundle(flat)
+    for batch in (1, 32):
+        case = make_case(flat, (batch,), ctx.options.feature_dim, ctx.generator)
+        calls = {
+            "flat": functools.partial(new_get_action, flat, case),
+            "tiered": functools.partial(
+                new_get_action, tiered, hierarchical_case(case, ctx.generator)
+            ),
+        }
+        timings = time_interleaved(calls, ctx.settings, ctx.sync)
+        name = f"get_action, B={batch}"
+        key = f"hierarchy/get_action/B={batch}"
+        rows.append(_timed_row(key, "hierarchy", name, timings["flat"], timings["tiered"]))
+    (batch, steps), case = next(iter(cases.items()))
+    tiered_case = hierarchical_case(case, ctx.generator)
+    actions = tiered.get_action(tiered_case.features, tiered_case.masks, case.hidden).action
+    tiered_case = replace(tiered_case, actions=actions)
+    steps_calls: dict[str, Callable[[], object]] = {
+        "flat": functools.partial(new_training_step, flat, case),
+        "tiered": functools.partial(new_training_step, tiered, tiered_case),
+    }
+    timings = time_interleaved(steps_calls, ctx.settings, ctx.sync)
+    name = f"evaluate_actions fwd+bwd, B={batch}, T={steps}"
+    key = f"hierarchy/evaluate/B={batch},T={steps}"
+    rows.append(_timed_row(key, "hierarchy", name, timings["flat"], timings["tiered"]))
+    return rows
+
+
 def training_cases(ctx: Context) -> dict[tuple[int, int], Case]:
     """One case per `(B, T)` of the training sections, with sampled valid actions."""
     cases: dict[tuple[int, int], Case] = {}
@@ -739,7 +809,24 @@ def evaluate_targets(rows: list[Comparison], shares: list[Share]) -> list[Target
         _ratio_target(rows, "evaluate/B=8,T=16", "evaluate_actions fwd+bwd B=8, T=16", 0.60),
         _normalization_target(rows),
         _share_target(shares),
+        *_hierarchy_targets(rows),
     ]
+
+
+def _hierarchy_targets(rows: list[Comparison]) -> list[Target]:
+    """Each hierarchical row within `HIERARCHY_LIMIT` of the flat one."""
+    targets: list[Target] = []
+    for row in rows:
+        if row.section == "hierarchy":
+            target = _ratio_target(rows, row.key, f"hierarchical {row.name}", HIERARCHY_LIMIT)
+            targets.append(
+                replace(
+                    target,
+                    goal=f"hierarchical/flat <= {HIERARCHY_LIMIT:.2f}",
+                    detail=target.detail.replace("new/old", "hierarchical/flat"),
+                )
+            )
+    return targets
 
 
 # ------------------------------------------------------------------ the run
@@ -800,6 +887,7 @@ def run_suite(options: BenchOptions) -> Report:
         report.rows += measure_get_action(ctx)
         cases = training_cases(ctx)
         report.rows += measure_training(ctx, cases)
+        report.rows += measure_hierarchy(ctx, cases)
         report.shares += measure_shares(ctx)
         report.rows += measure_memory(ctx, cases)
         if options.compile:
