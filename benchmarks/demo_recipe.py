@@ -1,7 +1,8 @@
 """Train the demo's LSTM under each candidate training recipe (the runs of ADR 0005).
 
-A recipe is the reward of a seed from the wrong blueprint and the PPO step-size
-schedule. For each recipe and seed the script trains `build_policy("lstm")` with
+A recipe is the reward of a seed from the wrong blueprint, the PPO step-size
+schedule, and how the policy loss treats the heads (clipped per head over the steps
+where each was relevant, or one clipped joint ratio). For each recipe and seed the script trains `build_policy("lstm")` with
 `train_policy`, as `esper-policy demo` does, then reports:
 
 - the greedy evaluation on 1000 seeded episodes: mean return, and success on the
@@ -29,11 +30,12 @@ from esper.tamiyo.policy.demo.run import EVAL_SEED_OFFSET, build_policy
 
 @dataclass(frozen=True)
 class Recipe:
-    """The reward of a seed from the wrong blueprint, and the PPO step size."""
+    """The reward of a seed from the wrong blueprint, the PPO step size and surrogate."""
 
     wrong_quality: float
     learning_rate: float
     anneal: bool
+    surrogate: str = "per_head"
 
 
 RECIPES = {
@@ -41,14 +43,21 @@ RECIPES = {
     "wrong=-1": Recipe(wrong_quality=-1.0, learning_rate=1e-3, anneal=True),
     "lr=2e-3 constant": Recipe(wrong_quality=0.25, learning_rate=2e-3, anneal=False),
     "wrong=-1, lr=2e-3 constant": Recipe(wrong_quality=-1.0, learning_rate=2e-3, anneal=False),
+    "joint surrogate": Recipe(
+        wrong_quality=0.25, learning_rate=1e-3, anneal=True, surrogate="joint"
+    ),
 }
 
 
 def run(recipe: Recipe, seed: int, steps: int) -> list[str]:
     task_config = TaskConfig(wrong_blueprint_quality=recipe.wrong_quality)
     torch.manual_seed(seed)
-    bundle = build_policy("lstm", task_config.feature_dim)
-    config = PPOConfig(learning_rate=recipe.learning_rate, anneal_lr=recipe.anneal)
+    bundle = build_policy("lstm", task_config.feature_dim, task_config.action_space)
+    config = PPOConfig(
+        learning_rate=recipe.learning_rate,
+        anneal_lr=recipe.anneal,
+        surrogate=recipe.surrogate,  # type: ignore[arg-type]
+    )
     started = time.perf_counter()
     history = train_policy(bundle, steps, seed=seed, config=config, task_config=task_config)
     seconds = time.perf_counter() - started

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
 import io
 import json
 import os
@@ -18,6 +19,7 @@ import torch
 
 from conftest import GUIDE_EXAMPLE, load_guide_example
 from esper.tamiyo.policy import (
+    HEAD_NAMES,
     ActionSpace,
     LSTMPolicyBundle,
     MLPPolicyBundle,
@@ -44,6 +46,12 @@ def acceptance_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path,
     return code, output, stdout.getvalue()
 
 
+def uniform_bundle() -> UniformPolicyBundle:
+    """The demo's uniform baseline: Tamiyo's hierarchical space, like the task."""
+    config = TaskConfig()
+    return UniformPolicyBundle(config.feature_dim, action_space=config.action_space)
+
+
 def results_of(output: Path) -> dict[str, Any]:
     results: dict[str, Any] = json.loads((output / "results.json").read_text())
     return results
@@ -57,7 +65,7 @@ def test_the_lstm_learns_the_memory_decision_and_the_baselines_cannot(
     scores = results_of(output)["evaluations"]
     lstm, mlp, uniform = scores["lstm"], scores["mlp"], scores["uniform"]
     chance = TaskConfig().chance
-    assert lstm["success_rate"] >= 0.90
+    assert lstm["success_rate"] >= 0.95
     assert abs(mlp["success_rate"] - chance) <= 0.10
     assert uniform["mean_return"] < mlp["mean_return"] < lstm["mean_return"]
     assert [s["invalid_actions"] for s in scores.values()] == [0, 0, 0]
@@ -93,6 +101,11 @@ def test_the_demo_saves_checkpoints_a_plot_and_results(
     assert set(histories) == {"lstm", "mlp"}
     assert histories["lstm"][-1]["env_steps"] == 80_896  # 79 rollouts of 64 x 16
     assert max(row["first_ratio_error"] for row in histories["lstm"]) < 1e-4
+    last = histories["lstm"][-1]
+    assert set(last["head_entropy"]) == set(last["relevance_rate"]) == set(HEAD_NAMES)
+    assert last["relevance_rate"]["op"] == 1.0
+    assert 0 < last["relevance_rate"]["blueprint"] < last["relevance_rate"]["slot"] < 1
+    assert {row["illegal_combinations"] for rows in histories.values() for row in rows} == {0}
     assert results["options"]["steps"] == 80_000
     assert {item["passed"] for item in results["acceptance"]} == {True}
 
@@ -150,7 +163,7 @@ def test_load_refuses_a_file_that_is_not_a_checkpoint(
 def test_load_scores_a_saved_uniform_policy_by_sampling(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = UniformPolicyBundle(TaskConfig().feature_dim).save(tmp_path / "uniform.pt")
+    path = uniform_bundle().save(tmp_path / "uniform.pt")
     assert main(["demo", "--load", str(path), "--eval-episodes", "200"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     loaded = next(row for row in rows if row[:1] == [str(path)])
@@ -162,11 +175,14 @@ def test_load_scores_a_saved_uniform_policy_by_sampling(
 def test_load_refuses_a_checkpoint_with_other_heads(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    bundle = MLPPolicyBundle(TaskConfig().feature_dim, action_space=ActionSpace(slot=4))
+    bundle = MLPPolicyBundle(TaskConfig().feature_dim, action_space=ActionSpace.tamiyo(slot=4))
     path = bundle.save(tmp_path / "other.pt")
     err = _error_of(["demo", "--load", str(path)], capsys)
     assert "the 'mlp' bundle in it has heads ActionSpace(slot=4" in err
     assert "the demo task uses ActionSpace(slot=3" in err
+    flat = MLPPolicyBundle(TaskConfig().feature_dim).save(tmp_path / "flat.pt")
+    err = _error_of(["demo", "--load", str(flat)], capsys)
+    assert "hierarchy=None), the demo task uses ActionSpace(" in err
 
 
 def test_load_imports_the_file_that_registers_a_contributed_bundle(
@@ -175,7 +191,8 @@ def test_load_imports_the_file_that_registers_a_contributed_bundle(
     """A bundle of one's own: `--import` runs its registration, then `--load` works."""
     monkeypatch.setattr(registrations, "_REGISTRY", dict(registrations._REGISTRY))
     gru = load_guide_example(keep_registration=True).GRUPolicyBundle
-    path = gru(TaskConfig().feature_dim, hidden_dim=8).save(tmp_path / "gru.pt")
+    space = TaskConfig().action_space
+    path = gru(TaskConfig().feature_dim, hidden_dim=8, action_space=space).save(tmp_path / "gru.pt")
     for name, module in list(sys.modules.items()):  # as in a new process
         if getattr(module, "__file__", None) == str(GUIDE_EXAMPLE):
             monkeypatch.delitem(sys.modules, name)
@@ -213,7 +230,7 @@ def test_load_refuses_a_checkpoint_built_for_other_features(
 ) -> None:
     path = LSTMPolicyBundle(7, hidden_dim=8, embed_dim=8).save(tmp_path / "other.pt")
     err = _error_of(["demo", "--load", str(path)], capsys)
-    assert "the 'lstm' bundle in it takes 7 features, the demo task gives 30" in err
+    assert "the 'lstm' bundle in it takes 7 features, the demo task gives 33" in err
 
 
 def test_the_demo_refuses_options_that_cannot_work(
@@ -292,7 +309,7 @@ def test_load_refuses_a_damaged_checkpoint_without_a_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A flag flipped in the zip's directory: zipfile's own error, named as a damaged file."""
-    path = UniformPolicyBundle(TaskConfig().feature_dim).save(tmp_path / "uniform.pt")
+    path = uniform_bundle().save(tmp_path / "uniform.pt")
     data = bytearray(path.read_bytes())
     end = data.rfind(b"PK\x05\x06")
     directory = int.from_bytes(data[end + 16 : end + 20], "little")
@@ -328,7 +345,7 @@ def test_import_refuses_a_module_that_exits_while_imported(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`sys.exit(0)` in an `--import`ed file must not end the demo with status 0."""
-    path = UniformPolicyBundle(TaskConfig().feature_dim).save(tmp_path / "uniform.pt")
+    path = uniform_bundle().save(tmp_path / "uniform.pt")
     exits = tmp_path / "exits_on_import.py"
     exits.write_text("import sys\n\nsys.exit(0)\n")
     argv = ["demo", "--load", str(path), "--import", str(exits), "--eval-episodes", "8"]
@@ -337,3 +354,35 @@ def test_import_refuses_a_module_that_exits_while_imported(
         f"esper-policy demo: error: --import: cannot import {str(exits)!r}: it called "
         'sys.exit(0) while being imported; move that call under if __name__ == "__main__":'
     ]
+
+
+def test_logdir_writes_each_policys_training_scalars_for_tensorboard(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logdir = tmp_path / "runs"
+    argv = ["demo", "--steps", "256", "--envs", "8", "--eval-episodes", "8", "--no-progress"]
+    main([*argv, "--output", str(tmp_path / "out"), "--logdir", str(logdir)])
+    capsys.readouterr()
+    event_accumulator = importlib.import_module(
+        "tensorboard.backend.event_processing.event_accumulator"
+    )
+    for name in ("lstm", "mlp"):
+        accumulator = event_accumulator.EventAccumulator(str(logdir / name))
+        accumulator.Reload()
+        tags = set(accumulator.Tags()["scalars"])
+        assert {"return", "success", "approx_kl", "clip_fraction"} <= tags
+        assert {f"entropy/{h}" for h in HEAD_NAMES} | {f"relevance/{h}" for h in HEAD_NAMES} <= tags
+        assert [event.step for event in accumulator.Scalars("approx_kl")] == [128, 256]
+    err = _error_of(["demo", "--load", "x.pt", "--logdir", str(logdir)], capsys)
+    assert "--load evaluates a checkpoint and trains nothing: --logdir" in err
+
+
+def test_logdir_without_tensorboard_says_how_to_install_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # find_spec now raises or says None
+    trained: list[int] = []
+    monkeypatch.setattr(PPOTrainer, "iterate", lambda self: trained.append(1))
+    err = _error_of(["demo", "--steps", "1", "--logdir", str(tmp_path)], capsys)
+    assert "--logdir needs tensorboard: install the demo extra" in err
+    assert trained == []

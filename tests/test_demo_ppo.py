@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from conftest import load_guide_example
 from esper.tamiyo import policy
-from esper.tamiyo.policy import LSTMPolicyBundle, MLPPolicyBundle, PolicyBundle
+from esper.tamiyo.policy import (
+    HEAD_NAMES,
+    ActionSpace,
+    LSTMPolicyBundle,
+    MLPPolicyBundle,
+    NetworkOutput,
+    PolicyBundle,
+    PolicyInputs,
+)
 from esper.tamiyo.policy.demo import (
+    Op,
     PPOConfig,
     PPOTrainer,
     SeedLifecycleTask,
@@ -23,13 +34,41 @@ from esper.tamiyo.policy.demo import (
     gae,
     ppo,
 )
+from esper.tamiyo.policy.demo.ppo import TensorBoardScalars
 
 FEATURES = TaskConfig().feature_dim
+SPACE = TaskConfig().action_space  # ActionSpace.tamiyo()
+FLAT = TaskConfig(action_space=ActionSpace())
 
 
-def demo_lstm(seed: int = 0) -> LSTMPolicyBundle:
+def demo_lstm(seed: int = 0, *, op_conditioned_logits: bool = False) -> LSTMPolicyBundle:
     torch.manual_seed(seed)
-    return LSTMPolicyBundle(FEATURES, hidden_dim=16, embed_dim=16)
+    if op_conditioned_logits:
+        return LSTMPolicyBundle(
+            FEATURES, hidden_dim=16, embed_dim=16, action_space=SPACE, op_conditioned_logits=True
+        )
+    return LSTMPolicyBundle(FEATURES, hidden_dim=16, embed_dim=16, action_space=SPACE)
+
+
+class PerHeadBias(PolicyBundle):
+    """A policy with one logit vector per head and nothing shared: a head's gradient is its own."""
+
+    def __init__(self, action_space: ActionSpace = SPACE) -> None:
+        width = action_space.padded_size
+        network = nn.ParameterDict(
+            {head: nn.Parameter(torch.zeros(width)) for head in HEAD_NAMES}
+            | {"value": nn.Parameter(torch.zeros(()))}
+        )
+        super().__init__(network, feature_dim=FEATURES, action_space=action_space)
+
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        batch, steps = inputs.batch_size, inputs.seq_len
+        network = self.network
+        assert isinstance(network, nn.ParameterDict)
+        biases = torch.stack([network[head] for head in HEAD_NAMES])  # [H, A_max]
+        logits = biases.expand(batch, steps, -1, -1)  # [B, T, H, A_max]
+        value = network["value"] + inputs.features.new_zeros(batch, steps)  # not a view
+        return NetworkOutput(logits, value, None)
 
 
 def test_gae_equals_the_discounted_sum_of_td_errors_cut_at_episode_ends() -> None:
@@ -53,16 +92,27 @@ def test_gae_equals_the_discounted_sum_of_td_errors_cut_at_episode_ends() -> Non
             assert float(advantages[row, start]) == pytest.approx(expected, abs=1e-12)
 
 
-@pytest.mark.parametrize("make", [demo_lstm, None], ids=["lstm", "guide-gru"])
+def _guide_gru() -> PolicyBundle:
+    bundle = load_guide_example().GRUPolicyBundle(FEATURES, action_space=SPACE)
+    assert isinstance(bundle, PolicyBundle)
+    return bundle
+
+
+@pytest.mark.parametrize(
+    "make",
+    [demo_lstm, lambda: demo_lstm(op_conditioned_logits=True), _guide_gru],
+    ids=["lstm", "lstm-op-conditioned", "guide-gru"],
+)
 def test_updates_replay_the_rollout_across_episode_resets_inside_sequences(
-    make: Callable[[], PolicyBundle] | None,
+    make: Callable[[], PolicyBundle],
 ) -> None:
     """Rollouts of 24 steps over 16-step episodes: resets inside every sequence.
 
-    The second rollout starts from a carried, non-zero hidden state.
+    The second rollout starts from a carried, non-zero hidden state. Under Tamiyo's
+    hierarchical space the per-head log-probabilities replay too, with the masks per
+    op stacked over the sequence.
     """
-    bundle = load_guide_example().GRUPolicyBundle(FEATURES) if make is None else make()
-    assert isinstance(bundle, PolicyBundle)
+    bundle = make()
     task = SeedLifecycleTask(8, seed=0)
     trainer = PPOTrainer(bundle, task, PPOConfig(rollout_steps=24, minibatches=2), seed=0)
     first, _ = trainer.collect()
@@ -74,6 +124,8 @@ def test_updates_replay_the_rollout_across_episode_resets_inside_sequences(
     assert second.hidden is not None
     assert all(bool(h.abs().sum() > 0) for h in second.hidden)
     assert second.episode_start[:, 8].all()
+    assert second.masks.slot_by_op is not None
+    assert second.masks.slot_by_op.shape == (8, 24, 6, 3)
     stats = trainer.update(second)
     assert stats.first_ratio_error < 1e-5
 
@@ -177,7 +229,7 @@ def test_training_repeats_exactly_under_a_seed_and_differs_under_another() -> No
 
 
 def test_train_counts_steps_and_anneals_the_learning_rate_to_near_zero() -> None:
-    bundle = MLPPolicyBundle(FEATURES, hidden_dim=16)
+    bundle = MLPPolicyBundle(FEATURES, hidden_dim=16, action_space=SPACE)
     trainer = PPOTrainer(bundle, SeedLifecycleTask(8, seed=0), PPOConfig(minibatches=2))
     seen: list[int] = []
     history = trainer.train(300, on_iteration=lambda s: seen.append(s.env_steps))
@@ -201,6 +253,11 @@ def test_the_trainer_refuses_environments_that_do_not_split_into_minibatches() -
         PPOTrainer(demo_lstm(), SeedLifecycleTask(6), PPOConfig(minibatches=4))
     with pytest.raises(ValueError, match="a minibatch would hold a single step"):
         PPOTrainer(demo_lstm(), SeedLifecycleTask(4), PPOConfig(rollout_steps=1, minibatches=4))
+    flat = LSTMPolicyBundle(FEATURES, hidden_dim=8, embed_dim=8)
+    with pytest.raises(
+        ValueError, match=r"the bundle's action space ActionSpace.* is not the task's"
+    ):
+        PPOTrainer(flat, SeedLifecycleTask(4))
 
 
 @pytest.mark.parametrize(
@@ -214,6 +271,7 @@ def test_the_trainer_refuses_environments_that_do_not_split_into_minibatches() -
         ({"gae_lambda": -0.1}, ValueError, r"gae_lambda must be in \[0.0, 1.0\]"),
         ({"clip": True}, TypeError, "clip must be a number, got True"),
         ({"entropy_coef": float("nan")}, ValueError, "entropy_coef must be in"),
+        ({"surrogate": "ratio"}, ValueError, "surrogate must be 'per_head' or 'joint'"),
     ],
 )
 def test_ppo_config_refuses_settings_that_cannot_train(
@@ -234,3 +292,126 @@ def test_evaluation_restores_training_mode_and_meets_the_same_episodes() -> None
     assert first == second
     assert first.invalid_actions == 0
     assert first.deterministic
+
+
+@pytest.mark.parametrize("surrogate", ["per_head", "joint"])
+def test_the_policy_loss_masks_advantages_by_relevance_and_the_bonus_by_availability(
+    surrogate: str,
+) -> None:
+    """The update's first loss, at ratio 1, recomputed here from `evaluate_actions`.
+
+    Per head, each head's surrogate is its advantages averaged over the steps where it
+    was relevant; joint, the advantages averaged over all steps. The entropy bonus is
+    each head's entropy averaged over the steps where it was available, summed.
+    """
+    bundle = demo_lstm()
+    config = PPOConfig(minibatches=1, epochs=1, surrogate=surrogate)  # type: ignore[arg-type]
+    trainer = PPOTrainer(bundle, SeedLifecycleTask(16, seed=0), config, seed=0)
+    rollout, _ = trainer.collect()
+    with torch.no_grad():
+        result = bundle.evaluate_actions(
+            rollout.features, rollout.actions, rollout.masks, rollout.hidden,
+            episode_start=rollout.episode_start,
+        )  # fmt: skip
+    advantages = gae(rollout.reward, rollout.value, rollout.done, rollout.last_value, 0.99, 0.95)
+    adv = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+    def masked_mean(values: torch.Tensor, where: torch.Tensor) -> float:
+        return float((values * where).sum() / where.sum().clamp(min=1))
+
+    if surrogate == "per_head":
+        expected = -sum(masked_mean(adv, result.relevance[h]) for h in HEAD_NAMES)
+    else:
+        expected = -float(adv.mean())
+    bonus = sum(masked_mean(result.entropy[h], result.availability[h]) for h in HEAD_NAMES)
+    stats = trainer.update(rollout)
+    assert stats.policy_loss == pytest.approx(expected, abs=1e-5)
+    assert stats.entropy == pytest.approx(bonus, abs=1e-5)
+    rates = {h: float(result.relevance[h].float().mean()) for h in HEAD_NAMES}
+    assert stats.relevance_rate == pytest.approx(rates)
+    # Not a flat space in disguise: heads matter on some steps only, and are available
+    # (their op offered) on steps where they did not matter.
+    assert rates["op"] == 1.0
+    assert 0 < rates["blueprint"] < rates["slot"] < 1
+    assert bool((result.availability["blueprint"] & ~result.relevance["blueprint"]).any())
+    assert stats.head_entropy["op"] > 0
+
+
+def test_a_head_no_step_used_gets_no_gradient_while_the_others_learn() -> None:
+    """SET_ALPHA_TARGET and PRUNE are never sampled: no step uses alpha_speed or alpha_curve.
+
+    Seeds are germinated, advanced and fossilized, so rewards and advantages are not
+    0, and every head those ops use learns. The two alpha schedule heads were
+    available at many steps (PRUNE is offered whenever a seed lives), but relevant at
+    none: their log-probability and entropy are 0 at every step whose op ignored
+    them, so neither the policy loss nor the entropy bonus moves them.
+    """
+    bundle = PerHeadBias()
+    assert isinstance(bundle.network, nn.ParameterDict)
+    with torch.no_grad():  # probability about 4e-18 each
+        bundle.network["op"][[Op.SET_ALPHA_TARGET, Op.PRUNE]] = -40.0
+    before = {k: v.detach().clone() for k, v in bundle.network.named_parameters()}
+    task = SeedLifecycleTask(8, seed=0)
+    trainer = PPOTrainer(bundle, task, PPOConfig(minibatches=2, entropy_coef=0.1), seed=0)
+    history = trainer.train(2 * trainer.steps_per_iteration)
+    after = dict(bundle.network.named_parameters())
+    unchanged = {k for k, v in after.items() if torch.equal(v, before[k])}
+    assert unchanged == {"alpha_speed", "alpha_curve"}
+    for stats in history:
+        assert stats.update.relevance_rate["alpha_speed"] == 0
+        assert stats.update.head_entropy["alpha_speed"] == 0
+        assert 0 < stats.update.relevance_rate["tempo"] < stats.update.relevance_rate["slot"] < 1
+        assert stats.mean_return > 0
+
+
+def test_a_flat_space_trains_on_union_masks_and_counts_illegal_combinations() -> None:
+    """Option (c): independent heads, union masks, an illegal combination taken as WAIT."""
+    torch.manual_seed(0)
+    bundle = LSTMPolicyBundle(FEATURES, hidden_dim=16, embed_dim=16)  # a flat space
+    history = ppo.train_policy(bundle, 512, num_envs=8, config=PPOConfig(minibatches=2))
+    assert sum(s.illegal_combinations for s in history) > 0
+    assert sum(s.invalid_actions for s in history) == 0
+    assert history[-1].update.relevance_rate == dict.fromkeys(HEAD_NAMES, 1.0)
+    assert max(s.update.first_ratio_error for s in history) < 1e-5
+    score = evaluate_policy(bundle, episodes=64)  # the flat task, from the bundle's space
+    assert score.invalid_actions == 0
+    with pytest.raises(ValueError, match=r"the bundle's action space .* is not the task's"):
+        evaluate_policy(bundle, episodes=8, config=TaskConfig())
+
+
+SCALARS = {"return", "success", "approx_kl", "clip_fraction", "policy_loss", "value_loss",
+           "entropy"} | {f"entropy/{h}" for h in HEAD_NAMES} | {f"relevance/{h}" for h in HEAD_NAMES}  # fmt: skip
+
+
+def test_tensorboard_scalars_are_written_and_read_back(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    bundle = MLPPolicyBundle(FEATURES, hidden_dim=16, action_space=SPACE)
+    with TensorBoardScalars(tmp_path / "mlp") as log:
+        history = ppo.train_policy(
+            bundle, 384, num_envs=8, config=PPOConfig(minibatches=2), on_iteration=log
+        )
+    accumulator = importlib.import_module(
+        "tensorboard.backend.event_processing.event_accumulator"
+    ).EventAccumulator(str(tmp_path / "mlp"))
+    accumulator.Reload()
+    assert set(accumulator.Tags()["scalars"]) >= SCALARS
+    kl = accumulator.Scalars("approx_kl")
+    assert [event.step for event in kl] == [s.env_steps for s in history] == [128, 256, 384]
+    assert [event.value for event in kl] == pytest.approx([s.update.approx_kl for s in history])
+    blueprint = [event.value for event in accumulator.Scalars("relevance/blueprint")]
+    assert blueprint == pytest.approx([s.update.relevance_rate["blueprint"] for s in history])
+    returns = [event.value for event in accumulator.Scalars("return")]
+    assert returns == pytest.approx([s.mean_return for s in history])
+
+
+def test_tensorboard_is_imported_only_when_scalars_are_asked_for() -> None:
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    code = (
+        "import sys\n"
+        "import esper.tamiyo.policy.demo.run, esper.tamiyo.policy.demo.ppo\n"
+        "assert not [m for m in sys.modules if 'tensorboard' in m], "
+        "[m for m in sys.modules if 'tensorboard' in m]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

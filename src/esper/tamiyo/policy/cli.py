@@ -142,7 +142,7 @@ def _add_demo_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         description="Train LSTMPolicyBundle with recurrent, masked PPO on SeedLifecycleTask, "
         "train MLPPolicyBundle the same way, evaluate both and UniformPolicyBundle on the same "
         "seeded episodes, and save checkpoints, a learning-curve PNG and results.json. Exit 0 "
-        "when every acceptance check holds. Needs the demo extra (tqdm, matplotlib).",
+        "when every acceptance check holds. Needs the demo extra (tqdm, matplotlib; tensorboard for --logdir).",
     )
     demo.add_argument(
         "--steps",
@@ -177,6 +177,13 @@ def _add_demo_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     )
     demo.add_argument("--threads", type=_positive_int, default=1, help="torch threads (1)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    demo.add_argument(
+        "--logdir",
+        type=Path,
+        metavar="DIR",
+        help="also write each policy's training scalars for TensorBoard, in DIR/lstm and "
+        "DIR/mlp (needs tensorboard, in the demo extra)",
+    )
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -187,7 +194,12 @@ def _run_demo(args: argparse.Namespace) -> int:
     """
     from esper.tamiyo.policy.demo.run import DemoError, DemoOptions, run_demo  # noqa: PLC0415
 
-    training_only = {"--steps": args.steps, "--envs": args.envs, "--output": args.output}
+    training_only = {
+        "--steps": args.steps,
+        "--envs": args.envs,
+        "--output": args.output,
+        "--logdir": args.logdir,
+    }
     given = [flag for flag, value in training_only.items() if value is not None]
     if args.load is not None and given:
         raise CommandError(
@@ -211,6 +223,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=not args.no_progress,
         load=args.load,
+        logdir=args.logdir,
     )
     try:
         return run_demo(options)

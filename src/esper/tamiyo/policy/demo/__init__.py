@@ -9,7 +9,8 @@ Example:
     >>> from esper.tamiyo.policy import LSTMPolicyBundle
     >>> from esper.tamiyo.policy.demo import PPOTrainer, SeedLifecycleTask, evaluate_policy
     >>> task = SeedLifecycleTask(num_envs=8, seed=0)
-    >>> bundle = LSTMPolicyBundle(task.config.feature_dim, hidden_dim=16, embed_dim=16)
+    >>> bundle = LSTMPolicyBundle(task.config.feature_dim, hidden_dim=16, embed_dim=16,
+    ...                           action_space=task.config.action_space)
     >>> history = PPOTrainer(bundle, task, seed=0).train(env_steps=256)
     >>> [stats.env_steps for stats in history]
     [128, 256]

@@ -24,6 +24,9 @@ class Evaluation:
         invalid_actions: Actions the task refused, over all episodes (0 for a policy
             that respects the masks).
         deterministic: The policy took its most likely action instead of sampling.
+        illegal_combinations: Op and slot pairs that did not go together, over all
+            episodes: a flat space's union masks allow them (0 under a hierarchical
+            space, whose masks are exact).
     """
 
     episodes: int
@@ -31,6 +34,7 @@ class Evaluation:
     success_rate: float
     invalid_actions: int
     deterministic: bool
+    illegal_combinations: int = 0
 
 
 def evaluate_policy(
@@ -39,7 +43,7 @@ def evaluate_policy(
     episodes: int = 1000,
     seed: int = 0,
     deterministic: bool = True,
-    config: TaskConfig = TaskConfig(),
+    config: TaskConfig | None = None,
 ) -> Evaluation:
     """Play `episodes` episodes, all at once, and score them.
 
@@ -53,11 +57,22 @@ def evaluate_policy(
         seed: Seeds the episodes and, when sampling, the actions.
         deterministic: Take each head's most likely action (a trained policy's
             usual evaluation); `False` samples, as a random baseline must.
-        config: The task's shape.
+        config: The task's shape; its action space must be the bundle's. `None`: the
+            default task under the bundle's action space.
 
     Returns:
         The scores.
+
+    Raises:
+        ValueError: The bundle's action space is not the task's.
     """
+    if config is None:
+        config = TaskConfig(action_space=bundle.action_space)
+    if bundle.action_space != config.action_space:
+        raise ValueError(
+            f"evaluate_policy: the bundle's action space {bundle.action_space} is not the "
+            f"task's {config.action_space}"
+        )
     task = SeedLifecycleTask(episodes, config, seed=seed, device=bundle.device)
     generator = torch.Generator(device=bundle.device).manual_seed(seed)
     features, masks = task.reset()
@@ -81,4 +96,5 @@ def evaluate_policy(
         success_rate=float(final.success.float().mean()),
         invalid_actions=int(final.invalid_actions.sum()),
         deterministic=deterministic,
+        illegal_combinations=int(final.illegal_combinations.sum()),
     )

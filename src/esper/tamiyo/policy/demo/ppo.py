@@ -14,8 +14,24 @@ meant to call them:
 The algorithm is PPO with the clipped objective, GAE(λ), a value loss and an entropy
 bonus (Schulman et al., 2017), batched over environments: a minibatch is a set of
 environment rows with all their steps, so the recurrence runs over real sequences.
-A joint action's log-probability is the sum over the heads, and the entropy bonus is
-the sum of the heads' normalized entropies.
+
+The action is eight heads, and under a hierarchical space most of them matter only for
+some ops. `evaluate_actions` says, per head and step, whether the head mattered for
+the op taken (`relevance`) and whether some op offered at that step uses it
+(`availability`); the trainer uses both, as esper-lite's PPO does:
+
+* the policy loss is clipped per head (`PPOConfig.surrogate = "per_head"`): each head's
+  ratio is clipped on its own, and its surrogate averaged over the steps where the
+  head was relevant, so a head gets no gradient from a step whose op ignored it, and
+  a head the policy rarely uses is not diluted by the steps it had no part in.
+  `"joint"` clips the joint ratio instead (irrelevant heads' log-probabilities are 0,
+  so it ignores them too); the ADR records both;
+* the entropy bonus sums, over the heads, each head's normalized entropy averaged
+  over the steps where it was available, so a head keeps exploring while its op is an
+  option, whether or not the op was taken.
+
+In a flat space every head is relevant and available at every step, and both reduce
+to the textbook losses.
 """
 
 from __future__ import annotations
@@ -23,6 +39,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
 
 import torch
 
@@ -35,6 +54,7 @@ __all__ = [
     "PPOConfig",
     "PPOTrainer",
     "Rollout",
+    "TensorBoardScalars",
     "UpdateStats",
     "gae",
     "train_policy",
@@ -43,7 +63,7 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class PPOConfig:
-    """PPO settings. The defaults train the demo's LSTM in about 15 s on 2 CPU cores.
+    """PPO settings, the demo's recipe (ADR 0005).
 
     Attributes:
         rollout_steps: Steps per rollout, `T`; each update trains on `[N, T]`.
@@ -55,11 +75,14 @@ class PPOConfig:
         gae_lambda: GAE's λ.
         clip: PPO's clip range ε on the probability ratio.
         value_coef: Weight of the value loss.
-        entropy_coef: Weight of the entropy bonus (normalized entropies, summed
-            over heads).
+        entropy_coef: Weight of the entropy bonus: each head's normalized entropy
+            averaged over the steps where the head was available, summed over heads.
         epochs: Passes over each rollout.
         minibatches: Minibatches per pass; each is `N / minibatches` whole rows.
         max_grad_norm: Gradients are clipped to this global norm.
+        surrogate: `"per_head"`: each head's ratio clipped on its own, its surrogate
+            averaged over the steps where it was relevant, the heads' summed.
+            `"joint"`: one clipped surrogate on the joint ratio, averaged over steps.
     """
 
     rollout_steps: int = 16
@@ -73,8 +96,13 @@ class PPOConfig:
     epochs: int = 4
     minibatches: int = 4
     max_grad_norm: float = 0.5
+    surrogate: Literal["per_head", "joint"] = "per_head"
 
     def __post_init__(self) -> None:
+        if self.surrogate not in ("per_head", "joint"):
+            raise ValueError(
+                f"PPOConfig: surrogate must be 'per_head' or 'joint', got {self.surrogate!r}"
+            )
         for name in ("rollout_steps", "epochs", "minibatches"):
             check_positive_int(getattr(self, name), name, "PPOConfig")
         for name, low, high, open_low in (
@@ -104,7 +132,8 @@ class Rollout:
         features: `[N, T, F]`.
         masks: `[N, T, A_h]` per head.
         actions: Head name to `[N, T]` int64.
-        log_prob: `[N, T]` joint log-probability (summed over heads) at collection.
+        log_prob: Head name to `[N, T]` log-probabilities at collection (0 where the
+            op taken ignores the head); their sum is the joint log-probability.
         value: `[N, T]` values at collection.
         reward: `[N, T]`.
         done: `[N, T]` bool, the episode ended with that step.
@@ -116,7 +145,7 @@ class Rollout:
     features: torch.Tensor
     masks: ActionMasks
     actions: dict[str, torch.Tensor]
-    log_prob: torch.Tensor
+    log_prob: dict[str, torch.Tensor]
     value: torch.Tensor
     reward: torch.Tensor
     done: torch.Tensor
@@ -132,12 +161,19 @@ class UpdateStats:
     Attributes:
         policy_loss: The clipped surrogate loss.
         value_loss: Mean squared error of the values against the returns.
-        entropy: Mean summed normalized entropy over the heads.
-        approx_kl: Mean of `(ratio - 1) - log(ratio)`, an estimate of KL(old, new).
-        clip_fraction: Share of steps whose ratio was clipped.
-        first_ratio_error: Largest `|ratio - 1|` in the first minibatch, before any
-            gradient step: how far `evaluate_actions` is from what `get_action`
-            returned (float rounding only).
+        entropy: The entropy bonus: the heads' availability-masked mean normalized
+            entropies, summed (each head up to 1).
+        approx_kl: Mean of `(ratio - 1) - log(ratio)` of the joint ratio, an estimate
+            of KL(old, new).
+        clip_fraction: Share of ratios the loss clipped: of (step, relevant head)
+            pairs with the per-head surrogate, of steps with the joint one.
+        first_ratio_error: Largest `|ratio - 1|`, per head or joint, in the first
+            minibatch, before any gradient step: how far `evaluate_actions` is from
+            what `get_action` returned (float rounding only).
+        head_entropy: Head name to its normalized entropy, averaged over the steps
+            where it was available.
+        relevance_rate: Head name to the share of steps where it mattered for the op
+            taken (1 for `op`, and for every head in a flat space).
     """
 
     policy_loss: float
@@ -146,6 +182,8 @@ class UpdateStats:
     approx_kl: float
     clip_fraction: float
     first_ratio_error: float
+    head_entropy: dict[str, float]
+    relevance_rate: dict[str, float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +197,8 @@ class IterationStats:
         mean_return: Their mean return (NaN when none ended).
         success_rate: Their share of memory decisions taken right (NaN when none).
         invalid_actions: Actions the task refused in those episodes.
+        illegal_combinations: Op and slot pairs that did not go together in those
+            episodes (a flat space's union masks allow them; always 0 otherwise).
         update: The update's statistics.
     """
 
@@ -168,6 +208,7 @@ class IterationStats:
     mean_return: float
     success_rate: float
     invalid_actions: int
+    illegal_combinations: int
     update: UpdateStats
 
 
@@ -189,6 +230,7 @@ class _EpisodeTotals:
     returns: float = 0.0
     successes: int = 0
     invalid: int = 0
+    illegal: int = 0
 
     def add(self, episodes: EpisodeStats) -> None:
         """Count the episodes that ended at one step."""
@@ -197,6 +239,7 @@ class _EpisodeTotals:
         self.returns += float(episodes.episode_return[done].sum())
         self.successes += int(episodes.success[done].sum())
         self.invalid += int(episodes.invalid_actions[done].sum())
+        self.illegal += int(episodes.illegal_combinations[done].sum())
 
 
 class PPOTrainer:
@@ -205,14 +248,16 @@ class PPOTrainer:
     Example:
         >>> from esper.tamiyo.policy import MLPPolicyBundle
         >>> task = SeedLifecycleTask(num_envs=8, seed=0)
-        >>> bundle = MLPPolicyBundle(task.config.feature_dim, hidden_dim=16)
+        >>> space = task.config.action_space  # Tamiyo's: ActionSpace.tamiyo()
+        >>> bundle = MLPPolicyBundle(task.config.feature_dim, hidden_dim=16, action_space=space)
         >>> trainer = PPOTrainer(bundle, task, PPOConfig(minibatches=2), seed=0)
         >>> stats = trainer.iterate()
         >>> stats.env_steps, stats.update.first_ratio_error < 1e-4
         (128, True)
 
     Args:
-        bundle: The policy to train, on the task's device.
+        bundle: The policy to train, on the task's device, with the task's action
+            space (`task.config.action_space`).
         task: The environments; the trainer resets them.
         config: PPO settings.
         seed: Seeds the action sampling.
@@ -226,6 +271,12 @@ class PPOTrainer:
         *,
         seed: int = 0,
     ) -> None:
+        if bundle.action_space != task.config.action_space:
+            raise ValueError(
+                f"PPOTrainer: the bundle's action space {bundle.action_space} is not the "
+                f"task's {task.config.action_space}; build the task with "
+                "TaskConfig(action_space=bundle.action_space)"
+            )
         if task.num_envs % config.minibatches != 0:
             raise ValueError(
                 f"PPOTrainer: {task.num_envs} environments do not split into "
@@ -300,6 +351,7 @@ class PPOTrainer:
             mean_return=totals.returns / totals.count if totals.count else nan,
             success_rate=totals.successes / totals.count if totals.count else nan,
             invalid_actions=totals.invalid,
+            illegal_combinations=totals.illegal,
             update=update,
         )
 
@@ -312,10 +364,11 @@ class PPOTrainer:
         state, bundle, task = self._state, self.bundle, self.task
         start_hidden = state.hidden
         columns: dict[str, list[torch.Tensor]] = {
-            key: [] for key in ("features", "log_prob", "value", "reward", "done", "start")
+            key: [] for key in ("features", "value", "reward", "done", "start")
         }
         masks: list[ActionMasks] = []
         actions: list[dict[str, torch.Tensor]] = []
+        log_probs: list[dict[str, torch.Tensor]] = []
         totals = _EpisodeTotals()
         for _ in range(self.config.rollout_steps):
             result = bundle.get_action(
@@ -327,13 +380,13 @@ class PPOTrainer:
             )
             outcome = task.step(result.action)
             columns["features"].append(state.features)  # [N, F]
-            columns["log_prob"].append(_joint(result.log_prob))  # [N]
             columns["value"].append(result.value)
             columns["reward"].append(outcome.reward)
             columns["done"].append(outcome.done)
             columns["start"].append(state.episode_start)
             masks.append(state.masks)
             actions.append(result.action)
+            log_probs.append(result.log_prob)
             totals.add(outcome.episodes)
             state.features, state.masks = outcome.features, outcome.masks
             state.hidden, state.episode_start = result.hidden, outcome.done
@@ -343,9 +396,9 @@ class PPOTrainer:
         stacked = {key: torch.stack(column, dim=1) for key, column in columns.items()}
         rollout = Rollout(
             features=stacked["features"],  # [N, T, F]
-            masks=ActionMasks.stack(masks),  # [N, T, A_h]
+            masks=ActionMasks.stack(masks),  # [N, T, A_h], per op [N, T, N_op, A_h]
             actions={h: torch.stack([a[h] for a in actions], dim=1) for h in HEAD_NAMES},
-            log_prob=stacked["log_prob"],  # [N, T]
+            log_prob={h: torch.stack([lp[h] for lp in log_probs], dim=1) for h in HEAD_NAMES},
             value=stacked["value"],
             reward=stacked["reward"],
             done=stacked["done"],
@@ -365,25 +418,33 @@ class PPOTrainer:
         returns = advantages + rollout.value  # [N, T]
         n = rollout.reward.shape[0]
         rows_per_batch = n // cfg.minibatches
-        sums = torch.zeros(5)
+        heads = len(HEAD_NAMES)
+        sums = torch.zeros(5 + 2 * heads)
         first_ratio_error: float | None = None
         for _ in range(cfg.epochs):
             order = torch.randperm(n, generator=self._generator, device=rollout.reward.device)
             for rows in torch.split(order, rows_per_batch):
-                losses, ratio = self._minibatch_loss(rollout, rows, advantages, returns)
+                losses, ratio_error = self._minibatch_loss(rollout, rows, advantages, returns)
                 if first_ratio_error is None:  # before any gradient step
-                    first_ratio_error = float((ratio - 1).abs().max())
+                    first_ratio_error = float(ratio_error)
                 self.optimizer.zero_grad(set_to_none=True)
                 total = losses[0] + cfg.value_coef * losses[1] - cfg.entropy_coef * losses[2]
                 total.backward()  # type: ignore[no-untyped-call]
                 torch.nn.utils.clip_grad_norm_(self.bundle.network.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
-                sums += torch.stack(losses).detach().cpu()
+                sums += torch.cat([loss.detach().reshape(-1) for loss in losses]).cpu()
         means = (sums / (cfg.epochs * cfg.minibatches)).tolist()
         assert first_ratio_error is not None  # epochs and minibatches are at least 1
-        policy_loss, value_loss, entropy, approx_kl, clip_fraction = means
+        policy_loss, value_loss, entropy, approx_kl, clip_fraction = means[:5]
         return UpdateStats(
-            policy_loss, value_loss, entropy, approx_kl, clip_fraction, first_ratio_error
+            policy_loss,
+            value_loss,
+            entropy,
+            approx_kl,
+            clip_fraction,
+            first_ratio_error,
+            head_entropy=dict(zip(HEAD_NAMES, means[5 : 5 + heads], strict=True)),
+            relevance_rate=dict(zip(HEAD_NAMES, means[5 + heads :], strict=True)),
         )
 
     def _minibatch_loss(
@@ -396,8 +457,9 @@ class PPOTrainer:
         """PPO's losses on the rollout's `rows`, each over all `T` steps.
 
         Returns:
-            `[policy loss, value loss, entropy, approx KL, clip fraction]` and the
-            `[n, T]` probability ratios.
+            `[policy loss, value loss, entropy bonus, approx KL, clip fraction, [H]
+            per-head entropies, [H] per-head relevance rates]`, and the largest
+            `|ratio - 1|`, per head or joint.
         """
         cfg = self.config
         hidden = None if rollout.hidden is None else tuple(h[:, rows] for h in rollout.hidden)
@@ -408,18 +470,107 @@ class PPOTrainer:
             hidden,
             episode_start=rollout.episode_start[rows],
         )
-        log_prob = _joint(result.log_prob)  # [n, T]
-        entropy = _joint(result.entropy)  # [n, T]
-        log_ratio = log_prob - rollout.log_prob[rows]
-        ratio = log_ratio.exp()  # [n, T]
+        log_ratio = {h: result.log_prob[h] - rollout.log_prob[h][rows] for h in HEAD_NAMES}
+        relevant = torch.stack([result.relevance[h] for h in HEAD_NAMES])  # [H, n, T] bool
+        available = torch.stack([result.availability[h] for h in HEAD_NAMES])
+        head_log_ratio = torch.stack([log_ratio[h] for h in HEAD_NAMES])  # [H, n, T]
+        head_ratio = head_log_ratio.exp()
+        joint_log_ratio = head_log_ratio.sum(dim=0)  # [n, T]: irrelevant heads add 0
+        joint_ratio = joint_log_ratio.exp()
         adv = advantages[rows]
-        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-        policy_loss = -torch.min(ratio * adv, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * adv).mean()
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)  # [n, T]
+        low, high = 1 - cfg.clip, 1 + cfg.clip
+        if cfg.surrogate == "per_head":
+            surrogate = torch.min(head_ratio * adv, head_ratio.clamp(low, high) * adv)
+            policy_loss = -_masked_mean(surrogate, relevant).sum()
+            with torch.no_grad():
+                clipped = ((head_ratio - 1).abs() > cfg.clip) & relevant
+                clip_fraction = clipped.sum() / relevant.sum().clamp(min=1)
+        else:
+            surrogate = torch.min(joint_ratio * adv, joint_ratio.clamp(low, high) * adv)
+            policy_loss = -surrogate.mean()
+            with torch.no_grad():
+                clip_fraction = ((joint_ratio - 1).abs() > cfg.clip).float().mean()
+        entropy = torch.stack([result.entropy[h] for h in HEAD_NAMES])  # [H, n, T]
+        head_entropy = _masked_mean(entropy, available)  # [H]
         value_loss = (result.value - returns[rows]).pow(2).mean()
         with torch.no_grad():
-            approx_kl = ((ratio - 1) - log_ratio).mean()
-            clipped = ((ratio - 1).abs() > cfg.clip).float().mean()
-        return [policy_loss, value_loss, entropy.mean(), approx_kl, clipped], ratio.detach()
+            approx_kl = ((joint_ratio - 1) - joint_log_ratio).mean()
+            ratio_error = torch.max((head_ratio - 1).abs().max(), (joint_ratio - 1).abs().max())
+            relevance_rate = relevant.flatten(1).float().mean(dim=1)  # [H]
+        losses = [
+            policy_loss,
+            value_loss,
+            head_entropy.sum(),
+            approx_kl,
+            clip_fraction,
+            head_entropy.detach(),
+            relevance_rate,
+        ]
+        return losses, ratio_error
+
+
+class TensorBoardScalars:
+    """Writes each iteration's statistics as TensorBoard scalars: an `on_iteration` callback.
+
+    Needs the `tensorboard` package (the `demo` extra); it is imported only when one
+    of these is made. Scalars, at `env_steps`: `return` and `success` (when an episode
+    ended), `approx_kl`, `clip_fraction`, `policy_loss`, `value_loss`, `entropy`
+    (the bonus), and per head `entropy/<head>` and `relevance/<head>`.
+
+    Example:
+        >>> import tempfile
+        >>> from esper.tamiyo.policy import MLPPolicyBundle
+        >>> _ = torch.manual_seed(0)
+        >>> bundle = MLPPolicyBundle(TaskConfig().feature_dim, hidden_dim=16,
+        ...                          action_space=TaskConfig().action_space)
+        >>> with tempfile.TemporaryDirectory() as folder, TensorBoardScalars(folder) as log:
+        ...     _ = train_policy(bundle, env_steps=256, num_envs=8, on_iteration=log)
+
+    Args:
+        logdir: The folder of the event file (made if missing): one run of
+            TensorBoard's, so give each policy its own.
+    """
+
+    def __init__(self, logdir: Path | str) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional package
+
+        self._writer = SummaryWriter(log_dir=str(logdir))
+
+    def __call__(self, stats: IterationStats) -> None:
+        """Write one iteration's scalars."""
+        update, step = stats.update, stats.env_steps
+        scalars = {
+            "return": stats.mean_return,
+            "success": stats.success_rate,
+            "approx_kl": update.approx_kl,
+            "clip_fraction": update.clip_fraction,
+            "policy_loss": update.policy_loss,
+            "value_loss": update.value_loss,
+            "entropy": update.entropy,
+            "invalid_actions": float(stats.invalid_actions),
+            "illegal_combinations": float(stats.illegal_combinations),
+        }
+        scalars |= {f"entropy/{h}": value for h, value in update.head_entropy.items()}
+        scalars |= {f"relevance/{h}": value for h, value in update.relevance_rate.items()}
+        for tag, value in scalars.items():
+            if not math.isnan(value):  # no episode ended: no return or success
+                self._writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        self._writer.close()
+
+    def __enter__(self) -> TensorBoardScalars:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 def train_policy(
@@ -429,7 +580,7 @@ def train_policy(
     num_envs: int = 64,
     seed: int = 0,
     config: PPOConfig = PPOConfig(),
-    task_config: TaskConfig = TaskConfig(),
+    task_config: TaskConfig | None = None,
     on_iteration: Callable[[IterationStats], None] | None = None,
 ) -> list[IterationStats]:
     """Train `bundle` on `SeedLifecycleTask` with the demo's recipe.
@@ -439,9 +590,10 @@ def train_policy(
     same thread count).
 
     Example:
-        >>> from esper.tamiyo.policy import MLPPolicyBundle
+        >>> from esper.tamiyo.policy import ActionSpace, MLPPolicyBundle
         >>> _ = torch.manual_seed(0)
-        >>> bundle = MLPPolicyBundle(TaskConfig().feature_dim, hidden_dim=16)
+        >>> bundle = MLPPolicyBundle(TaskConfig().feature_dim, hidden_dim=16,
+        ...                          action_space=ActionSpace.tamiyo())
         >>> history = train_policy(bundle, env_steps=2048, num_envs=8)
         >>> len(history), history[-1].env_steps
         (16, 2048)
@@ -450,17 +602,20 @@ def train_policy(
         bundle: The policy, built for `task_config.feature_dim` features; the task
             runs on its device.
         env_steps: Environment steps, all environments together, rounded up to whole
-            rollouts of `num_envs * config.rollout_steps`. 120,000 in the demo: the
-            LSTM first reaches 90% success after about 35,000.
+            rollouts of `num_envs * config.rollout_steps`. 120,000 in the demo.
         num_envs: Environments stepped together.
         seed: Seeds the episodes and the action sampling.
         config: PPO settings.
-        task_config: The task's shape.
-        on_iteration: Called after each iteration.
+        task_config: The task's shape; its action space must be the bundle's. `None`:
+            the default task under the bundle's action space (the masks per op of
+            Tamiyo's hierarchical space, or a flat space's union masks).
+        on_iteration: Called after each iteration (`TensorBoardScalars`, a progress bar).
 
     Returns:
         Each iteration's statistics.
     """
+    if task_config is None:
+        task_config = TaskConfig(action_space=bundle.action_space)
     task = SeedLifecycleTask(num_envs, task_config, seed=seed, device=bundle.device)
     return PPOTrainer(bundle, task, config, seed=seed).train(env_steps, on_iteration)
 
@@ -497,17 +652,14 @@ def gae(
     return advantages
 
 
-def _joint(per_head: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum over the heads, `[N, ...]`.
-
-    Of log-probabilities, the joint action's: the heads are independent. Of normalized
-    entropies, the bonus `entropy_coef` weighs (each head counts up to 1).
-    """
-    return torch.stack([per_head[h] for h in HEAD_NAMES]).sum(dim=0)
+def _masked_mean(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """`[H]`: each head's mean of `values` `[H, n, T]` over its steps `where` (0 if none)."""
+    weights = where.to(values.dtype)
+    return (values * weights).flatten(1).sum(dim=1) / weights.flatten(1).sum(dim=1).clamp(min=1)
 
 
 def _select_rows(masks: ActionMasks, rows: torch.Tensor) -> ActionMasks:
-    """The masks of the environments `rows`."""
-    return ActionMasks.from_mapping(
-        {head: None if mask is None else mask[rows] for head, mask in masks.as_dict().items()}
+    """The masks of the environments `rows` (per-op masks too)."""
+    return ActionMasks(
+        **{name: None if mask is None else mask[rows] for name, mask in masks.as_dict().items()}
     )
