@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -19,10 +21,15 @@ import torch
 from torch import nn
 
 from broken_bundle import BrokenBundle
-from conftest import FEATURE_DIM, TinyStatelessBundle, load_guide_example
+from conftest import FEATURE_DIM, TinyStatelessBundle, load_guide_example, small_lstm
 from esper.tamiyo.policy import (
+    HEAD_NAMES,
+    ActionHierarchy,
+    ActionMasks,
+    ActionResult,
     ActionSpace,
     NetworkOutput,
+    OpConditionedOutput,
     PolicyBundle,
     PolicyHeads,
     PolicyInputs,
@@ -55,26 +62,40 @@ CLAUSES = [
     "float64",
     "bad inputs refused",
     "no per-call closures",
+    "hierarchy: shapes",
+    "hierarchy: masks respected",
+    "hierarchy: ignored heads canonical",
+    "hierarchy: rollout and update agree",
 ]
+HIERARCHY_CLAUSES = [clause for clause in CLAUSES if clause.startswith("hierarchy: ")]
 
 
 def _failed(report: ConformanceReport) -> dict[str, str]:
     return {result.clause: result.detail for result in report.failures}
 
 
+def _result(report: ConformanceReport, clause: str) -> ClauseResult:
+    (result,) = (result for result in report.results if result.clause == clause)
+    return result
+
+
 @pytest.mark.parametrize("name", list_policies())
 def test_every_registered_policy_conforms(name: str) -> None:
-    """A new registration is covered here with no new test code."""
+    """A new registration is covered here with no new test code, flat and hierarchical."""
     report = check_bundle(get_policy(name))
     assert [result.clause for result in report.results] == CLAUSES
     assert report.passed
+    assert all(result.ran for result in report.results)
+    assert _result(report, "hierarchy: shapes").detail == "under ActionSpace.tamiyo()"
 
 
-def test_the_guide_example_conforms() -> None:
+def test_the_guide_example_conforms_flat_and_hierarchical() -> None:
     module = load_guide_example()
     report = check_bundle(module.GRUPolicyBundle)
     assert report.passed
     assert report.subject == "GRUPolicyBundle"
+    assert not report.not_run  # it takes action_space: the hierarchy clauses ran
+    assert report.format().endswith(f"{len(CLAUSES)} clauses, all clauses pass.")
 
 
 def test_small_and_odd_widths_conform() -> None:
@@ -95,10 +116,16 @@ def test_check_bundle_raises_one_error_listing_every_failed_clause() -> None:
     with pytest.raises(AssertionError) as info:
         check_bundle(BrokenBundle)
     message = str(info.value)
-    assert message.startswith("BrokenBundle fails 3 of 15 conformance clauses:")
-    assert message.count("\n- ") == 3
+    assert message.startswith("BrokenBundle fails 3 of 19 conformance clauses (4 not run):")
+    assert message.count("\n- ") == 4
     for clause in ("rows independent", "float64", "no per-call closures"):
         assert f"- {clause}: " in message
+    assert message.splitlines()[-1] == (
+        f"- not run: {', '.join(HIERARCHY_CLAUSES)} (factory(7) builds a flat bundle and "
+        "the factory takes no action_space keyword; to check the bundle under Tamiyo's "
+        "hierarchy too, let the factory take action_space (factory(feature_dim, "
+        "action_space=space)) and pass it on to PolicyBundle.__init__)"
+    )
 
 
 def test_the_report_formats_one_line_per_clause() -> None:
@@ -107,7 +134,8 @@ def test_the_report_formats_one_line_per_clause() -> None:
     assert len(text) == 2 + len(CLAUSES)
     assert text[1] == "  PASS  builds"
     assert any(line.startswith("  FAIL  float64: after to(torch.float64)") for line in text)
-    assert text[-1] == "15 clauses, 3 failed."
+    assert text[-2].startswith("  SKIP  hierarchy: rollout and update agree: not run: ")
+    assert text[-1] == "19 clauses, 3 failed, 4 not run."
 
 
 def test_the_callers_random_state_is_left_alone() -> None:
@@ -378,6 +406,106 @@ class _Loops(TinyStatelessBundle):
         return torch.stack(parts, dim=-2)
 
 
+# ------------------------------------------------- bugs that show only under the hierarchy
+# Each works in a flat space (every flat clause passes) and breaks one hierarchy clause.
+
+
+class _ForgetsTheSpace(TinyStatelessBundle):
+    def __init__(self, feature_dim: int = FEATURE_DIM, action_space: ActionSpace | None = None):
+        super().__init__(feature_dim)  # bug: takes action_space, never passes it on
+
+
+class _LogitsByOpWithoutTheOps(TinyStatelessBundle):
+    def _forward(  # type: ignore[override]  # the base's hook may return either
+        self, inputs: PolicyInputs
+    ) -> NetworkOutput | OpConditionedOutput:
+        out = super()._forward(inputs)
+        if not inputs.action_space.is_hierarchical:
+            return out
+        return OpConditionedOutput(*out, logits_by_op=out.logits)  # bug: no N_op dimension
+
+
+class _DropsPerOpMasks(TinyStatelessBundle):
+    def _normalize_inputs(
+        self,
+        features: torch.Tensor,
+        masks: MaskArg,
+        hidden: HiddenState | None,
+        actions: Mapping[str, torch.Tensor] | None = None,
+    ) -> PolicyInputs:
+        if isinstance(masks, ActionMasks):  # bug: rebuilt head by head, <head>_by_op lost
+            masks = ActionMasks.from_mapping({head: getattr(masks, head) for head in HEAD_NAMES})
+        return super()._normalize_inputs(features, masks, hidden, actions)
+
+
+class _CanonicalizesStoredActions(TinyStatelessBundle):
+    def _normalize_inputs(
+        self,
+        features: torch.Tensor,
+        masks: MaskArg,
+        hidden: HiddenState | None,
+        actions: Mapping[str, torch.Tensor] | None = None,
+    ) -> PolicyInputs:
+        table = self.action_space.hierarchy
+        if actions is not None and table is not None:  # bug: hides a rollout's bad actions
+            used = torch.tensor(table.relevance_table())[actions["op"]]  # [..., H]
+            actions = {
+                head: torch.where(used[..., h], taken, table.canonical[h])
+                for h, (head, taken) in enumerate(actions.items())
+            }
+        return super()._normalize_inputs(features, masks, hidden, actions)
+
+
+class _LeaksIgnoredHeads(TinyStatelessBundle):
+    """Stands in for a base that lost its rule: a hook cannot make an ignored head count.
+
+    `get_action` is final, so the sabotage goes on the instance: it gives the heads the
+    sampled op ignores a log-prob of -0.5, as a base without the rule would.
+    """
+
+    def __init__(self, feature_dim: int = FEATURE_DIM, action_space: ActionSpace | None = None):
+        super().__init__(feature_dim, action_space)
+        self.get_action = self._leaky_get_action  # type: ignore[method-assign]
+
+    def _leaky_get_action(self, *args: Any, **kwargs: Any) -> ActionResult:
+        result = PolicyBundle.get_action(self, *args, **kwargs)
+        table = self.action_space.hierarchy
+        if table is None:
+            return result
+        used = torch.tensor(table.relevance_table())[result.action["op"]]
+        log_prob = {
+            head: torch.where(used[..., h], result.log_prob[head], -0.5)
+            for h, head in enumerate(HEAD_NAMES)
+        }
+        return dataclasses.replace(result, log_prob=log_prob)
+
+
+class _ReadsTheStoredOp(TinyStatelessBundle):
+    """Conditions the other heads on the op the AlphaStar way, from the stored actions."""
+
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        out = super()._forward(inputs)
+        if not inputs.action_space.is_hierarchical:
+            return out
+        taken = inputs.action_index  # bug: None in get_action, the stored op in the update
+        op = torch.zeros_like(out.value) if taken is None else taken[..., -1].to(out.value)
+        ramp = torch.arange(out.logits.shape[-1]).to(out.logits)  # [A_max]
+        return NetworkOutput(out.logits + 0.5 * op[..., None, None] * ramp, out.value, None)
+
+
+class _ReadsTheLastStepsMasks(TinyStatelessBundle):
+    """Feeds the per-op masks to the heads, reading "the current masks" as the last step's."""
+
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        out = super()._forward(inputs)
+        if inputs.valid_by_op is None:
+            return out
+        # bug: right for one step (a rollout), wrong for every step but the last of a sequence
+        legal = inputs.valid_by_op[:, -1:].float().mean(dim=(2, 4))  # [B, 1, H]
+        ramp = torch.arange(out.logits.shape[-1]).to(out.logits)  # [A_max]
+        return NetworkOutput(out.logits + legal[..., None] * ramp, out.value, None)
+
+
 VIOLATIONS: list[tuple[str, Callable[[], Callable[[int], Any]], str]] = [
     ("builds", lambda: lambda dim: _SAME, "returned the same bundle twice"),
     (
@@ -416,6 +544,43 @@ VIOLATIONS: list[tuple[str, Callable[[], Callable[[int], Any]], str]] = [
     ),
     ("shapes", lambda: _StatelessWithState, "is stateless (is_recurrent=False): return None"),
     ("state_dict round trip", lambda: _LogitBiasOutsideState, "gives different 'slot' logits"),
+    (
+        "hierarchy: shapes",
+        lambda: _ForgetsTheSpace,
+        "factory(6, action_space=ActionSpace.tamiyo()) built a bundle whose action_space "
+        "is ActionSpace(); pass the action_space the factory is given on to "
+        "PolicyBundle.__init__",
+    ),
+    (
+        "hierarchy: shapes",
+        lambda: _LogitsByOpWithoutTheOps,
+        "the hook's output breaks the contract: _LogitsByOpWithoutTheOps._forward returned "
+        "logits_by_op of shape (3, 1, 8, 16); expected [B, T, N_op, H, A_max] = "
+        "(3, 1, 6, 8, 16)",
+    ),
+    ("hierarchy: masks respected", lambda: _DropsPerOpMasks, "_by_op'] forbids at that op"),
+    (
+        "hierarchy: ignored heads canonical",
+        lambda: _CanonicalizesStoredActions,
+        "it must refuse any action but the canonical 0 there, as the base does: do not "
+        "rewrite the actions in _normalize_inputs",
+    ),
+    (
+        "hierarchy: ignored heads canonical",
+        lambda: _LeaksIgnoredHeads,
+        "get_action (sampled) gives 'slot' log-prob -0.5 in row 0 under op WAIT, which does "
+        "not use 'slot': it must be 0",
+    ),
+    (
+        "hierarchy: rollout and update agree",
+        lambda: _ReadsTheStoredOp,
+        "never by reading inputs.action_index or inputs.actions, which get_action does not have",
+    ),
+    (
+        "hierarchy: rollout and update agree",
+        lambda: _ReadsTheLastStepsMasks,
+        "the hook must give a step the same logits alone and inside a sequence",
+    ),
 ]
 
 
@@ -540,7 +705,7 @@ def test_each_clause_catches_its_bug(
 def test_comprehensions_and_generator_expressions_pass(factory: Callable[[int], Any]) -> None:
     """The rule means closures: comprehensions are loops, checked at run time and in source."""
     report = check_bundle(factory, feature_dim=FEATURE_DIM)
-    assert report.results[-1] == ClauseResult("no per-call closures", True, "")
+    assert _result(report, "no per-call closures") == ClauseResult("no per-call closures", True, "")
 
 
 def test_the_closure_message_says_what_to_do() -> None:
@@ -568,10 +733,10 @@ def test_an_active_profiler_is_left_in_place() -> None:
         sys.setprofile(None)
     assert still is profiler
     assert seen
-    last = report.results[-1]
-    assert last.clause == "no per-call closures"
-    assert last.passed
-    assert "a profiler is active" in last.detail
+    closures = _result(report, "no per-call closures")
+    assert closures.passed
+    assert "a profiler is active" in closures.detail
+    assert report.passed
 
 
 def test_closures_in_third_party_helpers_are_not_blamed_on_the_bundle(
@@ -593,3 +758,120 @@ def test_closures_in_third_party_helpers_are_not_blamed_on_the_bundle(
             return NetworkOutput(helpers.doubled(out.logits), out.value, None)
 
     assert run_checks(UsesAHelper, feature_dim=FEATURE_DIM).passed
+
+
+# ---------------------------------------------------------------- flat and hierarchical
+
+
+def test_a_factory_without_action_space_passes_with_the_hierarchy_clauses_not_run() -> None:
+    """Factories written before the hierarchy keep passing; the report says what to add."""
+
+    def factory(dim: int) -> PolicyBundle:  # the signature has no action_space
+        return TinyStatelessBundle(dim)
+
+    report = check_bundle(factory, feature_dim=FEATURE_DIM)
+    assert report.passed
+    assert [r.clause for r in report.skipped] == HIERARCHY_CLAUSES
+    assert not report.blocked
+    assert not report.failures
+    for result in report.skipped:
+        assert not result.ran
+        assert result.detail.startswith("not run: factory(6) builds a flat bundle and the ")
+        assert "let the factory take action_space" in result.detail
+    text = report.format().splitlines()
+    assert text[-1] == "19 clauses, 15 pass, 4 not run."
+    assert text[-5].startswith("  SKIP  hierarchy: shapes: not run: factory(6) builds a flat")
+
+
+def test_a_factory_taking_action_space_is_checked_flat_then_under_tamiyo_with_its_sizes() -> None:
+    seen: list[ActionSpace | None] = []
+
+    def factory(dim: int, action_space: ActionSpace | None = None) -> PolicyBundle:
+        seen.append(action_space)
+        return TinyStatelessBundle(dim, action_space or ActionSpace(slot=5))
+
+    report = check_bundle(factory, feature_dim=FEATURE_DIM)
+    assert not report.not_run
+    assert set(seen) == {None, ActionSpace.tamiyo(slot=5)}  # flat: the factory's own space
+    assert _result(report, "hierarchy: shapes").detail == "under ActionSpace.tamiyo(slot=5)"
+
+
+def test_a_hierarchical_default_is_checked_flat_without_its_table_and_under_it() -> None:
+    """The factory's own table (a canonical action of 1 here) is the one checked."""
+    table = ActionHierarchy.from_table(
+        {"WAIT": (), "MOVE": ("slot",), "BUILD": ("slot", "blueprint")}, canonical={"slot": 1}
+    )
+    own = ActionSpace(slot=3, blueprint=2, op=3, hierarchy=table)
+    seen: list[ActionSpace | None] = []
+
+    def factory(dim: int, action_space: ActionSpace | None = None) -> PolicyBundle:
+        seen.append(action_space)
+        return TinyStatelessBundle(dim, action_space or own)
+
+    report = check_bundle(factory, feature_dim=FEATURE_DIM)
+    assert not report.not_run
+    assert set(seen) == {None, replace(own, hierarchy=None)}
+    assert _result(report, "hierarchy: shapes").detail == f"under {own!r}"
+
+
+def test_a_hierarchical_bundle_from_a_factory_without_action_space_runs_every_clause() -> None:
+    """With no way to ask for a flat space, the flat clauses run under the hierarchy too."""
+    report = check_bundle(
+        lambda dim: TinyStatelessBundle(dim, ActionSpace.tamiyo()), feature_dim=FEATURE_DIM
+    )
+    assert not report.not_run
+    assert report.format().endswith("19 clauses, all clauses pass.")
+
+
+def test_op_conditioned_logits_conform_flat_and_hierarchical() -> None:
+    def factory(dim: int, action_space: ActionSpace = ActionSpace()) -> PolicyBundle:
+        return small_lstm(
+            action_space=action_space, op_conditioned_logits=action_space.is_hierarchical
+        )
+
+    report = check_bundle(factory, feature_dim=FEATURE_DIM)
+    assert not report.not_run
+
+
+def test_masks_respected_says_which_mask_draw_failed_and_draws_the_same_every_run() -> None:
+    details = {
+        _failed(run_checks(_DropsPerOpMasks, feature_dim=FEATURE_DIM))["hierarchy: masks respected"]
+        for _ in range(2)
+    }
+    (detail,) = details  # derandomized: the same draws and the same smallest failure
+    assert detail.startswith("get_action (sampled) took ")
+    assert "(masks drawn with [B" in detail
+    assert "per-op masks on " in detail
+
+
+def test_masks_respected_draws_from_torch_without_hypothesis(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    find_spec = importlib.util.find_spec
+
+    def without_hypothesis(name: str, package: str | None = None) -> Any:
+        return None if name == "hypothesis" else find_spec(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_hypothesis)
+    monkeypatch.setitem(sys.modules, "hypothesis", None)  # an import would now fail
+    passing = _result(
+        check_bundle(TinyStatelessBundle, feature_dim=FEATURE_DIM), "hierarchy: masks respected"
+    )
+    assert passing.detail == (
+        "Hypothesis is not installed: 25 mask draws from a seeded torch generator instead"
+    )
+    failed = _failed(run_checks(_DropsPerOpMasks, feature_dim=FEATURE_DIM))
+    assert set(failed) == {"hierarchy: masks respected"}
+    assert "_by_op'] forbids at that op (masks drawn with " in failed["hierarchy: masks respected"]
+
+
+def test_each_hierarchy_bug_fails_its_clause_alone() -> None:
+    """The flat clauses pass each one: only the hierarchy shows the bug."""
+    for factory, clauses in (
+        (_DropsPerOpMasks, {"hierarchy: masks respected"}),
+        (_CanonicalizesStoredActions, {"hierarchy: ignored heads canonical"}),
+        (_ReadsTheStoredOp, {"hierarchy: rollout and update agree"}),
+        (_ReadsTheLastStepsMasks, {"hierarchy: rollout and update agree"}),
+        (_LogitsByOpWithoutTheOps, set(HIERARCHY_CLAUSES)),  # the gate, then 3 not run
+    ):
+        assert set(_failed(run_checks(factory, feature_dim=FEATURE_DIM))) == clauses, factory

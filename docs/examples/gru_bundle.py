@@ -46,7 +46,7 @@ class GRUPolicyBundle(PolicyBundle):
         super().__init__(
             GRUPolicyNetwork(feature_dim, hidden_dim, action_space),
             feature_dim=feature_dim,
-            action_space=action_space,
+            action_space=action_space,  # flat, or ActionSpace.tamiyo(): the base does both
             hidden_shapes=[(1, hidden_dim)],  # one tensor, [1, B, hidden_dim]
         )
 

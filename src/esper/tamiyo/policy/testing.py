@@ -37,17 +37,56 @@ that failed, in a sentence that says what to fix:
   the bundle's code (the finding this project started from); comprehensions and
   generator expressions are fine.
 
+Then the same bundle under Tamiyo's hierarchy (`ActionSpace.tamiyo()`: the op is
+sampled first and decides which other heads matter), with per-op masks
+(`<head>_by_op`) on every head:
+
+* **hierarchy: shapes**: the factory builds the bundle for the hierarchical space it
+  is given, and every public method returns the documented shapes, with `relevance`,
+  `availability` and `joint_entropy`; when the hook's output breaks the contract there
+  (`logits_by_op` of the wrong shape, say), or the bundle does not build, the later
+  hierarchy clauses are not run;
+* **hierarchy: masks respected**: no sampled (or deterministic) action violates its
+  masks at the op taken: the flat mask AND the head's per-op mask at that op, for
+  every head the op uses. The masks are drawn by Hypothesis (`derandomize=True`, so a
+  run is reproducible; the failure names the smallest draw it found), or, where
+  Hypothesis is not installed, by a seeded torch generator, and the clause says so;
+* **hierarchy: ignored heads canonical**: a head the taken op does not use takes its
+  canonical action with log-prob exactly 0 in `get_action`, log-prob and entropy
+  exactly 0 in `evaluate_actions`, where `relevance` and `availability` follow the
+  table; `evaluate_actions` refuses any other action for such a head;
+* **hierarchy: rollout and update agree**: step-by-step `get_action` log-probs and
+  values, with per-op masks and an episode starting inside the sequence, are what
+  `evaluate_actions` computes over the sequence from the stored ops.
+
+Flat and hierarchical: the kit builds `factory(feature_dim)` first. When the factory
+also takes an `action_space` keyword (a bundle class whose `__init__` has one, a
+`functools.partial` of it, any callable with `action_space` or `**kwargs`), the
+hierarchy clauses run on `factory(feature_dim, action_space=ActionSpace.tamiyo(...))`
+with the head sizes of the first bundle, and the other clauses on the flat space
+(`factory(feature_dim)`, or with the hierarchy removed when that one is
+hierarchical). A factory that takes no `action_space` and builds a flat bundle is not
+failed: its hierarchy clauses are reported as not run (`SKIP`, `ran=False` with
+`passed=True`), with the way to enable them, so factories written before the
+hierarchy keep passing. One that builds a hierarchical bundle has every clause run
+on that bundle.
+
 Example:
+    >>> from functools import partial
     >>> from esper.tamiyo.policy import MLPPolicyBundle
     >>> from esper.tamiyo.policy.testing import check_bundle
     >>> report = check_bundle(lambda dim: MLPPolicyBundle(dim, hidden_dim=16))
-    >>> report.passed, len(report.results)
-    (True, 15)
+    >>> report.passed, len(report.results), len(report.not_run)  # no action_space
+    (True, 19, 4)
+    >>> report = check_bundle(partial(MLPPolicyBundle, hidden_dim=16))  # takes one
+    >>> report.passed, len(report.not_run)
+    (True, 0)
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import inspect
 import io
 import math
@@ -56,7 +95,7 @@ import textwrap
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any, NamedTuple
@@ -64,11 +103,19 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from esper.tamiyo.policy.action_space import HEAD_NAMES, ActionSpace
+from esper.tamiyo.policy.action_space import (
+    CONDITIONED_HEADS,
+    HEAD_NAMES,
+    PRIMARY_HEAD,
+    TAMIYO_HIERARCHY,
+    ActionHierarchy,
+    ActionSpace,
+)
 from esper.tamiyo.policy.base import PolicyBundle
 from esper.tamiyo.policy.inputs import HiddenState
 from esper.tamiyo.policy.layout import MASKED_LOGIT
-from esper.tamiyo.policy.masks import ActionMasks
+from esper.tamiyo.policy.masks import ActionMasks, by_op_name
+from esper.tamiyo.policy.outputs import ActionResult, EvalResult
 from esper.tamiyo.policy.validation import HookContractError
 
 __all__ = [
@@ -103,10 +150,14 @@ class ClauseResult:
 
     Attributes:
         clause: The clause's name, e.g. `"masks respected"`.
-        passed: Whether the bundle satisfied it (False when it was not run).
+        passed: Whether the bundle satisfied it. False when an earlier clause's
+            failure kept it from running; True for a clause that does not apply to the
+            factory (the hierarchy clauses, for a factory that takes no
+            `action_space` and builds a flat bundle), which fails nothing.
         detail: For a failure, what went wrong and what to fix; for a pass, a note
             (such as `"no trainable parameters"`) or `""`; for a clause not run, why.
-        ran: False when an earlier clause's failure kept this one from running.
+        ran: False when the clause was not run: an earlier failure kept it from
+            running (`passed` False), or it does not apply (`passed` True).
     """
 
     clause: str
@@ -134,8 +185,8 @@ class ConformanceReport:
 
     @property
     def failures(self) -> tuple[ClauseResult, ...]:
-        """The clauses that did not pass: those that failed, then those not run."""
-        return (*self.failed, *self.not_run)
+        """The clauses that did not pass: those that failed, then those blocked."""
+        return (*self.failed, *self.blocked)
 
     @property
     def failed(self) -> tuple[ClauseResult, ...]:
@@ -144,14 +195,28 @@ class ConformanceReport:
 
     @property
     def not_run(self) -> tuple[ClauseResult, ...]:
+        """The clauses that did not run: blocked ones, then those that do not apply."""
+        return (*self.blocked, *self.skipped)
+
+    @property
+    def blocked(self) -> tuple[ClauseResult, ...]:
         """The clauses an earlier failure kept from running."""
-        return tuple(result for result in self.results if not result.ran)
+        return tuple(r for r in self.results if not r.ran and not r.passed)
+
+    @property
+    def skipped(self) -> tuple[ClauseResult, ...]:
+        """The clauses that do not apply to the factory: they fail nothing.
+
+        The hierarchy clauses, for a factory that takes no `action_space` and builds a
+        flat bundle; each one's `detail` says how to enable them.
+        """
+        return tuple(r for r in self.results if not r.ran and r.passed)
 
     def format(self) -> str:
         """One line per clause, `PASS`, `FAIL` or `SKIP`, with the detail after a colon."""
         lines = [f"Conformance of {self.subject}:"]
         for result in self.results:
-            status = "PASS" if result.passed else "FAIL" if result.ran else "SKIP"
+            status = "SKIP" if not result.ran else "PASS" if result.passed else "FAIL"
             detail = f": {result.detail}" if result.detail else ""
             lines.append(f"  {status}  {result.clause}{detail}")
         lines.append(f"{len(self.results)} clauses, {self.verdict}.")
@@ -159,11 +224,16 @@ class ConformanceReport:
 
     @property
     def verdict(self) -> str:
-        """`all clauses pass`, or how many failed and how many were not run."""
-        if self.passed:
-            return "all clauses pass"
-        skipped = f", {len(self.not_run)} not run" if self.not_run else ""
-        return f"{len(self.failed)} failed{skipped}"
+        """`all clauses pass`, `N pass, M not run`, or `N failed, M not run`.
+
+        `N pass` when the clauses that ran passed and some did not apply.
+        """
+        not_run = f", {len(self.not_run)} not run" if self.not_run else ""
+        if not self.passed:
+            return f"{len(self.failed)} failed{not_run}"
+        if self.skipped:
+            return f"{len(self.results) - len(self.skipped)} pass{not_run}"
+        return "all clauses pass"
 
 
 def check_bundle(
@@ -173,13 +243,17 @@ def check_bundle(
 
     Args:
         factory: `factory(feature_dim)` returns a fresh bundle, e.g. the class itself
-            or `lambda dim: MyBundle(dim, hidden_dim=32)`.
+            or `lambda dim: MyBundle(dim, hidden_dim=32)`. When it also takes an
+            `action_space` keyword (`factory(feature_dim, action_space=space)`), the
+            bundle is checked under Tamiyo's hierarchy as well; see the module's
+            documentation.
         feature_dim: The feature width to build bundles with.
         seed: Seeds weights, inputs and sampling, so a run is reproducible. The
             caller's global random state is restored afterwards.
 
     Returns:
-        The report, when every clause passed.
+        The report, when no clause failed (the clauses that do not apply to the
+        factory are in `report.skipped`).
 
     Raises:
         AssertionError: One or more clauses failed; the message lists each of them.
@@ -192,11 +266,10 @@ def check_bundle(
             f"conformance clauses{skipped}:"
         )
         lines = [f"- {failure.clause}: {failure.detail}" for failure in report.failed]
-        if report.not_run:
-            names = ", ".join(result.clause for result in report.not_run)
-            lines.append(
-                f"- not run: {names} ({report.not_run[0].detail.removeprefix('not run: ')})"
-            )
+        for group in (report.blocked, report.skipped):
+            if group:
+                names = ", ".join(result.clause for result in group)
+                lines.append(f"- not run: {names} ({group[0].detail.removeprefix(_NOT_RUN)})")
         raise AssertionError("\n".join([heading, *lines]))
     return report
 
@@ -220,30 +293,34 @@ def run_checks(factory: BundleFactory, *, feature_dim: int = 7, seed: int = 0) -
         raise TypeError(f"factory must be callable, got {type(factory).__name__}")
     if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
         raise TypeError(f"feature_dim must be a positive int, got {feature_dim!r}")
-    subject = _Subject(factory, feature_dim, seed)
+    plain = _Subject(factory, feature_dim, seed)
     results: list[ClauseResult] = []
     name = getattr(factory, "__qualname__", type(factory).__name__)
     with torch.random.fork_rng():
         blocked = ""
-        for clause, check in _GATES:
+        plan: _Plan | None = None
+        for clause, check in _CLAUSES:
+            if blocked:
+                results.append(ClauseResult(clause, False, f"{_NOT_RUN}{blocked}", ran=False))
+                continue
+            subject = plain if plan is None else plan.subject_for(clause)
+            if subject is None:
+                assert plan is not None  # the plan says why the clause does not apply
+                results.append(ClauseResult(clause, True, f"{_NOT_RUN}{plan.skipped}", ran=False))
+                continue
             result = _run_clause(clause, check, subject)
             results.append(result)
-            if not result.passed and _blocks(clause, result):
+            if not result.passed and clause in _BLOCKED_BY and _blocks(clause, result):
                 blocked = _BLOCKED_BY[clause]
-                break
-        if not blocked:
-            name = type(subject.build()).__name__
-        for clause, check in _CLAUSES[len(results) :]:
-            if blocked:
-                results.append(ClauseResult(clause, False, f"not run: {blocked}", ran=False))
-            else:
-                results.append(_run_clause(clause, check, subject))
+            elif plan is None:  # "builds" passed: plan the spaces the others run under
+                name = type(plain.build()).__name__
+                plan = _plan(plain)
     return ConformanceReport(name, tuple(results))
 
 
 def _blocks(gate: str, result: ClauseResult) -> bool:
     """Whether a failed gate stops the later clauses (see `_GATES`)."""
-    if gate == "builds":
+    if gate in ("builds", _HIERARCHY_GATE):
         return True
     if gate == "shapes":
         return result.detail.startswith(_BROKE_CONTRACT)
@@ -347,26 +424,133 @@ class _ClauseError(AssertionError):
 
 @dataclass(frozen=True, slots=True)
 class _Subject:
-    """The factory under test, with the width and seed to build bundles with."""
+    """The factory under test, with the width and seed to build bundles with.
+
+    `action_space`, when set, is passed to the factory as a keyword, and the bundle
+    built must carry it.
+    """
 
     factory: BundleFactory
     feature_dim: int
     seed: int
+    action_space: ActionSpace | None = None
+
+    @property
+    def call(self) -> str:
+        """How the factory is called, for messages: `factory(7)`, or with the space."""
+        if self.action_space is None:
+            return f"factory({self.feature_dim})"
+        return f"factory({self.feature_dim}, action_space={_space_name(self.action_space)})"
 
     def build(self, offset: int = 0) -> PolicyBundle:
         """A fresh bundle, its weights seeded by `seed + offset`."""
         torch.manual_seed(self.seed + offset)
-        bundle = self.factory(self.feature_dim)
+        if self.action_space is None:
+            bundle: object = self.factory(self.feature_dim)
+        else:
+            factory: Callable[..., object] = self.factory
+            bundle = factory(self.feature_dim, action_space=self.action_space)
         if not isinstance(bundle, PolicyBundle):
             raise _ClauseError(
-                f"factory({self.feature_dim}) returned {type(bundle).__name__}, not a "
+                f"{self.call} returned {type(bundle).__name__}, not a "
                 "PolicyBundle; return an instance of your PolicyBundle subclass"
+            )
+        if self.action_space is not None and bundle.action_space != self.action_space:
+            raise _ClauseError(
+                f"{self.call} built a bundle whose action_space is "
+                f"{_space_name(bundle.action_space)}; pass the action_space the factory "
+                "is given on to PolicyBundle.__init__ (and to PolicyHeads)"
             )
         return bundle
 
     def generator(self) -> torch.Generator:
         """A random source for inputs, seeded like the bundles."""
         return torch.Generator().manual_seed(self.seed)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """Which subject each clause runs on, decided once "builds" has passed.
+
+    Attributes:
+        flat: The subject of the clauses before the hierarchy's.
+        hierarchy: The subject of the hierarchy clauses, or `None` when they do not
+            apply (see `skipped`).
+        skipped: Why the hierarchy clauses do not apply, and how to make them.
+    """
+
+    flat: _Subject
+    hierarchy: _Subject | None
+    skipped: str = ""
+
+    def subject_for(self, clause: str) -> _Subject | None:
+        """The subject `clause` runs on; `None` when it does not apply."""
+        return self.hierarchy if clause in _HIERARCHY_NAMES else self.flat
+
+
+def _plan(plain: _Subject) -> _Plan:
+    """The flat and hierarchical subjects, from the space `factory(feature_dim)` builds.
+
+    With an `action_space` keyword: the hierarchy clauses run under Tamiyo's table over
+    the first bundle's head sizes (or under its own table, if it has one), and the
+    others under the flat space (the first bundle's, or its sizes with no table).
+    Without one: every clause runs on `factory(feature_dim)`; the hierarchy clauses
+    only if that bundle is hierarchical.
+    """
+    space = plain.build().action_space
+    takes_space = _takes_action_space(plain.factory)
+    if space.is_hierarchical:
+        flat = replace(space, hierarchy=None)
+        return _Plan(replace(plain, action_space=flat) if takes_space else plain, plain)
+    if takes_space:
+        sizes = {head: getattr(space, head) for head in CONDITIONED_HEADS}
+        tamiyo = ActionSpace.tamiyo(**sizes)
+        return _Plan(plain, replace(plain, action_space=tamiyo))
+    return _Plan(
+        plain,
+        None,
+        f"{plain.call} builds a flat bundle and the factory takes no action_space "
+        "keyword; to check the bundle under Tamiyo's hierarchy too, let the factory "
+        "take action_space (factory(feature_dim, action_space=space)) and pass it on "
+        "to PolicyBundle.__init__",
+    )
+
+
+def _takes_action_space(factory: BundleFactory) -> bool:
+    """Whether `factory` can be called with an `action_space` keyword.
+
+    A class is read through its `__init__` (`PolicyBundle.__new__` takes anything); a
+    callable whose signature cannot be read (a builtin) is taken not to.
+    """
+    target: Callable[..., object] = factory
+    if isinstance(factory, type):
+        target = factory.__init__  # type: ignore[misc]  # read, not called
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+    given = parameters.get("action_space")
+    if given is not None:
+        return given.kind in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            inspect.Parameter.KEYWORD_ONLY,
+        )
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def _space_name(space: ActionSpace) -> str:
+    """`ActionSpace()`, `ActionSpace.tamiyo(slot=5)` and the like: how to build `space`."""
+    default = ActionSpace()
+    sizes = ", ".join(
+        f"{head}={getattr(space, head)}"
+        for head in HEAD_NAMES
+        if getattr(space, head) != getattr(default, head)
+    )
+    if space.hierarchy is None:
+        return f"ActionSpace({sizes})"
+    if space.hierarchy == TAMIYO_HIERARCHY:
+        return f"ActionSpace.tamiyo({sizes})"
+    return repr(space)
 
 
 class _Inputs(NamedTuple):
@@ -480,6 +664,22 @@ class _CallCounter:
         self.counter[0] += 1
 
 
+class _GraphWatcher:
+    """A forward hook noting each call of its module whose output requires grad.
+
+    The network's own output, not only what `get_action` returns: the base may detach
+    its results, which hides the graph a hook built without freeing its cost.
+    """
+
+    def __init__(self, found: list[str]) -> None:
+        self.found = found
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: object) -> None:
+        parts = output if isinstance(output, tuple | list) else (output,)
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in parts):
+            self.found.append("the network's output in get_action")
+
+
 def _trainable(bundle: PolicyBundle) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in bundle.network.named_parameters() if p.requires_grad]
 
@@ -516,36 +716,43 @@ def _check_builds(subject: _Subject) -> str:
 def _check_shapes(subject: _Subject) -> str:
     bundle = subject.build()
     gen = subject.generator()
-    sizes = bundle.action_space.sizes
     for lead in ((_BATCH,), (_BATCH, _STEPS)):
-        call = "[B, F]" if len(lead) == 1 else "[B, T, F]"
         x, masks = _inputs(bundle, gen, lead, subject.feature_dim)
-        act = bundle.get_action(x, masks)
-        fwd = bundle.forward(x, masks)
-        ev = bundle.evaluate_actions(x, act.action, masks)
-        value = bundle.get_value(x)
-        for name, size in zip(HEAD_NAMES, sizes, strict=True):
-            _expect_shape(f"get_action({call}).action[{name!r}]", act.action[name], lead)
-            if act.action[name].dtype != torch.int64:
-                raise _ClauseError(f"get_action({call}).action[{name!r}] is not int64")
-            _expect_shape(f"get_action({call}).log_prob[{name!r}]", act.log_prob[name], lead)
-            _expect_shape(f"forward({call}).logits[{name!r}]", fwd.logits[name], (*lead, size))
-            _expect_shape(f"evaluate_actions({call}).log_prob[{name!r}]", ev.log_prob[name], lead)
-            _expect_shape(f"evaluate_actions({call}).entropy[{name!r}]", ev.entropy[name], lead)
-        for where, tensor in (
-            ("get_action", act.value),
-            ("forward", fwd.value),
-            ("evaluate_actions", ev.value),
-            ("get_value", value),
-        ):
-            _expect_shape(f"{where}({call}).value", tensor, lead)
-        for where, hidden in (
-            ("get_action", act.hidden),
-            ("forward", fwd.hidden),
-            ("evaluate_actions", ev.hidden),
-        ):
-            _expect_hidden(bundle, hidden, _BATCH, f"{where}({call})")
+        _expect_result_shapes(bundle, x, masks, lead)
     return ""
+
+
+def _expect_result_shapes(
+    bundle: PolicyBundle, x: torch.Tensor, masks: ActionMasks, lead: tuple[int, ...]
+) -> tuple[ActionResult, EvalResult]:
+    """Every public method's results on `x` have the shapes the contract documents."""
+    call = "[B, F]" if len(lead) == 1 else "[B, T, F]"
+    act = bundle.get_action(x, masks)
+    fwd = bundle.forward(x, masks)
+    ev = bundle.evaluate_actions(x, act.action, masks)
+    value = bundle.get_value(x)
+    for name, size in zip(HEAD_NAMES, bundle.action_space.sizes, strict=True):
+        _expect_shape(f"get_action({call}).action[{name!r}]", act.action[name], lead)
+        if act.action[name].dtype != torch.int64:
+            raise _ClauseError(f"get_action({call}).action[{name!r}] is not int64")
+        _expect_shape(f"get_action({call}).log_prob[{name!r}]", act.log_prob[name], lead)
+        _expect_shape(f"forward({call}).logits[{name!r}]", fwd.logits[name], (*lead, size))
+        _expect_shape(f"evaluate_actions({call}).log_prob[{name!r}]", ev.log_prob[name], lead)
+        _expect_shape(f"evaluate_actions({call}).entropy[{name!r}]", ev.entropy[name], lead)
+    for where, tensor in (
+        ("get_action", act.value),
+        ("forward", fwd.value),
+        ("evaluate_actions", ev.value),
+        ("get_value", value),
+    ):
+        _expect_shape(f"{where}({call}).value", tensor, lead)
+    for where, hidden in (
+        ("get_action", act.hidden),
+        ("forward", fwd.hidden),
+        ("evaluate_actions", ev.hidden),
+    ):
+        _expect_hidden(bundle, hidden, lead[0], f"{where}({call})")
+    return act, ev
 
 
 def _check_mask_forms(subject: _Subject) -> str:
@@ -572,14 +779,16 @@ def _check_masks_respected(subject: _Subject) -> str:
     sampled = bundle.get_action(x, masks, deterministic=False)
     mode = bundle.get_action(x, masks, deterministic=True)
     logits = bundle.forward(x, masks).logits
+    table = bundle.action_space.hierarchy  # a factory's own hierarchical space
     for name in HEAD_NAMES:
         mask = getattr(masks, name)
         assert mask is not None  # random_masks masks every head
-        for label, taken in (
-            ("sampled", sampled.action[name]),
-            ("deterministic", mode.action[name]),
-        ):
+        for label, result in (("sampled", sampled), ("deterministic", mode)):
+            taken = result.action[name]
             allowed = mask.gather(-1, taken.unsqueeze(-1)).squeeze(-1)
+            if table is not None and name != PRIMARY_HEAD:  # ignored heads are canonical
+                used = _relevance(table).to(allowed.device)[result.action["op"]]
+                allowed |= ~used[..., HEAD_NAMES.index(name)]
             if not bool(allowed.all()):
                 row = int((~allowed).nonzero()[0, 0])
                 raise _ClauseError(
@@ -591,7 +800,7 @@ def _check_masks_respected(subject: _Subject) -> str:
                 f"forward gives masked actions of head {name!r} a logit other than {MASKED_LOGIT:g}"
             )
         best = logits[name].argmax(dim=-1)
-        if not torch.equal(best, mode.action[name]):
+        if (table is None or name == PRIMARY_HEAD) and not torch.equal(best, mode.action[name]):
             raise _ClauseError(
                 f"get_action(deterministic=True) for head {name!r} is not the argmax of "
                 "forward's logits on the same inputs"
@@ -719,12 +928,20 @@ def _check_rows_independent(subject: _Subject) -> str:
 def _check_gradients(subject: _Subject) -> str:
     bundle = subject.build()
     x, masks = _inputs(bundle, subject.generator(), (_BATCH, _STEPS), subject.feature_dim)
-    act = bundle.get_action(x, masks)
+    graphs: list[str] = []
+    handle = bundle.network.register_forward_hook(_GraphWatcher(graphs))
+    try:
+        act = bundle.get_action(x, masks)
+    finally:
+        handle.remove()
     for label, tensor in (("value", act.value), ("log_prob['op']", act.log_prob["op"])):
         if tensor.requires_grad:
-            raise _ClauseError(
-                f"get_action's {label} requires grad: rollouts must not build an autograd graph"
-            )
+            graphs.append(f"get_action's {label}")
+    if graphs:
+        raise _ClauseError(
+            f"{graphs[0]} requires grad: rollouts must not build an autograd graph; do not "
+            "switch autograd on in _forward (the base calls it under torch.no_grad)"
+        )
     params = _trainable(bundle)
     if not params:
         return "no trainable parameters"
@@ -1118,6 +1335,416 @@ def _source_findings(cls: type, methods: Sequence[str]) -> list[str]:
         return []  # no readable source (a REPL, exec): the run-time check still applies
 
 
+# ---------------------------------------------------------------------- hierarchy
+
+
+_HIERARCHY_EXAMPLES = 25
+"""Mask draws of "hierarchy: masks respected" (Hypothesis's, or the seeded fallback's)."""
+
+_DRAW_ROWS = 32
+"""Rows of each mask draw."""
+
+_SEED_BITS = (1 << 63) - 1
+
+
+class _MaskDraw(NamedTuple):
+    """One draw of per-op masks for "hierarchy: masks respected", as Hypothesis shrinks it.
+
+    Attributes:
+        seed: Seeds the masks, the features and the sampling.
+        steps: 0 for one step (`[B, F]`), else `T` of a sequence (`[B, T, F]`).
+        keep: The probability that each action is valid.
+        by_op: The heads that get a per-op mask.
+        void: Blank the per-op mask rows the base allows to be void: those of ops that
+            are masked or do not use the head.
+    """
+
+    seed: int
+    steps: int
+    keep: float
+    by_op: tuple[str, ...]
+    void: bool
+
+    def __str__(self) -> str:
+        shape = "[B, F]" if self.steps == 0 else f"[B, T={self.steps}, F]"
+        heads = ", ".join(self.by_op) or "no head"
+        return (
+            f"{shape} features, per-op masks on {heads}, keep={self.keep:.3g}, "
+            f"void rows {'allowed' if self.void else 'none'}, seed={self.seed}"
+        )
+
+
+def _relevance(table: ActionHierarchy) -> torch.Tensor:
+    """`[N_op, H]` bool: whether op `n` uses head `h` (`op` itself always)."""
+    return torch.tensor(table.relevance_table(), dtype=torch.bool)
+
+
+def _hierarchy_masks(
+    space: ActionSpace,
+    lead: tuple[int, ...],
+    generator: torch.Generator,
+    *,
+    keep: float = 0.5,
+    by_op: Sequence[str] = CONDITIONED_HEADS,
+    void: bool = True,
+    each_op: bool = False,
+) -> ActionMasks:
+    """Random flat and per-op masks for a hierarchical space, on the CPU.
+
+    Every op the op mask allows has, for every head it uses, an action valid under the
+    flat mask AND the per-op mask at that op (`random_masks`). With `void`, the per-op
+    rows the base lets be void are blanked: those of an op that is masked or does not
+    use the head. With `each_op`, even rows allow a single op, row `2k` op `k mod
+    N_op`, so every op is taken.
+    """
+    table = space.hierarchy
+    assert table is not None  # a hierarchical space
+    masks = random_masks(lead, space=space, keep=keep, generator=generator, by_op=by_op).as_dict()
+    if each_op:
+        op_mask = masks["op"]
+        assert op_mask is not None  # random_masks masks every head
+        rows = torch.arange(0, lead[0], 2)
+        chosen = torch.nn.functional.one_hot((rows // 2) % space.op, space.op).bool()
+        op_mask[rows] = chosen.view(len(rows), *([1] * (len(lead) - 1)), space.op)
+    if void:
+        op_mask = masks["op"]
+        assert op_mask is not None
+        relevance = _relevance(table)
+        for head in CONDITIONED_HEADS:
+            needed = op_mask & relevance[:, HEAD_NAMES.index(head)]  # [*lead, N_op]
+            per_op = masks.get(by_op_name(head))
+            if per_op is not None:
+                masks[by_op_name(head)] = per_op & needed.unsqueeze(-1)
+    return ActionMasks.from_mapping(masks)
+
+
+def _hierarchy_inputs(
+    bundle: PolicyBundle,
+    generator: torch.Generator,
+    lead: tuple[int, ...],
+    width: int,
+    **options: Any,
+) -> _Inputs:
+    """Features and `_hierarchy_masks` for `bundle`, on its device."""
+    features = torch.randn(*lead, width, generator=generator).to(bundle.device, bundle.dtype)
+    masks = _hierarchy_masks(bundle.action_space, lead, generator, **options)
+    return _Inputs(features, masks.to(bundle.device))
+
+
+def _at(index: Sequence[int]) -> str:
+    """`in row 3`, or `in row 3, step 1`."""
+    step = f", step {index[1]}" if len(index) > 1 else ""
+    return f"in row {index[0]}{step}"
+
+
+def _first_violation(
+    space: ActionSpace, masks: ActionMasks, actions: dict[str, torch.Tensor]
+) -> str:
+    """The first action its masks at the taken op forbid, in words; `""` if none.
+
+    Only the heads the taken op uses are read: the others are canonical, whatever
+    their masks (see "hierarchy: ignored heads canonical").
+    """
+    table = space.hierarchy
+    assert table is not None
+    op = actions[PRIMARY_HEAD].cpu()
+    used = _relevance(table)[op]  # [*lead, H]
+    fields = {name: mask.cpu() for name, mask in masks.as_dict().items() if mask is not None}
+    for head in HEAD_NAMES:
+        taken = actions[head].cpu()
+        for field in (head, by_op_name(head)):
+            mask = fields.get(field)
+            if mask is None or field == by_op_name(PRIMARY_HEAD):
+                continue
+            if field != head:  # [*lead, N_op, A_h] at each row's op
+                index = op[..., None, None].expand(*op.shape, 1, mask.shape[-1])
+                mask = mask.gather(-2, index).squeeze(-2)
+            allowed = mask.gather(-1, taken.unsqueeze(-1)).squeeze(-1)
+            bad = used[..., HEAD_NAMES.index(head)] & ~allowed
+            if bool(bad.any()):
+                where = [int(i) for i in bad.nonzero()[0]]
+                name = table.ops[int(op[tuple(where)])]
+                return (
+                    f"{head} = {int(taken[tuple(where)])} {_at(where)} under op {name}, "
+                    f"which masks[{field!r}] forbids" + (" at that op" if field != head else "")
+                )
+    return ""
+
+
+def _check_hierarchy_shapes(subject: _Subject) -> str:
+    bundle = subject.build()
+    space = bundle.action_space
+    if space.hierarchy is None:
+        raise _ClauseError(f"{subject.call} built a bundle with a flat action space")
+    gen = subject.generator()
+    for lead in ((_BATCH,), (_BATCH, _STEPS)):
+        call = "[B, F]" if len(lead) == 1 else "[B, T, F]"
+        x, masks = _hierarchy_inputs(bundle, gen, lead, subject.feature_dim)
+        act, ev = _expect_result_shapes(bundle, x, masks, lead)
+        joint = bundle.evaluate_actions(x, act.action, masks, joint_entropy=True).joint_entropy
+        _expect_shape(f"evaluate_actions({call}, joint_entropy=True).joint_entropy", joint, lead)
+        for name in HEAD_NAMES:
+            for what, flags in (("relevance", ev.relevance), ("availability", ev.availability)):
+                _expect_shape(f"evaluate_actions({call}).{what}[{name!r}]", flags[name], lead)
+                if flags[name].dtype != torch.bool:
+                    raise _ClauseError(f"evaluate_actions({call}).{what}[{name!r}] is not bool")
+    return f"under {_space_name(space)}"
+
+
+def _check_hierarchy_masks(subject: _Subject) -> str:
+    bundle = subject.build()
+    if importlib.util.find_spec("hypothesis") is None:  # a test dependency, not the library's
+        gen = subject.generator()
+        for _ in range(_HIERARCHY_EXAMPLES):
+            _expect_masks_held(bundle, subject, _random_draw(gen))
+        return (
+            f"Hypothesis is not installed: {_HIERARCHY_EXAMPLES} mask draws from a seeded "
+            "torch generator instead"
+        )
+    _with_hypothesis(bundle, subject)
+    return f"{_HIERARCHY_EXAMPLES} mask draws by Hypothesis"
+
+
+def _with_hypothesis(bundle: PolicyBundle, subject: _Subject) -> None:
+    """`_expect_masks_held` on masks Hypothesis draws; it raises the smallest failure."""
+    from hypothesis import (  # noqa: PLC0415 - optional: a test dependency
+        HealthCheck,
+        Phase,
+        Verbosity,
+        given,
+        settings,
+    )
+    from hypothesis import strategies as st  # noqa: PLC0415
+
+    draws = st.builds(
+        _MaskDraw,
+        seed=st.integers(0, 2**32 - 1),
+        steps=st.sampled_from((0, 3)),
+        keep=st.floats(0.05, 0.95),
+        by_op=st.sets(st.sampled_from(CONDITIONED_HEADS)).map(_in_head_order),
+        void=st.booleans(),
+    )
+
+    @settings(
+        max_examples=_HIERARCHY_EXAMPLES,
+        derandomize=True,  # the same draws on every run: a check must not pass by luck
+        database=None,
+        deadline=None,
+        phases=(Phase.explicit, Phase.generate, Phase.shrink),
+        report_multiple_bugs=False,
+        suppress_health_check=list(HealthCheck),
+        verbosity=Verbosity.quiet,
+        print_blob=False,
+    )
+    @given(draws)
+    def masks_held(draw: _MaskDraw) -> None:
+        _expect_masks_held(bundle, subject, draw)
+
+    masks_held()
+
+
+def _in_head_order(heads: set[str]) -> tuple[str, ...]:
+    return tuple(head for head in CONDITIONED_HEADS if head in heads)
+
+
+def _random_draw(generator: torch.Generator) -> _MaskDraw:
+    """A `_MaskDraw` from a torch generator, for when Hypothesis is not installed."""
+    picked = (torch.rand(len(CONDITIONED_HEADS), generator=generator) < 0.5).tolist()
+    return _MaskDraw(
+        seed=int(torch.randint(2**31, (), generator=generator)),
+        steps=3 * int(torch.randint(2, (), generator=generator)),
+        keep=0.05 + 0.9 * float(torch.rand((), generator=generator)),
+        by_op=tuple(head for head, pick in zip(CONDITIONED_HEADS, picked, strict=True) if pick),
+        void=bool(torch.rand((), generator=generator) < 0.5),
+    )
+
+
+def _expect_masks_held(bundle: PolicyBundle, subject: _Subject, draw: _MaskDraw) -> None:
+    """Sampled and deterministic actions of one draw break none of its masks."""
+    gen = torch.Generator().manual_seed(hash((subject.seed, draw.seed)) & _SEED_BITS)
+    lead = (_DRAW_ROWS,) if draw.steps == 0 else (_DRAW_ROWS, draw.steps)
+    x, masks = _hierarchy_inputs(
+        bundle, gen, lead, subject.feature_dim, keep=draw.keep, by_op=draw.by_op, void=draw.void
+    )
+    torch.manual_seed(draw.seed)
+    for label, deterministic in (("sampled", False), ("deterministic", True)):
+        taken = bundle.get_action(x, masks, deterministic=deterministic).action
+        found = _first_violation(bundle.action_space, masks, taken)
+        if found:
+            raise _ClauseError(
+                f"get_action ({label}) took {found} (masks drawn with {draw}); leave "
+                "masking to the base, and pass every mask, the per-op <head>_by_op ones "
+                "too, on to super()._normalize_inputs"
+            )
+
+
+def _check_hierarchy_canonical(subject: _Subject) -> str:
+    bundle = subject.build()
+    space = bundle.action_space
+    table = space.hierarchy
+    assert table is not None  # "hierarchy: shapes" passed
+    relevance = _relevance(table)
+    gen = subject.generator()
+    for lead in ((4 * space.op,), (4 * space.op, _STEPS)):
+        x, masks = _hierarchy_inputs(bundle, gen, lead, subject.feature_dim, each_op=True)
+        sampled = bundle.get_action(x, masks)
+        for label, result in (
+            ("sampled", sampled),
+            ("deterministic", bundle.get_action(x, masks, deterministic=True)),
+        ):
+            _expect_canonical(table, result.action, f"get_action ({label})", result.log_prob)
+        ev = bundle.evaluate_actions(x, sampled.action, masks)
+        _expect_canonical(table, sampled.action, "evaluate_actions", ev.log_prob, ev.entropy)
+        op = sampled.action[PRIMARY_HEAD].cpu()
+        op_mask = masks.op
+        assert op_mask is not None  # _hierarchy_masks masks every head
+        for head in HEAD_NAMES:
+            column = relevance[:, HEAD_NAMES.index(head)]
+            for what, got, want in (
+                ("relevance", ev.relevance[head], column[op]),
+                ("availability", ev.availability[head], (op_mask.cpu() & column).any(dim=-1)),
+            ):
+                if not torch.equal(got.cpu(), want):
+                    where = [int(i) for i in (got.cpu() != want).nonzero()[0]]
+                    raise _ClauseError(
+                        f"evaluate_actions gives {what}[{head!r}] = {bool(got.cpu()[tuple(where)])} "
+                        f"{_at(where)}, where the hierarchy says {bool(want[tuple(where)])}"
+                    )
+        _expect_non_canonical_refused(bundle, x, sampled.action, masks, relevance)
+    return ""
+
+
+def _expect_canonical(
+    table: ActionHierarchy,
+    actions: dict[str, torch.Tensor],
+    where: str,
+    log_prob: dict[str, torch.Tensor],
+    entropy: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Every head the taken op ignores has its canonical action, log-prob (entropy) 0."""
+    op = actions[PRIMARY_HEAD].cpu()
+    used = _relevance(table)[op]  # [*lead, H]
+    for index, head in enumerate(HEAD_NAMES):
+        ignored = ~used[..., index]
+        canonical = table.canonical[index]
+        checks = [
+            ("action", actions[head].cpu(), float(canonical)),
+            ("log-prob", log_prob[head].detach().cpu(), 0.0),
+        ]
+        if entropy is not None:
+            checks.append(("entropy", entropy[head].detach().cpu(), 0.0))
+        for what, got, want in checks:
+            bad = ignored & (got != want)
+            if bool(bad.any()):
+                at = [int(i) for i in bad.nonzero()[0]]
+                name = table.ops[int(op[tuple(at)])]
+                value = got[tuple(at)].item()
+                raise _ClauseError(
+                    f"{where} gives {head!r} {what} {value:.4g} {_at(at)} under op {name}, "
+                    f"which does not use {head!r}: it must be {want:g} (the canonical action "
+                    f"{canonical}, log-prob and entropy exactly 0), so the head adds nothing "
+                    "to PPO's ratio or entropy bonus; leave sampling and scoring to the base"
+                )
+
+
+def _expect_non_canonical_refused(
+    bundle: PolicyBundle,
+    x: torch.Tensor,
+    actions: dict[str, torch.Tensor],
+    masks: ActionMasks,
+    relevance: torch.Tensor,
+) -> None:
+    """`evaluate_actions` refuses another action than the canonical for an ignored head.
+
+    Tried on the first head, in `HEAD_NAMES` order, that some row's op ignores and that
+    has another action to take; a table whose ops use every head has none.
+    """
+    table = bundle.action_space.hierarchy
+    assert table is not None
+    op = actions[PRIMARY_HEAD].cpu()
+    for index, head in enumerate(HEAD_NAMES):
+        size = bundle.action_space.size_of(head)
+        ignored = ~relevance[op][..., index]
+        if size < 2 or not bool(ignored.any()):
+            continue
+        at = tuple(int(i) for i in ignored.nonzero()[0])
+        wrong = actions[head].clone()
+        other = (table.canonical[index] + 1) % size
+        wrong[at] = other
+        try:
+            bundle.evaluate_actions(x, {**actions, head: wrong}, masks)
+        except (ValueError, TypeError):
+            return
+        hint = "" if bundle.check_values else " (the factory set check_values=False)"
+        raise _ClauseError(
+            f"evaluate_actions accepted {head} = {other} {_at(at)} under op "
+            f"{table.ops[int(op[at])]}, which does not use {head!r}; it must refuse any "
+            f"action but the canonical {table.canonical[index]} there, as the base does"
+            f"{hint}: do not rewrite the actions in _normalize_inputs"
+        )
+
+
+def _check_hierarchy_rollout(subject: _Subject) -> str:
+    bundle = subject.build()
+    gen = subject.generator()
+    batch = 2 * _BATCH
+    starts = torch.zeros(batch, _STEPS, dtype=torch.bool)
+    starts[::2, _STEPS // 2] = True  # an episode starts inside the sequence
+    starts[1, 0] = True
+    starts = starts.to(bundle.device)
+    start = bundle.initial_hidden(batch)
+    hidden = start
+    steps: list[tuple[_Inputs, ActionResult]] = []
+    for step in range(_STEPS):
+        step_inputs = _hierarchy_inputs(
+            bundle, gen, (batch,), subject.feature_dim, each_op=step % 2 == 0
+        )
+        result = bundle.get_action(
+            step_inputs.features, step_inputs.masks, hidden, episode_start=starts[:, step]
+        )
+        steps.append((step_inputs, result))
+        hidden = result.hidden
+    features = torch.stack([s[0].features for s in steps], dim=1)  # [B, T, F]
+    masks = ActionMasks.stack([s[0].masks for s in steps])  # [B, T, (N_op,) A_h]
+    actions = {h: torch.stack([s[1].action[h] for s in steps], dim=1) for h in HEAD_NAMES}
+    replay = bundle.evaluate_actions(features, actions, masks, start, episode_start=starts)
+    why = (
+        "under the hierarchy the update scores each step at the op the rollout took, so "
+        "the hook must give a step the same logits alone and inside a sequence, "
+        "whatever the per-op masks; condition on the op only through "
+        "OpConditionedOutput.logits_by_op (every op at once), never by reading "
+        "inputs.action_index or inputs.actions, which get_action does not have"
+    )
+    for name in HEAD_NAMES:
+        rollout = torch.stack([s[1].log_prob[name] for s in steps], dim=1)  # [B, T]
+        _expect_close(
+            f"evaluate_actions log-probs of head {name!r} and get_action's",
+            replay.log_prob[name],
+            rollout,
+            why,
+        )
+    rollout_value = torch.stack([s[1].value for s in steps], dim=1)  # [B, T]
+    _expect_close("evaluate_actions values and get_action's", replay.value, rollout_value, why)
+    if hidden is not None:
+        assert replay.hidden is not None  # "hierarchy: shapes" checks the layout
+        for index, (got, want) in enumerate(zip(replay.hidden, hidden, strict=True)):
+            _expect_close(
+                f"the final hidden[{index}] of the sequence and of the steps", got, want, why
+            )
+    first_inputs, first = steps[0]
+    one = bundle.evaluate_actions(
+        first_inputs.features, first.action, first_inputs.masks, start, episode_start=starts[:, 0]
+    )
+    for name in HEAD_NAMES:
+        _expect_close(
+            f"single-step evaluate_actions log-probs of head {name!r} and get_action's",
+            one.log_prob[name],
+            first.log_prob[name],
+            "evaluate_actions must score what get_action sampled, at the op it sampled",
+        )
+    return ""
+
+
 _GATES: tuple[tuple[str, _Check], ...] = (
     ("builds", _check_builds),
     ("shapes", _check_shapes),
@@ -1132,11 +1759,19 @@ _GATES: tuple[tuple[str, _Check], ...] = (
 _CRASHED = "raised "
 _BROKE_CONTRACT = "the hook's output breaks the contract: "
 
+_HIERARCHY_GATE = "hierarchy: shapes"
+
 _BLOCKED_BY = {
     "builds": "the factory built no bundle",
     "shapes": "the hook's output breaks the contract (see 'shapes')",
     "deterministic": "the outputs are random (see 'deterministic')",
+    _HIERARCHY_GATE: f"the bundle fails under the hierarchy (see {_HIERARCHY_GATE!r})",
 }
+"""Why the later clauses were not run, for each gate. "hierarchy: shapes" blocks the
+other hierarchy clauses whatever made it fail: they build and call the bundle the same
+way."""
+
+_NOT_RUN = "not run: "
 
 _CLAUSES: tuple[tuple[str, _Check], ...] = (
     *_GATES,
@@ -1152,4 +1787,11 @@ _CLAUSES: tuple[tuple[str, _Check], ...] = (
     ("float64", _check_float64),
     ("bad inputs refused", _check_bad_inputs),
     ("no per-call closures", _check_no_closures),
+    (_HIERARCHY_GATE, _check_hierarchy_shapes),
+    ("hierarchy: masks respected", _check_hierarchy_masks),
+    ("hierarchy: ignored heads canonical", _check_hierarchy_canonical),
+    ("hierarchy: rollout and update agree", _check_hierarchy_rollout),
 )
+
+_HIERARCHY_NAMES = frozenset(name for name, _ in _CLAUSES if name.startswith("hierarchy: "))
+"""The clauses run under a hierarchical space (see `_plan`)."""
