@@ -6,6 +6,7 @@ where there is one), and the bundle keeps working after it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -283,7 +284,7 @@ def test_nan_per_op_logits_are_named_with_head_and_op() -> None:
     with torch.no_grad():
         bundle.network.op_logits.offset.bias[3 * 8 * 16 + 0 * 16 + 1] = float("nan")  # type: ignore[union-attr]
     with pytest.raises(
-        FloatingPointError, match=r"op-conditioned logits of head 'slot' for op 3 are NaN"
+        FloatingPointError, match=r"op-conditioned logits of head 'slot' for op PRUNE are NaN"
     ):
         bundle.get_action(torch.randn(B, FEATURE_DIM), None)
 
@@ -362,3 +363,106 @@ def test_a_checkpoint_with_a_malformed_table_is_refused_naming_the_file(tmp_path
     with pytest.raises(CheckpointError) as caught:
         load_policy(path)
     assert str(path) in str(caught.value)
+
+
+# ---------------------------------------------------------------------- review findings
+
+
+def test_with_checks_off_infinite_op_logits_never_pick_a_masked_op() -> None:
+    """The op stage masks as every head does: -inf or +inf logits keep the op mask."""
+    for value in (float("-inf"), float("inf")):
+        bundle = small_lstm(action_space=TAMIYO)
+        bundle.check_values = False
+        with torch.no_grad():
+            bias = bundle.network.heads.out_bias  # [H + 1, 1, A_max]
+            bias[HEAD_NAMES.index("op")] = value
+        op = torch.zeros(B, 6, dtype=torch.bool)
+        op[:, 3] = True  # PRUNE only
+        out = bundle.get_action(torch.randn(B, FEATURE_DIM), ActionMasks(op=op))
+        assert (out.action["op"] == 3).all(), value
+
+
+class _NarrowsSlots(LSTMPolicyBundle):
+    """A `_normalize_inputs` that forbids slot 2 in `valid`, as the guide allows."""
+
+    def _normalize_inputs(
+        self,
+        features: torch.Tensor,
+        masks: object,
+        hidden: object,
+        actions: object = None,
+    ) -> PolicyInputs:
+        inputs = super()._normalize_inputs(features, masks, hidden, actions)  # type: ignore[arg-type]
+        valid = inputs.valid.clone()
+        valid[..., HEAD_NAMES.index("slot"), 2] = False
+        return dataclasses.replace(inputs, valid=valid)
+
+
+def test_a_normalize_inputs_that_narrows_valid_holds_under_per_op_masks_too() -> None:
+    bundle = _NarrowsSlots(FEATURE_DIM, hidden_dim=16, embed_dim=8, action_space=TAMIYO)
+    op = torch.zeros(500, 6, dtype=torch.bool)
+    op[:, 4] = True  # FOSSILIZE
+    for masks in (ActionMasks(op=op), ActionMasks(op=op, slot_by_op=_slot_by_op((500,)))):
+        out = bundle.get_action(torch.randn(500, FEATURE_DIM), masks)
+        assert not (out.action["slot"] == 2).any()
+
+
+class _SwitchesOutputKind(LSTMPolicyBundle):
+    """Per-op logits for stretches longer than one step, plain logits otherwise."""
+
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput | OpConditionedOutput:
+        out = super()._forward(inputs)
+        if inputs.seq_len == 1:
+            return NetworkOutput(out.logits, out.value, out.hidden)
+        by_op = out.logits.unsqueeze(2).expand(-1, -1, 6, -1, -1) + 0.5
+        return OpConditionedOutput(out.logits, out.value, out.hidden, by_op)
+
+
+@pytest.mark.parametrize("reset_at", [1, 3])
+def test_a_hook_may_switch_output_kinds_between_stretches(reset_at: int) -> None:
+    bundle = _SwitchesOutputKind(FEATURE_DIM, hidden_dim=16, embed_dim=8, action_space=TAMIYO)
+    x = torch.randn(B, 4, FEATURE_DIM)
+    starts = torch.zeros(B, 4, dtype=torch.bool)
+    starts[0, reset_at] = True
+    actions = bundle.get_action(x, None, episode_start=starts).action
+    scored = bundle.evaluate_actions(x, actions, None, episode_start=starts)
+    assert all(torch.isfinite(scored.log_prob[h]).all() for h in HEAD_NAMES)
+
+
+def test_flat_relevance_and_availability_are_the_callers_to_change() -> None:
+    bundle = small_lstm()
+    x = torch.randn(1, FEATURE_DIM)
+    actions = bundle.get_action(x, None).action
+    first = bundle.evaluate_actions(x, actions, None)
+    first.relevance["slot"] &= False
+    assert first.availability["slot"].all()
+    later = bundle.evaluate_actions(x, actions, None)
+    assert later.relevance["slot"].all()
+    assert later.availability["slot"].all()
+
+
+class _ByOpAsInts(LSTMPolicyBundle):
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput | OpConditionedOutput:
+        out = super()._forward(inputs)
+        shape = (inputs.batch_size, inputs.seq_len, 6, 8, 16)
+        return OpConditionedOutput(
+            out.logits, out.value, out.hidden, torch.zeros(shape, dtype=torch.long)
+        )
+
+
+def test_per_op_logits_in_another_dtype_break_the_hook_contract() -> None:
+    bundle = _ByOpAsInts(FEATURE_DIM, hidden_dim=16, embed_dim=8, action_space=TAMIYO)
+    with pytest.raises(
+        HookContractError,
+        match=r"logits_by_op in torch.int64 on cpu, but its logits in torch.float32",
+    ):
+        bundle.get_action(torch.randn(B, FEATURE_DIM), None)
+
+
+def test_the_raw_constructor_normalizes_the_table_and_op_has_no_canonical_action() -> None:
+    raw = ActionHierarchy(ops=("A", "B"), used=((), ["style", "slot"]))  # type: ignore[arg-type]
+    assert raw.uses(1) == ("slot", "style")
+    assert raw == ActionHierarchy.from_table({"A": (), "B": ("slot", "style")})
+    assert hash(ActionSpace(op=2, hierarchy=raw))
+    with pytest.raises(ValueError, match="'op' has no canonical action"):
+        ActionHierarchy.from_table({"A": ()}, canonical={"op": 1})

@@ -88,13 +88,21 @@ class ActionHierarchy:
                 )
         if len(set(self.ops)) != len(self.ops):
             raise ValueError(f"ActionHierarchy.ops has a repeated name: {self.ops}")
-        if not isinstance(self.used, tuple) or len(self.used) != len(self.ops):
+        if not isinstance(self.used, tuple | list) or len(self.used) != len(self.ops):
             raise ValueError(
                 f"ActionHierarchy.used must hold one tuple of heads per op "
                 f"({len(self.ops)}), got {self.used!r}"
             )
-        for op, heads in zip(self.ops, self.used, strict=True):
-            _check_used(op, heads)
+        given: tuple[object, ...] = tuple(self.used)  # lists too, at run time
+        for op, heads in zip(self.ops, given, strict=True):
+            if not isinstance(heads, tuple | list):
+                raise TypeError(
+                    f"ActionHierarchy: op {op!r} must map to a tuple of head names, got {heads!r}"
+                )
+            _check_used(op, tuple(heads))
+        # One form whatever was given: frozen, hashable, each op's heads in HEAD_NAMES order.
+        ordered = tuple(tuple(h for h in HEAD_NAMES if h in heads) for heads in self.used)
+        object.__setattr__(self, "used", ordered)
         if (
             not isinstance(self.canonical, tuple)
             or len(self.canonical) != len(HEAD_NAMES)
@@ -103,6 +111,11 @@ class ActionHierarchy:
             raise ValueError(
                 f"ActionHierarchy.canonical must be {len(HEAD_NAMES)} ints in HEAD_NAMES "
                 f"order, got {self.canonical!r}"
+            )
+        if self.canonical[HEAD_NAMES.index(PRIMARY_HEAD)] != 0:
+            raise ValueError(
+                f"ActionHierarchy: {PRIMARY_HEAD!r} has no canonical action (every op uses "
+                f"it); leave its entry 0, got {self.canonical!r}"
             )
         for head, action in zip(HEAD_NAMES, self.canonical, strict=True):
             if action < 0:

@@ -498,7 +498,7 @@ class PolicyBundle(ABC):
             action_space=self.action_space,
             action_index=action_index,
             single_step=single_step,
-            valid_by_op=None if by_op is None else layout.pack_by_op(by_op, valid),
+            valid_by_op=None if by_op is None else layout.pack_by_op(by_op, batch, steps),
         )
 
     def _prepare(

@@ -74,7 +74,7 @@ def run_network(bundle: Bundle, call: Call) -> HookOutput:
 
 
 def _run_stretches(bundle: Bundle, call: Call) -> HookOutput:
-    inputs = call.inputs
+    inputs, layout = call.inputs, call.layout
     starts = inputs.episode_start
     assert starts is not None  # resets come from the flags
     outs: list[HookOutput] = []
@@ -83,16 +83,29 @@ def _run_stretches(bundle: Bundle, call: Call) -> HookOutput:
         if begin > 0 and hidden is not None:
             hidden = reset_hidden(hidden, starts[:, begin])
         stretch = _steps(inputs, begin, end, hidden)
-        out = HookOutput(*bundle._forward(stretch))
-        _check_output(bundle, stretch, call.layout, out)
-        outs.append(out)
-        hidden = out.hidden
-    by_op = [out.logits_by_op for out in outs]
+        raw = bundle._forward(stretch)
+        _check_output(bundle, stretch, layout, raw)
+        outs.append(HookOutput(*raw))
+        hidden = outs[-1].hidden
+    by_op: torch.Tensor | None = None
+    if any(out.logits_by_op is not None for out in outs):
+        # A hook may return per-op logits for some stretches only: a `NetworkOutput`
+        # means the same logits whatever the op.
+        shape = (inputs.batch_size, -1, layout.num_ops, layout.num_heads, layout.padded_size)
+        by_op = torch.cat(
+            [
+                out.logits.unsqueeze(2).expand(shape)
+                if out.logits_by_op is None
+                else out.logits_by_op
+                for out in outs
+            ],
+            dim=1,
+        )  # [B, T, N_op, H, A_max]
     return HookOutput(
         torch.cat([out.logits for out in outs], dim=1),
         torch.cat([out.value for out in outs], dim=1),
         hidden,
-        None if by_op[0] is None else torch.cat(by_op, dim=1),  # type: ignore[arg-type]  # all or none: checked
+        by_op,
     )
 
 
@@ -170,9 +183,14 @@ def act(
     noise = None if deterministic else categorical.gumbel_noise(logits, generator)
     valid = inputs.valid
     if layout.hierarchical:
-        # Gumbel-max needs no normalization: the op is the argmax over its valid logits.
-        op_logits = torch.where(valid[..., PRIMARY, :], logits[..., PRIMARY, :], layout.minus_inf)
-        op = categorical.choose(op_logits, None if noise is None else noise[..., PRIMARY, :])
+        # Gumbel-max needs no normalization: the op is the argmax of its masked logits
+        # (masked as every head is, so broken numbers never pick a masked op).
+        op_row = slice(PRIMARY, PRIMARY + 1)
+        op_logits = categorical.mask_logits(
+            logits[..., op_row, :], valid[..., op_row, :], layout.fill[op_row], layout.minus_inf
+        )  # [B, T, 1, A_max]
+        op_noise = None if noise is None else noise[..., op_row, :]
+        op = categorical.choose(op_logits, op_noise).squeeze(-1)  # [B, T]
         logits, valid = _given_op(out, inputs, layout, op)  # [B, T, H, A_max] each
     log_probs = _log_probs(logits, valid, layout)  # [B, T, H, A_max]
     actions = categorical.choose(log_probs, noise)  # [B, T, H]
@@ -207,9 +225,9 @@ def evaluate(bundle: Bundle, call: Call) -> Scored:
         if call.joint_entropy
         else None
     )
-    if not layout.hierarchical:
-        every = layout.every_head.expand(actions.shape)  # [B, T, H], a view
-        return Scored(chosen, entropy, every, every, joint, out)
+    if not layout.hierarchical:  # every head matters: new tensors, the caller's to change
+        every = torch.ones(actions.shape, dtype=torch.bool, device=actions.device)  # [B, T, H]
+        return Scored(chosen, entropy, every, every.clone(), joint, out)
     assert layout.relevance is not None  # hierarchical
     relevance = layout.relevance[op]  # [B, T, H]
     return Scored(chosen, entropy, relevance, availability(inputs.valid, layout), joint, out)
@@ -224,23 +242,25 @@ def _given_op(
     one. The op's own row keeps its flat logits and mask.
     """
     valid = layout.valid_at_op(inputs.valid, inputs.valid_by_op, op)
-    logits = out.logits
-    if out.logits_by_op is not None:
-        assert layout.primary_row is not None  # hierarchical
-        logits = torch.where(layout.primary_row, logits, at_op(out.logits_by_op, op))
-    return logits, valid
+    if out.logits_by_op is None:
+        return out.logits, valid
+    return _with_op_row(out.logits, at_op(out.logits_by_op, op), layout), valid
 
 
 def _logits_given_op(out: HookOutput, layout: HeadLayout) -> torch.Tensor:
     """Every head's logits given each op: `[B, T, N_op, H, A_max]`, or `[B, T, 1, ...]`.
 
-    The hook's per-op logits, with the op's row from its flat logits; without them the
+    The hook's per-op logits with the op's row from its flat logits; without them the
     flat logits, one row that broadcasts over the ops.
     """
-    if out.logits_by_op is None:
-        return out.logits.unsqueeze(2)
+    flat = out.logits.unsqueeze(2)
+    return flat if out.logits_by_op is None else _with_op_row(flat, out.logits_by_op, layout)
+
+
+def _with_op_row(flat: torch.Tensor, given_op: torch.Tensor, layout: HeadLayout) -> torch.Tensor:
+    """`given_op` with its `op` row taken from `flat`: the op's logits never depend on it."""
     assert layout.primary_row is not None  # hierarchical
-    return torch.where(layout.primary_row, out.logits.unsqueeze(2), out.logits_by_op)
+    return torch.where(layout.primary_row, flat, given_op)
 
 
 def _log_probs(logits: torch.Tensor, valid: torch.Tensor, layout: HeadLayout) -> torch.Tensor:
@@ -255,9 +275,7 @@ def availability(valid: torch.Tensor, layout: HeadLayout) -> torch.Tensor:
         valid: `[B, T, H, A_max]`, the packed flat masks.
         layout: A hierarchical layout.
     """
-    assert layout.relevance is not None  # hierarchical
-    valid_ops = valid[..., PRIMARY, : layout.num_ops]  # [B, T, N_op]
-    return (valid_ops.unsqueeze(-1) & layout.relevance).any(dim=-2)  # [B, T, H]
+    return layout.needed(valid).any(dim=-2)  # [B, T, H]
 
 
 def _joint_entropy(

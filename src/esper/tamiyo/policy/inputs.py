@@ -39,9 +39,10 @@ class PolicyInputs:
         action_space: The head sizes, which say the columns of each head in `valid`,
             and the hierarchy, if any.
         valid_by_op: `[B, T, N_op, H, A_max]` bool when the caller gave per-op masks
-            (a hierarchical space only): `valid` ANDed with each head's per-op mask
-            at op `n` (`valid` alone for a head without one); `None` otherwise. What
-            each head may take given an op is `HeadLayout.valid_at_op` of these.
+            (a hierarchical space only): each head's per-op mask at op `n`, as given,
+            True for a head without one; `None` otherwise. What each head may take
+            given an op is `HeadLayout.valid_at_op` of `valid` and this, so a
+            `_normalize_inputs` that narrows `valid` narrows it under every op.
         action_index: `[B, T, H]` int64 actions in `HEAD_NAMES` order, for
             `evaluate_actions`; else `None`.
         single_step: The caller gave `[B, F]` features, so the base drops the `T` axis
@@ -76,7 +77,7 @@ class PolicyInputs:
         """Per-head masks, `[B, T, A_h]` bool views of `valid` (made on access).
 
         With per-op masks, `<head>_by_op` are `[B, T, N_op, A_h]` views of
-        `valid_by_op` (ANDed with the flat masks).
+        `valid_by_op`, as given (all True for a head without one).
         """
         flat = split_heads(self.valid, self.action_space.sizes)
         if self.valid_by_op is None:

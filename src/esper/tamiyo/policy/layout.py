@@ -87,15 +87,14 @@ class HeadLayout:
         inv_log_count: `[A_max + 1]` float32, `1 / log(n)` for `n >= 2` valid actions
             and 0 for `n <= 1`, indexed by the number of valid actions: normalizes
             entropy to [0, 1] with a lookup instead of a log and a division per call.
-        hierarchical: The space has an `ActionHierarchy`; the tables below but
-            `every_head` are `None` when it has not.
+        hierarchical: The space has an `ActionHierarchy`; the tables below are
+            `None` when it has not.
         num_ops: `N_op`, the op head's size.
         relevance: `[N_op, H]` bool, True where op `n` uses head `h` (`op` always).
         primary_row: `[H, 1]` bool, True on the `op` row, to take the op's logits from
             the flat logits when a hook gives per-op logits.
         other_heads: `[H]` float32, 1 but on the `op` row: sums the conditional
             entropies of the heads other than the op.
-        every_head: `[H]` bool, all True: a flat space's relevance and availability.
     """
 
     def __init__(self, action_space: ActionSpace, device: torch.device) -> None:
@@ -141,7 +140,6 @@ class HeadLayout:
         self.relevance: torch.Tensor | None = None
         self.primary_row: torch.Tensor | None = None
         self.other_heads: torch.Tensor | None = None
-        self.every_head = torch.ones(self.num_heads, dtype=torch.bool, device=device)
         self._used: torch.Tensor | None = None
         self._canonical_only: torch.Tensor | None = None
         if table is not None:
@@ -198,25 +196,28 @@ class HeadLayout:
             batch, steps, self.num_heads, self.padded_size
         )  # [B, T, H, A_max]
 
-    def pack_by_op(self, masks: Sequence[torch.Tensor | None], valid: torch.Tensor) -> torch.Tensor:
-        """Pack the per-op masks into `[B, T, N_op, H, A_max]`, ANDed with the flat masks.
+    def pack_by_op(
+        self, masks: Sequence[torch.Tensor | None], batch: int, steps: int
+    ) -> torch.Tensor:
+        """Pack the per-op masks into `[B, T, N_op, H, A_max]`, True where a head has none.
+
+        Only the per-op masks: the flat ones stay in `valid`, read by `valid_at_op`.
 
         Args:
             masks: Checked per-op masks of the heads other than `op`, in `HEAD_NAMES`
                 order (`ActionMasks.by_op_tuple()`), each `[B, N_op, A_h]` (only when
                 `T == 1`), `[B, 1, N_op, A_h]` or `[B, T, N_op, A_h]`, or `None`.
-            valid: `[B, T, H, A_max]`, the packed flat masks.
-
-        Returns:
-            What each head's flat AND per-op masks allow given op `n` (the flat mask
-            alone for a head without a per-op mask; the op's own row is its flat mask).
+            batch: `B`.
+            steps: `T`.
         """
-        batch, steps = valid.shape[0], valid.shape[1]
-        packed = valid.unsqueeze(2).repeat(1, 1, self.num_ops, 1, 1)  # [B, T, N_op, H, A_max]
+        packed = torch.ones(
+            batch, steps, self.num_ops, self.num_heads, self.padded_size,
+            dtype=torch.bool, device=self.device,
+        )  # fmt: skip
         for head, mask in zip(_CONDITIONED, masks, strict=True):
             if mask is not None:
                 rows = packed[:, :, :, head, : self.head_sizes[head]]  # [B, T, N_op, A_h]
-                rows &= mask.view(batch, steps, *mask.shape[-2:])
+                rows.copy_(mask.view(batch, steps, *mask.shape[-2:]))
         return packed
 
     def valid_at_op(
@@ -224,8 +225,8 @@ class HeadLayout:
     ) -> torch.Tensor:
         """The hierarchy's rule: what each head may take given each row's op.
 
-        The one place it is written, for `get_action` (at the sampled op),
-        `evaluate_actions` (at the stored op) and the check of stored actions.
+        For `get_action` (at the sampled op), `evaluate_actions` (at the stored op) and
+        the check of stored actions; `valid_every_op` is the same rule at every op.
 
         Args:
             valid: `[B, T, H, A_max]`, the packed flat masks.
@@ -238,18 +239,19 @@ class HeadLayout:
             canonical action for the heads it does not use.
         """
         assert self.relevance is not None  # hierarchical
-        assert self._canonical_only is not None
-        if by_op is not None:
-            valid = at_op(by_op, op)
-        used = self.relevance[op].unsqueeze(-1)  # [B, T, H, 1]
-        return torch.where(used, valid, self._canonical_only)
+        given = valid if by_op is None else valid & at_op(by_op, op)
+        return self._rule(self.relevance[op].unsqueeze(-1), given)  # [B, T, H, A_max]
 
     def valid_every_op(self, valid: torch.Tensor, by_op: torch.Tensor | None) -> torch.Tensor:
         """`valid_at_op` at every op at once, `[B, T, N_op, H, A_max]` (for the joint entropy)."""
         assert self._used is not None  # hierarchical
-        assert self._canonical_only is not None
-        given = valid.unsqueeze(2) if by_op is None else by_op
-        return torch.where(self._used, given, self._canonical_only)
+        given = valid.unsqueeze(2) if by_op is None else valid.unsqueeze(2) & by_op
+        return self._rule(self._used, given)
+
+    def _rule(self, used: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+        """`given` where the op uses the head, the canonical action alone where it does not."""
+        assert self._canonical_only is not None  # hierarchical
+        return torch.where(used, given, self._canonical_only)
 
     def needed(self, valid: torch.Tensor) -> torch.Tensor:
         """`[B, T, N_op, H]` bool: op `n` is valid under the flat op mask and uses the head."""

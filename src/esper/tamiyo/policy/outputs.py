@@ -47,7 +47,10 @@ class OpConditionedOutput(NamedTuple):
     or this, and may switch between them.
 
     Attributes:
-        logits: `[B, T, H, A_max]`, as in `NetworkOutput`; only the `op` row is read.
+        logits: `[B, T, H, A_max]`, as in `NetworkOutput`. The op is sampled and
+            scored from its `op` row; the other rows are checked for NaN like any
+            logits and are what `forward` returns, but sampling and scoring take those
+            heads' logits from `logits_by_op`.
         value: `[B, T]`.
         hidden: As in `NetworkOutput`.
         logits_by_op: `[B, T, N_op, H, A_max]`: `[..., n, h, :]` are head `h`'s logits

@@ -657,7 +657,7 @@ def check_network_output(
         )
     logits, value, hidden = out[:3]
     if len(out) == 4 and out[3] is not None:
-        _check_logits_by_op(out[3], owner, (batch, steps, *logits_shape), num_ops)
+        _check_logits_by_op(out[3], owner, logits, (batch, steps, *logits_shape), num_ops)
     if logits.shape != (batch, steps, *logits_shape):
         raise HookContractError(
             f"{owner}._forward returned logits of shape {tuple(logits.shape)}; expected "
@@ -708,9 +708,16 @@ def check_network_output(
 
 
 def _check_logits_by_op(
-    logits_by_op: object, owner: str, flat_shape: tuple[int, ...], num_ops: int | None
+    logits_by_op: object,
+    owner: str,
+    logits: torch.Tensor,
+    flat_shape: tuple[int, ...],
+    num_ops: int | None,
 ) -> None:
-    """The hook's op-conditioned logits are `[B, T, N_op, H, A_max]`, in a hierarchical space."""
+    """The hook's op-conditioned logits: `[B, T, N_op, H, A_max]`, alike `logits`.
+
+    Only in a hierarchical space; on the logits' device and in their dtype.
+    """
     if num_ops is None:
         raise HookContractError(
             f"{owner}._forward returned logits_by_op, but the action space is flat (no "
@@ -728,6 +735,12 @@ def _check_logits_by_op(
         raise HookContractError(
             f"{owner}._forward returned logits_by_op of shape {tuple(logits_by_op.shape)}; "
             f"expected [B, T, N_op, H, A_max] = {expected}"
+        )
+    if logits_by_op.device != logits.device or logits_by_op.dtype != logits.dtype:
+        raise HookContractError(
+            f"{owner}._forward returned logits_by_op in {logits_by_op.dtype} on "
+            f"{logits_by_op.device}, but its logits in {logits.dtype} on {logits.device}; "
+            "return both alike"
         )
 
 

@@ -106,9 +106,11 @@ def check_output_values(owner: str, out: HookOutput, layout: HeadLayout, single_
         bad = (~torch.isfinite(by_op) & by_op_heads).any(dim=-1).nonzero()  # [n, 4]
         if bad.numel():
             head = HEAD_NAMES[int(bad[0, 3])]
+            table = layout.action_space.hierarchy
+            assert table is not None  # per-op logits need a hierarchy (checked)
             raise FloatingPointError(
                 f"{owner}: the op-conditioned logits of head {head!r} for op "
-                f"{int(bad[0, 2])} are NaN or Inf at {_where(bad[0], single_step)}; "
+                f"{table.ops[int(bad[0, 2])]} are NaN or Inf at {_where(bad[0], single_step)}; "
                 f"{_NETWORK_ADVICE}"
             )
         by_op = torch.where(by_op_heads, by_op, 0.0).detach()
@@ -127,7 +129,7 @@ def _usable_given_op(inputs: PolicyInputs, layout: HeadLayout) -> torch.Tensor:
     mask at `n` leave it nothing.
     """
     assert inputs.valid_by_op is not None  # per-op masks given
-    offered = inputs.valid_by_op.any(dim=-1)  # [B, T, N_op, H]
+    offered = (inputs.valid.unsqueeze(2) & inputs.valid_by_op).any(dim=-1)  # [B, T, N_op, H]
     return offered >= layout.needed(inputs.valid)
 
 

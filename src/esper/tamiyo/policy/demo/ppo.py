@@ -30,8 +30,10 @@ the op taken (`relevance`) and whether some op offered at that step uses it
   over the steps where it was available, so a head keeps exploring while its op is an
   option, whether or not the op was taken.
 
-In a flat space every head is relevant and available at every step, and both reduce
-to the textbook losses.
+In a flat space every head is relevant and available at every step: the entropy bonus
+is then the textbook sum, and the per-head surrogate is the factorized one (a sum of
+each head's clipped term, as esper-lite uses), which equals PPO's clipped joint
+objective to first order; `"joint"` is the textbook objective itself.
 """
 
 from __future__ import annotations
