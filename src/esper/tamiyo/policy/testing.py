@@ -617,6 +617,36 @@ def _expect_close(what: str, got: torch.Tensor, want: torch.Tensor, why: str) ->
         )
 
 
+def _expect_replay(
+    replay: EvalResult, rollout: Sequence[ActionResult], hidden: HiddenState | None, why: str
+) -> None:
+    """The update's log-probs, values and final hidden state are the rollout's, step by step.
+
+    Args:
+        replay: `evaluate_actions` over the `[B, T, F]` sequence.
+        rollout: The `get_action` result of each step, in order.
+        hidden: The state the last step returned (`None` when stateless); the layout
+            is checked by the shapes clauses.
+        why: Why it matters, for the message.
+    """
+    for name in HEAD_NAMES:
+        stored = torch.stack([step.log_prob[name] for step in rollout], dim=1)  # [B, T]
+        _expect_close(
+            f"evaluate_actions log-probs of head {name!r} and get_action's",
+            replay.log_prob[name],
+            stored,
+            why,
+        )
+    stored_value = torch.stack([step.value for step in rollout], dim=1)  # [B, T]
+    _expect_close("evaluate_actions values and get_action's", replay.value, stored_value, why)
+    if hidden is not None:
+        assert replay.hidden is not None
+        for index, (got, want) in enumerate(zip(replay.hidden, hidden, strict=True)):
+            _expect_close(
+                f"the final hidden[{index}] of the sequence and of the steps", got, want, why
+            )
+
+
 def _expect_hidden(bundle: PolicyBundle, hidden: object, batch: int, where: str) -> None:
     """The hidden state a method returned has the layout `initial_hidden` declares."""
     reference = bundle.initial_hidden(batch)
@@ -874,22 +904,7 @@ def _check_rollout_matches_update(subject: _Subject) -> str:
         "the rollout's log-probs must be reproduced by the PPO update, so a [B, T, F] "
         "sequence must give what T single steps threading the hidden state gave"
     )
-    for name in HEAD_NAMES:
-        rollout = torch.stack([s[1].log_prob[name] for s in steps], dim=1)  # [B, T]
-        _expect_close(
-            f"evaluate_actions log-probs of head {name!r} and get_action's",
-            replay.log_prob[name],
-            rollout,
-            why,
-        )
-    rollout_value = torch.stack([s[1].value for s in steps], dim=1)  # [B, T]
-    _expect_close("evaluate_actions values and get_action's", replay.value, rollout_value, why)
-    if hidden is not None:
-        assert replay.hidden is not None  # _expect_hidden in "shapes" checks the layout
-        for index, (got, want) in enumerate(zip(replay.hidden, hidden, strict=True)):
-            _expect_close(
-                f"the final hidden[{index}] of the sequence and of the steps", got, want, why
-            )
+    _expect_replay(replay, [out for _, out in steps], hidden, why)
     first = steps[0][1]
     one = bundle.evaluate_actions(steps[0][0].features, first.action, steps[0][0].masks, start)
     for name in HEAD_NAMES:
@@ -1715,22 +1730,7 @@ def _check_hierarchy_rollout(subject: _Subject) -> str:
         "OpConditionedOutput.logits_by_op (every op at once), never by reading "
         "inputs.action_index or inputs.actions, which get_action does not have"
     )
-    for name in HEAD_NAMES:
-        rollout = torch.stack([s[1].log_prob[name] for s in steps], dim=1)  # [B, T]
-        _expect_close(
-            f"evaluate_actions log-probs of head {name!r} and get_action's",
-            replay.log_prob[name],
-            rollout,
-            why,
-        )
-    rollout_value = torch.stack([s[1].value for s in steps], dim=1)  # [B, T]
-    _expect_close("evaluate_actions values and get_action's", replay.value, rollout_value, why)
-    if hidden is not None:
-        assert replay.hidden is not None  # "hierarchy: shapes" checks the layout
-        for index, (got, want) in enumerate(zip(replay.hidden, hidden, strict=True)):
-            _expect_close(
-                f"the final hidden[{index}] of the sequence and of the steps", got, want, why
-            )
+    _expect_replay(replay, [out for _, out in steps], hidden, why)
     first_inputs, first = steps[0]
     one = bundle.evaluate_actions(
         first_inputs.features, first.action, first_inputs.masks, start, episode_start=starts[:, 0]

@@ -314,37 +314,8 @@ def check_by_op_mask(
     """
     check_mask_type(mask, name)
     assert isinstance(mask, torch.Tensor)  # check_mask_type refuses every other type
-    what = f"masks[{name!r}]"
-    shape = tuple(mask.shape)
-    rank = len(shape)
-    step_form = "[B, N_op, A] or [B, 1, N_op, A]" if single_step else "[B, T, N_op, A]"
-    if rank == 3:
-        if steps != 1:
-            raise ValueError(
-                f"{what} has shape {shape} ([B, N_op, A]) but the features are a sequence "
-                f"of T={steps} steps; give it as [B, T, N_op, A] = "
-                f"{(batch, steps, num_ops, size)}"
-            )
-    elif rank != 4:
-        raise ValueError(f"{what} must be {step_form}, got rank {rank} with shape {shape}")
-    elif shape[1] != steps:
-        raise ValueError(
-            f"{what} has {_steps(shape[1])} in dimension 1 but the features have T={steps}; "
-            f"expected {(batch, steps, num_ops, size)}"
-        )
-    if shape[0] != batch:
-        raise ValueError(f"{what} has batch {shape[0]} but the features have batch {batch}")
-    if shape[-2] != num_ops:
-        raise ValueError(
-            f"{what} has {shape[-2]} ops in dimension {rank - 2} (N_op); the op head has {num_ops}"
-        )
-    if shape[-1] != size:
-        raise ValueError(
-            f"{what} has {shape[-1]} actions in its last dimension; head "
-            f"{name.removesuffix('_by_op')!r} has {size}"
-        )
-    if mask.device != device:
-        raise _device_error(what, mask.device, device)
+    head = name.removesuffix("_by_op")
+    _check_mask_layout(mask, name, head, (num_ops, size), batch, steps, single_step, device)
 
 
 def check_mask(
@@ -373,31 +344,55 @@ def check_mask(
     """
     check_mask_type(mask, head)
     assert isinstance(mask, torch.Tensor)  # check_mask_type refuses every other type
-    name = f"masks[{head!r}]"
+    _check_mask_layout(mask, head, head, (size,), batch, steps, single_step, device)
+
+
+def _check_mask_layout(
+    mask: torch.Tensor,
+    name: str,
+    head: str,
+    inner: tuple[int, ...],
+    batch: int,
+    steps: int,
+    single_step: bool,
+    device: torch.device,
+) -> None:
+    """A flat mask (`inner = (A,)`) or a per-op one (`(N_op, A)`) against the features.
+
+    One step is `[B, *inner]` (when `T == 1`) or `[B, 1, *inner]`, a sequence
+    `[B, T, *inner]`; the message names the mask, the dimension and what was expected.
+    """
+    what = f"masks[{name!r}]"
+    form = "A" if len(inner) == 1 else "N_op, A"
+    expected = (batch, steps, *inner)
     shape = tuple(mask.shape)
     rank = len(shape)
-    if rank == 2:
+    if rank == 1 + len(inner):
         if steps != 1:
             raise ValueError(
-                f"{name} has shape {shape} ([B, A]) but the features are a sequence of "
-                f"T={steps} steps; give it as [B, T, A] = {(batch, steps, size)}"
+                f"{what} has shape {shape} ([B, {form}]) but the features are a sequence of "
+                f"T={steps} steps; give it as [B, T, {form}] = {expected}"
             )
-    elif rank != 3:
-        expected = "[B, A] or [B, 1, A]" if single_step else "[B, T, A]"
-        raise ValueError(f"{name} must be {expected}, got rank {rank} with shape {shape}")
+    elif rank != 2 + len(inner):
+        forms = f"[B, {form}] or [B, 1, {form}]" if single_step else f"[B, T, {form}]"
+        raise ValueError(f"{what} must be {forms}, got rank {rank} with shape {shape}")
     elif shape[1] != steps:
         raise ValueError(
-            f"{name} has {_steps(shape[1])} in dimension 1 but the features have T={steps}; "
-            f"expected {(batch, steps, size)}"
+            f"{what} has {_steps(shape[1])} in dimension 1 but the features have T={steps}; "
+            f"expected {expected}"
         )
     if shape[0] != batch:
-        raise ValueError(f"{name} has batch {shape[0]} but the features have batch {batch}")
-    if shape[-1] != size:
+        raise ValueError(f"{what} has batch {shape[0]} but the features have batch {batch}")
+    if len(inner) == 2 and shape[-2] != inner[0]:
         raise ValueError(
-            f"{name} has {shape[-1]} actions in its last dimension; head {head!r} has {size}"
+            f"{what} has {shape[-2]} ops in dimension {rank - 2} (N_op); the op head has {inner[0]}"
+        )
+    if shape[-1] != inner[-1]:
+        raise ValueError(
+            f"{what} has {shape[-1]} actions in its last dimension; head {head!r} has {inner[-1]}"
         )
     if mask.device != device:
-        raise _device_error(name, mask.device, device)
+        raise _device_error(what, mask.device, device)
 
 
 def check_hidden(
