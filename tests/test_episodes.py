@@ -147,7 +147,7 @@ class _CountingLSTM(PolicyBundle):
     def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
         assert inputs.hidden is not None
         self.calls.append(inputs.seq_len)
-        logits, value, hidden = self.network(inputs.features, inputs.hidden)
+        logits, value, hidden, _ = self.network(inputs.features, inputs.hidden)  # no per-op logits
         return NetworkOutput(logits, value, hidden)
 
 
