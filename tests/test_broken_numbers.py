@@ -40,8 +40,8 @@ _SPECIALS = (math.nan, math.inf, -math.inf, 1e30, -1e30, 0.0, 3.0)
 class _Scripted(TinyStatelessBundle):
     """Returns the logits it is told to, whatever its features: a network gone wrong."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, space: ActionSpace = SPACE) -> None:
+        super().__init__(action_space=space)
         self.logits = torch.zeros(1, 1, SPACE.num_heads, SPACE.padded_size)
 
     def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
@@ -86,11 +86,13 @@ def test_the_reported_nan_hidden_state_never_takes_the_masked_op() -> None:
     logits=st.lists(st.sampled_from(_SPECIALS), min_size=6, max_size=6),
     valid=st.lists(st.booleans(), min_size=6, max_size=6).filter(any),
     deterministic=st.booleans(),
+    hierarchical=st.booleans(),
 )
 def test_whatever_the_logits_a_masked_action_is_never_taken(
-    logits: list[float], valid: list[bool], deterministic: bool
+    logits: list[float], valid: list[bool], deterministic: bool, hierarchical: bool
 ) -> None:
-    bundle = _Scripted()
+    """Under a hierarchy the op is chosen by its own first stage: it keeps the mask too."""
+    bundle = _Scripted(ActionSpace.tamiyo() if hierarchical else SPACE)
     bundle.check_values = False
     op = HEAD_NAMES.index("op")
     bundle.logits[0, 0, op, :6] = torch.tensor(logits)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from esper.tamiyo.policy import HEAD_NAMES, ActionMasks, ActionSpace, categorical
 from esper.tamiyo.policy.layout import MASKED_LOGIT, PADDING_LOGIT, HeadLayout, split_heads
@@ -92,6 +94,43 @@ def test_gumbel_noise_can_never_lift_a_masked_action() -> None:
     # The largest possible noise, u = 1 - 2**-24, is about 16.6: far below 1e4.
     u = torch.tensor(1 - 2**-24)
     assert float(-torch.log(-torch.log(u))) < 17
+
+
+_SPECIALS = (math.nan, math.inf, -math.inf, 1e30, -1e30, 0.0, 3.0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    logits=st.lists(st.sampled_from(_SPECIALS), min_size=5, max_size=5),
+    valid=st.lists(st.booleans(), min_size=5, max_size=5).filter(any),
+    noisy=st.booleans(),
+    dtype=st.sampled_from((torch.float32, torch.float16, torch.bfloat16)),
+)
+def test_choose_valid_never_takes_a_masked_action_whatever_the_logits(
+    logits: list[float], valid: list[bool], noisy: bool, dtype: torch.dtype
+) -> None:
+    rows = torch.tensor(logits).to(dtype).expand(512, 5)
+    mask = torch.tensor(valid).expand(512, 5)
+    noise = categorical.gumbel_noise(rows, torch.Generator().manual_seed(1)) if noisy else None
+    minus_inf = HeadLayout(SPACE, CPU).minus_inf
+    chosen = categorical.choose_valid(rows, mask, noise, minus_inf)
+    assert chosen.shape == (512,)
+    assert torch.tensor(valid)[chosen].all(), f"masked action taken: {sorted(set(chosen.tolist()))}"
+
+
+def test_choose_valid_samples_the_softmax_over_the_valid_actions() -> None:
+    logits = torch.tensor([0.5, 3.0, -1.0, 1.0])
+    valid = torch.tensor([True, False, True, True])
+    n = 200_000
+    rows, mask = logits.expand(n, 4), valid.expand(n, 4)
+    noise = categorical.gumbel_noise(rows, torch.Generator().manual_seed(3))
+    chosen = categorical.choose_valid(rows, mask, noise, HeadLayout(SPACE, CPU).minus_inf)
+    freq = torch.bincount(chosen, minlength=4).double() / n
+    want = torch.where(valid, logits, -math.inf).softmax(-1).double()
+    assert freq[1] == 0
+    assert torch.allclose(freq, want, atol=0.005), (freq, want)
+    mode = categorical.choose_valid(rows[:1], mask[:1], None, HeadLayout(SPACE, CPU).minus_inf)
+    assert mode.tolist() == [3]  # the best valid action, not the masked 3.0
 
 
 def test_sample_with_a_generator_is_reproducible() -> None:

@@ -15,6 +15,7 @@ from esper.tamiyo.policy.layout import BROKEN_LOGIT
 
 __all__ = [
     "choose",
+    "choose_valid",
     "entropy_of",
     "gumbel_noise",
     "log_prob_of",
@@ -123,6 +124,36 @@ def choose(log_probs: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
     if noise is None:
         return log_probs.argmax(dim=-1)
     return (log_probs - noise).argmax(dim=-1)
+
+
+def choose_valid(
+    logits: torch.Tensor,
+    valid: torch.Tensor,
+    noise: torch.Tensor | None,
+    minus_inf: torch.Tensor,
+) -> torch.Tensor:
+    """`argmax(logits - noise)` over the valid actions: a sample, or the mode with `None`.
+
+    The first stage of a hierarchical sample, which needs the op and not yet its
+    probability: the Gumbel-max trick needs no normalization, so this takes four
+    kernels where `mask_logits` then `choose` take seven (the op's log-probability
+    comes from the second stage, with every other head's). Whatever the numbers a
+    masked action is never chosen over a valid one: a valid logit that is NaN or Inf
+    becomes `BROKEN_LOGIT`, finite, and masked actions `-inf`.
+
+    Args:
+        logits: `[..., A_max]` unmasked logits.
+        valid: `[..., A_max]` bool, True where the action may be taken.
+        noise: `[..., A_max]` from `gumbel_noise`, or `None` for the most likely action.
+        minus_inf: A 0-dim `-inf` on the logits' device (`HeadLayout.minus_inf`).
+
+    Returns:
+        `[...]` int64 action indices.
+    """
+    scores = logits.nan_to_num(nan=BROKEN_LOGIT, posinf=BROKEN_LOGIT, neginf=BROKEN_LOGIT)
+    if noise is not None:
+        scores = scores - noise
+    return torch.where(valid, scores, minus_inf).argmax(dim=-1)
 
 
 def log_prob_of(log_probs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:

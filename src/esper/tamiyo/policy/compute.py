@@ -172,10 +172,11 @@ def act(
     """Sample (or take the mode of) every head, for `get_action`.
 
     Flat space: every head at once under its mask. Hierarchical, two stages, the
-    dependency depth: the op under its mask, then every head at once under its
-    validity and logits given that op (`_given_op`, as `evaluate` scores them), where a
-    head the op ignores has one valid action, its canonical one, with log-prob exactly
-    0. One Gumbel draw serves both stages.
+    dependency depth: the op under its mask (`categorical.choose_valid`, no
+    normalization), then every head at once under its validity and logits given that
+    op (`_given_op`, as `evaluate` scores them), where a head the op ignores has one
+    valid action, its canonical one, with log-prob exactly 0. One Gumbel draw serves
+    both stages; the op's log-prob comes from the second.
     """
     out = run_network(bundle, call)
     inputs, layout = call.inputs, call.layout
@@ -183,19 +184,17 @@ def act(
     noise = None if deterministic else categorical.gumbel_noise(logits, generator)
     valid = inputs.valid
     if layout.hierarchical:
-        # Gumbel-max needs no normalization: the op is the argmax of its masked logits
-        # (masked as every head is, so broken numbers never pick a masked op).
-        op_row = slice(PRIMARY, PRIMARY + 1)
-        op_logits = categorical.mask_logits(
-            logits[..., op_row, :], valid[..., op_row, :], layout.fill[op_row], layout.minus_inf
-        )  # [B, T, 1, A_max]
-        op_noise = None if noise is None else noise[..., op_row, :]
-        op = categorical.choose(op_logits, op_noise).squeeze(-1)  # [B, T]
+        op = categorical.choose_valid(
+            logits.select(-2, PRIMARY),
+            valid.select(-2, PRIMARY),
+            None if noise is None else noise.select(-2, PRIMARY),
+            layout.minus_inf,
+        )  # [B, T]
         logits, valid = _given_op(out, inputs, layout, op)  # [B, T, H, A_max] each
     log_probs = _log_probs(logits, valid, layout)  # [B, T, H, A_max]
     actions = categorical.choose(log_probs, noise)  # [B, T, H]
     if layout.hierarchical:
-        actions[..., PRIMARY] = op  # the op row's draw, rounded otherwise, can differ
+        actions.select(-1, PRIMARY).copy_(op)  # the op row's draw, rounded otherwise, can differ
     return Acted(actions, categorical.log_prob_of(log_probs, actions), out)
 
 
@@ -228,8 +227,7 @@ def evaluate(bundle: Bundle, call: Call) -> Scored:
     if not layout.hierarchical:  # every head matters: new tensors, the caller's to change
         every = torch.ones(actions.shape, dtype=torch.bool, device=actions.device)  # [B, T, H]
         return Scored(chosen, entropy, every, every.clone(), joint, out)
-    assert layout.relevance is not None  # hierarchical
-    relevance = layout.relevance[op]  # [B, T, H]
+    relevance = layout.relevance_at(op)  # [B, T, H]
     return Scored(chosen, entropy, relevance, availability(inputs.valid, layout), joint, out)
 
 
