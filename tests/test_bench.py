@@ -43,7 +43,9 @@ QUICK_ROWS = {
     "get_action/B=32/old_unvalidated",
     "evaluate/B=8,T=16",
     "hierarchy/get_action/B=1",
+    "hierarchy/get_action/B=1/flat_masks",
     "hierarchy/get_action/B=32",
+    "hierarchy/get_action/B=32/flat_masks",
     "hierarchy/evaluate/B=8,T=16",
     "memory/B=8,T=16",
 }
@@ -54,7 +56,9 @@ TARGETS = {
     "normalize",
     "overhead_share",
     "hierarchy/get_action/B=1",
+    "hierarchy/get_action/B=1/flat_masks",
     "hierarchy/get_action/B=32",
+    "hierarchy/get_action/B=32/flat_masks",
     "hierarchy/evaluate/B=8,T=16",
 }
 THREADS_BEFORE = 2

@@ -88,7 +88,8 @@ SECTIONS: dict[str, str] = {
     "get_action": "2. get_action, one step (features [B, F])",
     "evaluate": "3. evaluate_actions forward + backward (features [B, T, F])",
     "hierarchy": "4. Op-first hierarchy; old: the new bundle on the flat ActionSpace(); new: the\n"
-    "   same weights on ActionSpace.tamiyo() with per-op slot masks (slot_by_op)",
+    "   same weights on ActionSpace.tamiyo() with per-op slot masks (slot_by_op), or with the\n"
+    "   flat masks alone (the two stages and the rule, without the per-op masks' checks)",
     "share": "5. Share of a new get_action step at B=1 (µs, % of the step)",
     "memory": "6. Peak memory of the training step of section 3",
     "compile": "7. New bundle compiled with PolicyBundle.compile (--compile)",
@@ -551,7 +552,9 @@ def measure_hierarchy(ctx: Context, cases: Mapping[tuple[int, int], Case]) -> li
     """Section 4: the hierarchical paths against the flat ones, same weights and inputs.
 
     `get_action` at B=1 and B=32, and the training step at the first training shape,
-    each with the flat masks of the other sections plus per-op slot masks.
+    each with the flat masks of the other sections plus per-op slot masks; `get_action`
+    also with the flat masks alone, which times the two stages and the hierarchy's rule
+    apart from the per-op masks' own checking, packing and gathering.
     """
     rows: list[Comparison] = []
     flat = ctx.bundles.new
@@ -563,11 +566,21 @@ def measure_hierarchy(ctx: Context, cases: Mapping[tuple[int, int], Case]) -> li
             "tiered": functools.partial(
                 new_get_action, tiered, hierarchical_case(case, ctx.generator)
             ),
+            "tiered_flat_masks": functools.partial(new_get_action, tiered, case),
         }
         timings = time_interleaved(calls, ctx.settings, ctx.sync)
         name = f"get_action, B={batch}"
         key = f"hierarchy/get_action/B={batch}"
         rows.append(_timed_row(key, "hierarchy", name, timings["flat"], timings["tiered"]))
+        rows.append(
+            _timed_row(
+                f"{key}/flat_masks",
+                "hierarchy",
+                f"{name}, flat masks alone",
+                timings["flat"],
+                timings["tiered_flat_masks"],
+            )
+        )
     (batch, steps), case = next(iter(cases.items()))
     tiered_case = hierarchical_case(case, ctx.generator)
     actions = tiered.get_action(tiered_case.features, tiered_case.masks, case.hidden).action
