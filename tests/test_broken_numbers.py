@@ -104,8 +104,9 @@ def test_whatever_the_logits_a_masked_action_is_never_taken(
     assert bool(torch.isfinite(out.log_prob["op"]).all())
 
 
-def test_a_compiled_bundle_keeps_the_masks_too() -> None:
-    bundle = _Scripted().compile(backend="eager")
+@pytest.mark.parametrize("space", [SPACE, ActionSpace.tamiyo()], ids=["flat", "hierarchical"])
+def test_a_compiled_bundle_keeps_the_masks_too(space: ActionSpace) -> None:
+    bundle = _Scripted(space).compile(backend="eager")
     bundle.check_values = False
     op = HEAD_NAMES.index("op")
     bundle.logits[0, 0, op, :6] = torch.tensor([math.nan, 1.0, math.inf, -math.inf, math.nan, 0.0])

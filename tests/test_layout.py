@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -118,15 +119,25 @@ def test_choose_valid_never_takes_a_masked_action_whatever_the_logits(
     assert torch.tensor(valid)[chosen].all(), f"masked action taken: {sorted(set(chosen.tolist()))}"
 
 
-def test_choose_valid_samples_the_softmax_over_the_valid_actions() -> None:
-    logits = torch.tensor([0.5, 3.0, -1.0, 1.0])
+@pytest.mark.parametrize(
+    ("dtype", "shift"), [(torch.float32, 0.0), (torch.float32, 1e3), (torch.bfloat16, 100.0)]
+)
+def test_choose_valid_samples_the_softmax_over_the_valid_actions(
+    dtype: torch.dtype, shift: float
+) -> None:
+    """Whatever the logits' scale and dtype.
+
+    In bfloat16 near 100, `logits - noise` in the logits' own dtype rounds into ties
+    that favour the lower index by about 6 points.
+    """
+    logits = torch.tensor([0.5, 3.0, -1.0, 1.0]) + shift
     valid = torch.tensor([True, False, True, True])
     n = 200_000
-    rows, mask = logits.expand(n, 4), valid.expand(n, 4)
+    rows, mask = logits.to(dtype).expand(n, 4), valid.expand(n, 4)
     noise = categorical.gumbel_noise(rows, torch.Generator().manual_seed(3))
     chosen = categorical.choose_valid(rows, mask, noise, HeadLayout(SPACE, CPU).minus_inf)
     freq = torch.bincount(chosen, minlength=4).double() / n
-    want = torch.where(valid, logits, -math.inf).softmax(-1).double()
+    want = torch.where(valid, rows[0].float(), -math.inf).softmax(-1).double()
     assert freq[1] == 0
     assert torch.allclose(freq, want, atol=0.005), (freq, want)
     mode = categorical.choose_valid(rows[:1], mask[:1], None, HeadLayout(SPACE, CPU).minus_inf)

@@ -139,7 +139,10 @@ def choose_valid(
     kernels where `mask_logits` then `choose` take seven (the op's log-probability
     comes from the second stage, with every other head's). Whatever the numbers a
     masked action is never chosen over a valid one: a valid logit that is NaN or Inf
-    becomes `BROKEN_LOGIT`, finite, and masked actions `-inf`.
+    becomes `BROKEN_LOGIT`, finite, and masked actions `-inf`. Such a logit is a broken
+    network, which `check_values` refuses; with the checks off the masks hold, but the
+    choice among the valid actions then need not follow the log-probability reported
+    for it (the second stage makes every valid action of that row `BROKEN_LOGIT`).
 
     Args:
         logits: `[..., A_max]` unmasked logits.
@@ -150,7 +153,11 @@ def choose_valid(
     Returns:
         `[...]` int64 action indices.
     """
-    scores = logits.nan_to_num(nan=BROKEN_LOGIT, posinf=BROKEN_LOGIT, neginf=BROKEN_LOGIT)
+    # In float32 at least, as the second stage scores (`mask_logits` against the float32
+    # fill): in bfloat16, `logits - noise` rounds into ties that argmax gives to the
+    # lower index, a bias of several points at logits near 100.
+    wide = logits.to(torch.promote_types(logits.dtype, minus_inf.dtype))
+    scores = wide.nan_to_num(nan=BROKEN_LOGIT, posinf=BROKEN_LOGIT, neginf=BROKEN_LOGIT)
     if noise is not None:
         scores = scores - noise
     return torch.where(valid, scores, minus_inf).argmax(dim=-1)
