@@ -38,10 +38,14 @@ QUICK_ROWS = {
     "get_action/B=1",
     "get_action/B=1/unchecked",
     "get_action/B=1/old_unvalidated",
+    "get_action/B=1/network",
     "get_action/B=32",
     "get_action/B=32/unchecked",
     "get_action/B=32/old_unvalidated",
+    "get_action/B=32/network",
     "evaluate/B=8,T=16",
+    "evaluate/B=8,T=16/old_unvalidated",
+    "evaluate/B=8,T=16/network",
     "hierarchy/get_action/B=1",
     "hierarchy/get_action/B=1/flat_masks",
     "hierarchy/get_action/B=32",
@@ -53,6 +57,8 @@ TARGETS = {
     "get_action/B=1",
     "get_action/B=32",
     "evaluate/B=8,T=16",
+    "evaluate/B=32,T=32",
+    "memory/B=32,T=32",
     "normalize",
     "overhead_share",
     "hierarchy/get_action/B=1",
@@ -127,14 +133,61 @@ def test_every_row_has_positive_finite_figures_and_their_ratio(quick_run: QuickR
     assert keys == QUICK_ROWS
 
 
-def test_the_eight_targets_are_reported_with_a_boolean(quick_run: QuickRun) -> None:
-    """The targets list has the eight targets, each with a boolean `met`."""
+def test_every_target_is_reported_with_a_boolean(quick_run: QuickRun) -> None:
+    """The targets list has every target, each with a boolean `met`."""
     targets = quick_run.payload["targets"]
     assert {target["key"] for target in targets} == TARGETS
     assert len(targets) == len(TARGETS)
     for target in targets:
         assert isinstance(target["met"], bool), target
     assert "measured" in quick_run.out
+
+
+def test_full_run_targets_are_unmet_and_unmeasured_in_a_quick_run(quick_run: QuickRun) -> None:
+    """The (32, 32) targets need the full run: a quick run says so, and never claims them."""
+    targets = {target["key"]: target for target in quick_run.payload["targets"]}
+    for key in ("evaluate/B=32,T=32", "memory/B=32,T=32"):
+        assert targets[key]["value"] is None, key
+        assert targets[key]["met"] is False, key
+        assert targets[key]["detail"] == "not measured", key
+
+
+def test_speed_targets_show_the_network_alone_beside_the_ratio(quick_run: QuickRun) -> None:
+    """Each measured speed target's detail gives the floor from its `/network` row."""
+    rows = {row["key"]: row for row in quick_run.payload["results"]}
+    targets = {target["key"]: target for target in quick_run.payload["targets"]}
+    for key in ("get_action/B=1", "get_action/B=32", "evaluate/B=8,T=16"):
+        floor = rows[f"{key}/network"]["ratio"]
+        assert f"the new network alone {floor:.3f}" in targets[key]["detail"], key
+
+
+def test_the_network_rows_run_the_network_that_get_action_runs() -> None:
+    """`network_step` gives the logits and value `get_action` samples from, for the same inputs."""
+    torch.manual_seed(0)
+    bundles = suite.build_bundles(16, torch.device("cpu"))
+    case = suite.make_case(bundles.new, (3,), 16, torch.Generator().manual_seed(1))
+    logits, value, _, _ = suite.network_step(bundles.new, case.features.unsqueeze(1), case)
+    step = bundles.new.get_action(case.features, case.masks, case.hidden)
+    assert torch.equal(value[:, 0], step.value)
+    assert logits.shape == (
+        3,
+        1,
+        bundles.new.action_space.num_heads,
+        bundles.new.action_space.padded_size,
+    )
+
+
+def test_the_network_training_step_reaches_every_weight() -> None:
+    """`network_training_step` leaves a gradient on every parameter the PPO step trains."""
+    torch.manual_seed(0)
+    bundles = suite.build_bundles(16, torch.device("cpu"))
+    case = suite.make_case(
+        bundles.new, (2, 4), 16, torch.Generator().manual_seed(1), with_actions=True
+    )
+    suite.network_training_step(bundles.new, case)
+    for name, param in bundles.new.network.named_parameters():
+        assert param.grad is not None, name
+        assert param.grad.abs().sum() > 0, name
 
 
 def test_the_bench_restores_the_thread_count(quick_run: QuickRun) -> None:
