@@ -390,7 +390,9 @@ def new_get_action(bundle: PolicyBundle, case: Case) -> object:
     return bundle.get_action(case.features, case.masks, case.hidden)
 
 
-def network_step(bundle: LSTMPolicyBundle, features: torch.Tensor, case: Case) -> object:
+def network_step(
+    bundle: LSTMPolicyBundle, features: torch.Tensor, case: Case
+) -> tuple[torch.Tensor, torch.Tensor, HiddenState, torch.Tensor | None]:
     """The network of `bundle` alone, without gradients: the floor under `get_action`.
 
     Args:
@@ -398,6 +400,10 @@ def network_step(bundle: LSTMPolicyBundle, features: torch.Tensor, case: Case) -
         features: `case.features` as the network takes them, `[B, T, F]` (a step is
             `T = 1`), shaped once by the caller so no reshape is timed.
         case: Gives the hidden state.
+
+    Returns:
+        What the network returns: logits `[B, T, H, A_max]`, value `[B, T]`, the new
+        hidden state and the per-op logits or `None`.
     """
     with torch.no_grad():
         return bundle.network(features, case.hidden)
