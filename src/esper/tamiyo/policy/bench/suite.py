@@ -406,7 +406,9 @@ def network_step(
         hidden state and the per-op logits or `None`.
     """
     with torch.no_grad():
-        return bundle.network(features, case.hidden)
+        out: tuple[torch.Tensor, torch.Tensor, HiddenState, torch.Tensor | None]
+        out = bundle.network(features, case.hidden)
+    return out
 
 
 def ppo_loss(
@@ -540,7 +542,7 @@ def measure_get_action(ctx: Context) -> list[Comparison]:
     for batch in ctx.options.batch_sizes:
         case = make_case(bundles.new, (batch,), ctx.options.feature_dim, ctx.generator)
         step_features = case.features.unsqueeze(1)  # [B, 1, F]
-        calls = {
+        calls: dict[str, Callable[[], object]] = {
             "old": functools.partial(old_get_action, bundles.old, case),
             "old_lax": functools.partial(old_get_action_unvalidated, bundles.old, case),
             "new": functools.partial(new_get_action, bundles.new, case),
