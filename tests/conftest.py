@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -30,6 +32,27 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 FEATURE_DIM = 6
 GUIDE_EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "gru_bundle.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@contextlib.contextmanager
+def imported_script(path: Path, module_name: str) -> Iterator[ModuleType]:
+    """A script imported from its path as `module_name` for the block.
+
+    For the scripts in `benchmarks/`, which is not a package. The module is in
+    `sys.modules` while the block runs (dataclasses look their module up there) and
+    removed after it.
+    """
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(module_name, None)
 
 
 @pytest.fixture(autouse=True)

@@ -6,21 +6,19 @@ what it reports, and that the options it compares compute the same thing.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
 import pytest
 import torch
 
+from conftest import BENCHMARKS, imported_script
 from esper.tamiyo.policy.bench.harness import Settings, Timing
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "normalization_options.py"
+SCRIPT = BENCHMARKS / "normalization_options.py"
 MODULE_NAME = "_bench_normalization_options"
 
 OPTIONS = (
@@ -43,16 +41,8 @@ THREADS_OUTSIDE = 3
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
     """The benchmark script, imported from its path (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(MODULE_NAME, SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[MODULE_NAME] = module  # dataclasses look their module up here
-    try:
-        spec.loader.exec_module(module)
+    with imported_script(SCRIPT, MODULE_NAME) as module:
         yield module
-    finally:
-        sys.modules.pop(MODULE_NAME, None)
 
 
 class QuickRun(NamedTuple):

@@ -7,34 +7,24 @@ valid actions), so the sum it prints is a sum of real parts.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
+from conftest import BENCHMARKS, imported_script
 from esper.tamiyo.policy import HEAD_NAMES
 from esper.tamiyo.policy.bench.suite import build_bundles, make_case, network_step
 from esper.tamiyo.policy.layout import HeadLayout
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_parts.py"
+SCRIPT = BENCHMARKS / "step_parts.py"
 
 
 @pytest.fixture(scope="module")
 def script() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("_step_parts", SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with imported_script(SCRIPT, "_step_parts") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_a_quick_run_reports_every_quick_case(

@@ -423,20 +423,15 @@ def ppo_loss(
     return loss
 
 
-def old_training_step(bundle: SeedLSTMBundle, case: Case) -> None:
-    """Zero the gradients, then `evaluate_actions` and backward, seed design."""
+def old_training_step(bundle: SeedLSTMBundle, case: Case, *, validate: bool = True) -> None:
+    """Zero the gradients, then `evaluate_actions` and backward, seed design.
+
+    `validate` sets `torch.distributions` argument validation: on as the seed design
+    ran, off for the strongest baseline it could have run as.
+    """
     assert case.actions is not None
     bundle.network.zero_grad(set_to_none=True)
-    with _distribution_validation(True):
-        out = bundle.evaluate_actions(case.features, case.actions, case.hidden, **case.old_masks)
-    torch.autograd.backward(ppo_loss(out.log_prob, out.entropy, out.value))
-
-
-def old_training_step_unvalidated(bundle: SeedLSTMBundle, case: Case) -> None:
-    """`old_training_step` with `torch.distributions` argument validation off."""
-    assert case.actions is not None
-    bundle.network.zero_grad(set_to_none=True)
-    with _distribution_validation(False):
+    with _distribution_validation(validate):
         out = bundle.evaluate_actions(case.features, case.actions, case.hidden, **case.old_masks)
     torch.autograd.backward(ppo_loss(out.log_prob, out.entropy, out.value))
 
@@ -677,7 +672,7 @@ def measure_training(ctx: Context, cases: Mapping[tuple[int, int], Case]) -> lis
     for (batch, steps), case in cases.items():
         calls = {
             "old": functools.partial(old_training_step, bundles.old, case),
-            "old_lax": functools.partial(old_training_step_unvalidated, bundles.old, case),
+            "old_lax": functools.partial(old_training_step, bundles.old, case, validate=False),
             "new": functools.partial(new_training_step, bundles.new, case),
             "network": functools.partial(network_training_step, bundles.new, case),
         }
