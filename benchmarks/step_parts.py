@@ -1,14 +1,16 @@
-"""Where a step's time goes, part by part, against the seed design (docs/performance.md).
+"""Where a step's time goes, part by part, against the seed design (performance.md).
 
 Issue 14's targets are ratios to the seed design's whole step. This script times, in
 the same interleaved repeats as the seed design's step and the new one (the bench
 harness, `esper.tamiyo.policy.bench.harness`), each part of the new step that the
 library's contract requires, alone:
 
-- `network`: the network alone (`bench.suite.network_step`, or forward and backward
-  for a training step, `network_training_step`);
-- `normalize`: `_normalize_inputs`, every argument check and the mask packing;
-- `value_checks`: what `_prepare` adds to it with `check_values` on;
+- `network`: the network alone, eager (`bench.suite.network_step`, or forward and
+  backward for a training step, `network_training_step`);
+- `normalize`: `_normalize_inputs`, every argument check and the packing of the masks
+  (and of the actions, for a training step);
+- `value_checks`: the whole step with `check_values` on minus the same step with it
+  off (the checks before and after the network; a difference of two medians, so noisy);
 - `mask_and_sample` (`get_action`): masking, the Gumbel draw, log-softmax, argmax and
   the chosen log-probability of every head at once, on the network's logits;
 - `scoring` (training): masking, log-softmax, the chosen log-probability and the
@@ -18,7 +20,8 @@ library's contract requires, alone:
 
 It prints, per case, the budget a target leaves (`target x` the seed design's time),
 the parts and their sum: where the sum passes the budget, no change to what joins the
-parts can meet the target. Run it with `.venv/bin/python benchmarks/step_parts.py
+parts can meet the target. The training sum is approximate: its parts run three
+backward passes where the step runs one (about 30 µs each here). Run it with `.venv/bin/python benchmarks/step_parts.py
 [--quick]`.
 """
 
@@ -40,6 +43,7 @@ from esper.tamiyo.policy.bench.harness import (
     time_interleaved,
 )
 from esper.tamiyo.policy.bench.suite import (
+    RATIO_TARGETS,
     Bundles,
     Case,
     build_bundles,
@@ -58,10 +62,11 @@ from esper.tamiyo.policy.outputs import ActionResult, EvalResult
 FULL = Settings(mode="full", repeats=15, target_block_s=0.05, warmup_calls=20)
 QUICK = Settings(mode="quick", repeats=3, target_block_s=0.002, warmup_calls=2)
 FEATURE_DIM = 32
-STEP_TARGETS = {1: 0.12, 32: 0.22}
-"""`get_action` batch size to issue 14's target."""
-TRAIN_TARGETS = {(8, 16): 0.50, (32, 32): 0.60}
-"""Training `(B, T)` to issue 14's target."""
+_LIMITS = {key: limit for key, _, limit in RATIO_TARGETS}
+STEP_TARGETS = {batch: _LIMITS[f"get_action/B={batch}"] for batch in (1, 32)}
+"""`get_action` batch size to its target, from `bench.suite.RATIO_TARGETS`."""
+TRAIN_TARGETS = {(b, t): _LIMITS[f"evaluate/B={b},T={t}"] for b, t in ((8, 16), (32, 32))}
+"""Training `(B, T)` to its target, from `bench.suite.RATIO_TARGETS`."""
 
 
 def _mask_and_sample(
@@ -97,7 +102,7 @@ def _scoring(
 
 
 def _evaluate_no_grad(bundle: PolicyBundle, case: Case) -> None:
-    """`evaluate_actions` forward alone: with and without `check_values`, their cost."""
+    """`evaluate_actions` forward on `case`, without an autograd graph."""
     assert case.actions is not None
     with torch.no_grad():
         bundle.evaluate_actions(case.features, case.actions, case.masks, case.hidden)
@@ -112,7 +117,7 @@ def _loss_alone(out: EvalResult) -> None:
 
 def step_parts(bundles: Bundles, batch: int, settings: Settings) -> dict[str, float]:
     """Median µs of a `get_action` step of both designs and of the new step's parts."""
-    new = bundles.new
+    new, unchecked = bundles.new, bundles.new_unchecked
     generator = torch.Generator().manual_seed(batch)
     case = make_case(new, (batch,), FEATURE_DIM, generator)
     layout = HeadLayout(new.action_space, new.device)
@@ -126,18 +131,18 @@ def step_parts(bundles: Bundles, batch: int, settings: Settings) -> dict[str, fl
     calls: dict[str, Callable[[], object]] = {
         "old": functools.partial(old_get_action, bundles.old, case),
         "new": functools.partial(new_get_action, new, case),
+        "unchecked": functools.partial(new_get_action, unchecked, case),
         "network": functools.partial(network_step, new, step_features, case),
         "normalize": functools.partial(
             new._normalize_inputs, case.features, case.masks, case.hidden
         ),
-        "prepare": functools.partial(new._prepare, case.features, case.masks, case.hidden),
         "mask_and_sample": functools.partial(_mask_and_sample, logits, valid, layout),
         "results": functools.partial(
             ActionResult.from_packed, actions, chosen, value, case.hidden, True
         ),
     }
     medians = {name: t.median_us for name, t in time_interleaved(calls, settings).items()}
-    medians["value_checks"] = max(medians.pop("prepare") - medians["normalize"], 0.0)
+    medians["value_checks"] = max(medians["new"] - medians.pop("unchecked"), 0.0)
     return medians
 
 
@@ -161,7 +166,7 @@ def training_parts(
         "new": functools.partial(new_training_step, new, case),
         "network": functools.partial(network_training_step, new, case),
         "normalize": functools.partial(
-            new._normalize_inputs, case.features, case.masks, case.hidden
+            new._normalize_inputs, case.features, case.masks, case.hidden, case.actions
         ),
         "forward_on": functools.partial(_evaluate_no_grad, new, case),
         "forward_off": functools.partial(_evaluate_no_grad, unchecked, case),
@@ -174,6 +179,7 @@ def training_parts(
 
 
 def _print_case(title: str, target: float, medians: dict[str, float]) -> None:
+    medians = dict(medians)
     old, new = medians.pop("old"), medians.pop("new")
     budget = target * old
     required = sum(medians.values())

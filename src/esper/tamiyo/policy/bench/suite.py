@@ -18,8 +18,8 @@ inputs, with one torch thread, interleaved within every repeat (`harness`). Meas
 
 Sections 2 and 3 also time the seed design with `torch.distributions` validation
 off, and the new bundle's network alone (`network_step`, `network_training_step`):
-no input checks, masking, sampling or scoring, so `network/old` is the floor under
-any step that computes the same function with the same weights.
+no input checks, masking, sampling or scoring, so `network/old` is the eager
+floor under any step that computes the same function with the same weights.
 
 Then it says whether each performance target is met. Timings are medians of
 repeats; compare them only within one run.
@@ -393,7 +393,7 @@ def new_get_action(bundle: PolicyBundle, case: Case) -> object:
 def network_step(
     bundle: LSTMPolicyBundle, features: torch.Tensor, case: Case
 ) -> tuple[torch.Tensor, torch.Tensor, HiddenState, torch.Tensor | None]:
-    """The network of `bundle` alone, without gradients: the floor under `get_action`.
+    """The network of `bundle` alone, without gradients: the eager floor under `get_action`.
 
     Args:
         bundle: Whose network runs.
@@ -445,7 +445,7 @@ def new_training_step(bundle: PolicyBundle, case: Case) -> None:
 
 
 def network_training_step(bundle: LSTMPolicyBundle, case: Case) -> None:
-    """The network of `bundle` forward and backward alone: the floor under a training step.
+    """The network of `bundle` forward and backward alone: the eager floor under a training step.
 
     The backward starts from the sum of every logit and the value, so it reaches every
     weight a PPO loss reaches, through the same kernels.
@@ -883,20 +883,20 @@ def _share_target(shares: list[Share]) -> Target:
     return Target("overhead_share", name, "<= 10%", value, 0.10, met, detail, percent=True)
 
 
-SPEED_TARGETS: tuple[tuple[str, str, float], ...] = (
+RATIO_TARGETS: tuple[tuple[str, str, float], ...] = (
     ("get_action/B=1", "get_action B=1", 0.12),
     ("get_action/B=32", "get_action B=32", 0.22),
     ("evaluate/B=8,T=16", "evaluate_actions fwd+bwd B=8, T=16", 0.50),
     ("evaluate/B=32,T=32", "evaluate_actions fwd+bwd B=32, T=32 (full run)", 0.60),
     ("memory/B=32,T=32", "peak memory of the training step B=32, T=32 (full run)", 1.00),
 )
-"""The second round's targets (issue 14): row key, name, largest new/old that meets it."""
+"""The second round's targets (issue 14), speed and memory: row key, name, largest new/old."""
 
 
 def evaluate_targets(rows: list[Comparison], shares: list[Share]) -> list[Target]:
     """Where the performance targets stand: speed and memory, normalization, hierarchy."""
     return [
-        *(_ratio_target(rows, key, name, limit) for key, name, limit in SPEED_TARGETS),
+        *(_ratio_target(rows, key, name, limit) for key, name, limit in RATIO_TARGETS),
         _normalization_target(rows),
         _share_target(shares),
         *_hierarchy_targets(rows),
