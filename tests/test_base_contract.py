@@ -262,6 +262,7 @@ def test_config_records_the_constructor_arguments_of_any_bundle() -> None:
         "num_layers": 2,
         "action_space": space,
         "op_conditioned_logits": False,
+        "probability_floor": None,
     }
     twin = type(bundle)(**bundle.config)
     assert twin.config == bundle.config

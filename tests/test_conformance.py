@@ -62,12 +62,19 @@ CLAUSES = [
     "float64",
     "bad inputs refused",
     "no per-call closures",
+    "probability floors",
     "hierarchy: shapes",
     "hierarchy: masks respected",
     "hierarchy: ignored heads canonical",
     "hierarchy: rollout and update agree",
 ]
 HIERARCHY_CLAUSES = [clause for clause in CLAUSES if clause.startswith("hierarchy: ")]
+FLOORS_CLAUSE = "probability floors"
+FLOORS_NOT_RUN = (
+    "the factory takes no probability_floor keyword; to check that floors reach the base, "
+    "let it take probability_floor (factory(feature_dim, probability_floor={...})) and pass "
+    "it on to PolicyBundle.__init__"
+)
 
 
 def _failed(report: ConformanceReport) -> dict[str, str]:
@@ -116,16 +123,17 @@ def test_check_bundle_raises_one_error_listing_every_failed_clause() -> None:
     with pytest.raises(AssertionError) as info:
         check_bundle(BrokenBundle)
     message = str(info.value)
-    assert message.startswith("BrokenBundle fails 3 of 19 conformance clauses (4 not run):")
-    assert message.count("\n- ") == 4
+    assert message.startswith("BrokenBundle fails 3 of 20 conformance clauses (5 not run):")
+    assert message.count("\n- ") == 5
     for clause in ("rows independent", "float64", "no per-call closures"):
         assert f"- {clause}: " in message
-    assert message.splitlines()[-1] == (
+    assert message.splitlines()[-2:] == [
+        f"- not run: {FLOORS_CLAUSE} ({FLOORS_NOT_RUN})",
         f"- not run: {', '.join(HIERARCHY_CLAUSES)} (factory(7) builds a flat bundle and "
         "the factory takes no action_space keyword; to check the bundle under Tamiyo's "
         "hierarchy too, let the factory take action_space (factory(feature_dim, "
-        "action_space=space)) and pass it on to PolicyBundle.__init__)"
-    )
+        "action_space=space)) and pass it on to PolicyBundle.__init__)",
+    ]
 
 
 def test_the_report_formats_one_line_per_clause() -> None:
@@ -135,7 +143,8 @@ def test_the_report_formats_one_line_per_clause() -> None:
     assert text[1] == "  PASS  builds"
     assert any(line.startswith("  FAIL  float64: after to(torch.float64)") for line in text)
     assert text[-2].startswith("  SKIP  hierarchy: rollout and update agree: not run: ")
-    assert text[-1] == "19 clauses, 3 failed, 4 not run."
+    assert f"  SKIP  {FLOORS_CLAUSE}: not run: {FLOORS_NOT_RUN}" in text
+    assert text[-1] == "20 clauses, 3 failed, 5 not run."
 
 
 def test_the_callers_random_state_is_left_alone() -> None:
@@ -425,6 +434,16 @@ class _LogitsByOpWithoutTheOps(TinyStatelessBundle):
         return OpConditionedOutput(*out, logits_by_op=out.logits)  # bug: no N_op dimension
 
 
+class _DropsFloors(TinyStatelessBundle):
+    def __init__(
+        self,
+        feature_dim: int = FEATURE_DIM,
+        action_space: ActionSpace | None = None,
+        probability_floor: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__(feature_dim, action_space)  # bug: the floors never reach the base
+
+
 class _DropsPerOpMasks(TinyStatelessBundle):
     def _normalize_inputs(
         self,
@@ -528,6 +547,7 @@ VIOLATIONS: list[tuple[str, Callable[[], Callable[[int], Any]], str]] = [
     ("float64", lambda: BrokenBundle, "returns torch.float32 values"),
     ("bad inputs refused", lambda: _CleansNaN, "accepted NaN in the features"),
     ("no per-call closures", lambda: _LambdaPerCall, "_LambdaPerCall._forward: Lambda"),
+    ("probability floors", lambda: _DropsFloors, "pass the probability_floor the factory"),
     (
         "no per-call closures",
         lambda: _NestedDefInAHelper,
@@ -771,15 +791,15 @@ def test_a_factory_without_action_space_passes_with_the_hierarchy_clauses_not_ru
 
     report = check_bundle(factory, feature_dim=FEATURE_DIM)
     assert report.passed
-    assert [r.clause for r in report.skipped] == HIERARCHY_CLAUSES
+    assert [r.clause for r in report.skipped] == [FLOORS_CLAUSE, *HIERARCHY_CLAUSES]
     assert not report.blocked
     assert not report.failures
-    for result in report.skipped:
+    for result in report.skipped[1:]:
         assert not result.ran
         assert result.detail.startswith("not run: factory(6) builds a flat bundle and the ")
         assert "let the factory take action_space" in result.detail
     text = report.format().splitlines()
-    assert text[-1] == "19 clauses, 15 pass, 4 not run."
+    assert text[-1] == "20 clauses, 15 pass, 5 not run."
     assert text[-5].startswith("  SKIP  hierarchy: shapes: not run: factory(6) builds a flat")
 
 
@@ -791,7 +811,7 @@ def test_a_factory_taking_action_space_is_checked_flat_then_under_tamiyo_with_it
         return TinyStatelessBundle(dim, action_space or ActionSpace(slot=5))
 
     report = check_bundle(factory, feature_dim=FEATURE_DIM)
-    assert not report.not_run
+    assert [r.clause for r in report.not_run] == [FLOORS_CLAUSE]  # no probability_floor
     assert set(seen) == {None, ActionSpace.tamiyo(slot=5)}  # flat: the factory's own space
     assert _result(report, "hierarchy: shapes").detail == "under ActionSpace.tamiyo(slot=5)"
 
@@ -809,7 +829,7 @@ def test_a_hierarchical_default_is_checked_flat_without_its_table_and_under_it()
         return TinyStatelessBundle(dim, action_space or own)
 
     report = check_bundle(factory, feature_dim=FEATURE_DIM)
-    assert not report.not_run
+    assert [r.clause for r in report.not_run] == [FLOORS_CLAUSE]
     assert set(seen) == {None, replace(own, hierarchy=None)}
     assert _result(report, "hierarchy: shapes").detail == f"under {own!r}"
 
@@ -819,14 +839,20 @@ def test_a_hierarchical_bundle_from_a_factory_without_action_space_runs_every_cl
     report = check_bundle(
         lambda dim: TinyStatelessBundle(dim, ActionSpace.tamiyo()), feature_dim=FEATURE_DIM
     )
-    assert not report.not_run
-    assert report.format().endswith("19 clauses, all clauses pass.")
+    assert [r.clause for r in report.not_run] == [FLOORS_CLAUSE]
+    assert report.format().endswith("20 clauses, 19 pass, 1 not run.")
 
 
 def test_op_conditioned_logits_conform_flat_and_hierarchical() -> None:
-    def factory(dim: int, action_space: ActionSpace = ActionSpace()) -> PolicyBundle:
+    def factory(
+        dim: int,
+        action_space: ActionSpace = ActionSpace(),
+        probability_floor: dict[str, float] | None = None,
+    ) -> PolicyBundle:
         return small_lstm(
-            action_space=action_space, op_conditioned_logits=action_space.is_hierarchical
+            action_space=action_space,
+            op_conditioned_logits=action_space.is_hierarchical,
+            probability_floor=probability_floor,
         )
 
     report = check_bundle(factory, feature_dim=FEATURE_DIM)

@@ -24,9 +24,7 @@ class GRUPolicyNetwork(nn.Module):
         self.gru = nn.GRU(hidden_dim, hidden_dim, batch_first=True)
         self.heads = PolicyHeads(hidden_dim, action_space)
 
-    def forward(
-        self, features: torch.Tensor, h: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Returns logits `[B, T, H, A_max]`, value `[B, T]` and the new state `[1, B, D]`."""
         out, h = self.gru(self.embed(features), h)  # [B, T, D], [1, B, D]
         logits, value = self.heads(out)
@@ -41,13 +39,19 @@ class GRUPolicyBundle(PolicyBundle):
     network: GRUPolicyNetwork
 
     def __init__(
-        self, feature_dim: int, *, hidden_dim: int = 64, action_space: ActionSpace = ActionSpace()
+        self,
+        feature_dim: int,
+        *,
+        hidden_dim: int = 64,
+        action_space: ActionSpace = ActionSpace(),
+        probability_floor: dict[str, float] | None = None,
     ) -> None:
         super().__init__(
             GRUPolicyNetwork(feature_dim, hidden_dim, action_space),
             feature_dim=feature_dim,
             action_space=action_space,  # flat, or ActionSpace.tamiyo(): the base does both
             hidden_shapes=[(1, hidden_dim)],  # one tensor, [1, B, hidden_dim]
+            probability_floor=probability_floor,  # per-head floors, applied by the base
         )
 
     def _forward(self, inputs: PolicyInputs) -> NetworkOutput:

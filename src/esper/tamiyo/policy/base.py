@@ -34,6 +34,7 @@ from esper.tamiyo.policy.action_space import ActionSpace
 from esper.tamiyo.policy.checkpoint_writer import write_checkpoint
 from esper.tamiyo.policy.compiled import EAGER, CompiledPaths, Paths
 from esper.tamiyo.policy.config import Arguments, bind, keyword_arguments, snapshot
+from esper.tamiyo.policy.floors import FloorTables, check_probability_floor
 from esper.tamiyo.policy.inputs import HiddenState, PolicyInputs, reset_hidden, zero_hidden
 from esper.tamiyo.policy.layout import HeadLayout, split_heads
 from esper.tamiyo.policy.masks import ActionMasks
@@ -133,6 +134,12 @@ class PolicyBundle(ABC):
         hidden_shapes: For a recurrent bundle, the shape of each hidden tensor without
             its batch dimension, e.g. `((num_layers, hidden_dim),) * 2` for an LSTM's
             `(h, c)` of shape `[num_layers, B, hidden_dim]`. `None` when stateless.
+        probability_floor: Per-head probability floors, e.g. `{"op": 0.15,
+            "blueprint": 0.12}`: every valid action of a floored head keeps at least
+            that probability (lowered to `0.99 / n` for `n` valid actions), in every
+            public method (see `floors`). `None`, the default, floors nothing. A
+            subclass that offers floors takes `probability_floor` in its own constructor
+            and passes it here, so that `config` and checkpoints record it.
 
     Attributes:
         is_recurrent: Class flag: the bundle carries hidden state between calls.
@@ -145,6 +152,9 @@ class PolicyBundle(ABC):
             `DistributedDataParallel`.
         action_space: Head sizes.
         feature_dim: `F`, or `None` when any width is accepted.
+        probability_floor: The floors, head name to float (empty: none). Settable on a
+            live bundle, checked as at construction, when the class's constructor takes
+            `probability_floor` (so `config` can record the new value).
     """
 
     is_recurrent: ClassVar[bool] = False
@@ -167,6 +177,7 @@ class PolicyBundle(ABC):
         feature_dim: int | None,
         action_space: ActionSpace,
         hidden_shapes: Sequence[tuple[int, ...]] | None = None,
+        probability_floor: Mapping[str, float] | None = None,
     ) -> None:
         cls_name = type(self).__name__
         if not isinstance(network, nn.Module):
@@ -191,6 +202,8 @@ class PolicyBundle(ABC):
         self._place_if_empty = (torch.device("cpu"), torch.get_default_dtype())
         self._layouts: dict[torch.device, HeadLayout] = {}  # the layout's tables per device
         self._paths: Paths = EAGER
+        self._probability_floor = check_probability_floor(probability_floor, cls_name)
+        self._floor_tables: dict[torch.device, FloorTables | None] = {}  # per device
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -535,10 +548,11 @@ class PolicyBundle(ABC):
         resets: tuple[int, ...] = ()
         if episode_start is not None:
             inputs, resets = self._start_episodes(inputs, episode_start)
-        layout = self._layout_for(inputs.features.device)
+        device = inputs.features.device
+        layout = self._layout_for(device)
         if self.check_values:
             check_input_values(inputs, layout, masked=masks is not None)
-        return compute.Call(inputs, layout, resets)
+        return compute.Call(inputs, layout, resets, floors=self._floors_for(device))
 
     def _check_output(self, call: compute.Call, out: HookOutput) -> None:
         """Refuse non-finite numbers out of the network, when `check_values` is on."""
@@ -661,7 +675,34 @@ class PolicyBundle(ABC):
                 layout = self._layouts[device] = HeadLayout(self.action_space, device)
         return layout
 
+    def _floors_for(self, device: torch.device) -> FloorTables | None:
+        """The floors' tables on `device`, built on first use there; `None` without floors."""
+        if device not in self._floor_tables:
+            with torch.inference_mode(False):  # normal tensors, usable under autograd later
+                tables = FloorTables.build(self._probability_floor, self.action_space, device)
+            self._floor_tables[device] = tables
+        return self._floor_tables[device]
+
     # ------------------------------------------------------------------ the rest
+
+    @property
+    def probability_floor(self) -> dict[str, float]:
+        """The per-head probability floors, head name to float; empty when there are none."""
+        return dict(self._probability_floor)
+
+    @probability_floor.setter
+    def probability_floor(self, value: Mapping[str, float] | None) -> None:
+        cls_name = type(self).__name__
+        if "probability_floor" not in bind(type(self), self._init_arguments):
+            raise TypeError(
+                f"{cls_name}: its constructor does not take probability_floor, so config "
+                "and checkpoints could not record floors set here; add "
+                "`probability_floor: Mapping[str, float] | None = None` to its __init__ and "
+                "pass it to PolicyBundle.__init__"
+            )
+        floors = check_probability_floor(value, cls_name)  # refused before anything changes
+        self._probability_floor = floors
+        self._floor_tables = {}
 
     @property
     def config(self) -> dict[str, Any]:
@@ -670,9 +711,13 @@ class PolicyBundle(ABC):
         `type(bundle)(**bundle.config)` builds an identical bundle (up to its weights)
         when the constructor takes no `*args` or `**kwargs` (those appear under their
         own names). Recorded when the bundle is created, whatever its class: a
-        subclass need not report its own.
+        subclass need not report its own. `probability_floor`, which can change on a
+        live bundle, is its current value.
         """
-        return bind(type(self), self._init_arguments)
+        config = bind(type(self), self._init_arguments)
+        if "probability_floor" in config:
+            config["probability_floor"] = self.probability_floor or None
+        return config
 
     def compile(self, **compile_kwargs: Any) -> Self:
         """Compile the compute paths with `torch.compile`, in place; returns `self`.
@@ -773,6 +818,7 @@ _FINAL_METHODS = (
     "__new__",
     "save",
     "config",
+    "probability_floor",
     "compile",
     "get_action",
     "forward",

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import torch
 
+from esper.tamiyo.policy.floors import FloorTable
 from esper.tamiyo.policy.layout import BROKEN_LOGIT
 
 __all__ = [
     "choose",
     "choose_valid",
     "entropy_of",
+    "floor_log_probs",
     "gumbel_noise",
     "log_prob_of",
     "mask_logits",
@@ -161,6 +163,34 @@ def choose_valid(
     if noise is not None:
         scores = scores - noise
     return torch.where(valid, scores, minus_inf).argmax(dim=-1)
+
+
+def floor_log_probs(
+    log_probs: torch.Tensor, valid: torch.Tensor, table: FloorTable
+) -> torch.Tensor:
+    """Log-probabilities under probability floors: `log((1 - n f) p + f)` on valid actions.
+
+    The one place floors are applied, for the rollout and the update alike (see
+    `floors`): every valid action of a floored head keeps at least its effective floor
+    `f = min(floor, 0.99 / n)`, masked actions keep their log-probability (probability
+    0), rows still sum to 1, and a head with at most one valid action is unchanged
+    exactly. Float32 at least, whatever the logits' dtype, like the rest of the scoring.
+
+    Args:
+        log_probs: `[..., H, A_max]` normalized log-probabilities under `valid`, float32
+            or wider (from `mask_logits(...).log_softmax(-1)`).
+        valid: `[..., H, A_max]` bool.
+        table: The floors of these `H` heads (`FloorTables.heads`, or `.op` for the op
+            row alone as `[..., 1, A_max]`).
+
+    Returns:
+        `[..., H, A_max]` floored log-probabilities; differentiable in `log_probs`.
+    """
+    rows = valid.sum(dim=-1) + table.offsets  # [..., H]: the table row of each head's count
+    coefficients = torch.nn.functional.embedding(rows, table.coefficients)  # [..., H, 2]
+    log_scale, log_floor = coefficients.unsqueeze(-2).unbind(-1)  # [..., H, 1] each
+    floored = torch.logaddexp(log_probs + log_scale, log_floor)  # [..., H, A_max]
+    return torch.where(valid, floored, log_probs)
 
 
 def log_prob_of(log_probs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from typing import NamedTuple, Protocol
 import torch
 
 from esper.tamiyo.policy import categorical
+from esper.tamiyo.policy.floors import FloorTables
 from esper.tamiyo.policy.inputs import HiddenState, PolicyInputs, reset_hidden
 from esper.tamiyo.policy.layout import PRIMARY, HeadLayout, at_op
 from esper.tamiyo.policy.outputs import HookOutput, NetworkOutput, OpConditionedOutput
@@ -50,12 +51,14 @@ class Call(NamedTuple):
         resets: The steps after the first where some row's episode starts (the hook
             then runs once per stretch between them); empty in the usual case.
         joint_entropy: `evaluate` also computes the exact joint entropy.
+        floors: The bundle's probability floors on the device, or `None` without any.
     """
 
     inputs: PolicyInputs
     layout: HeadLayout
     resets: tuple[int, ...] = ()
     joint_entropy: bool = False
+    floors: FloorTables | None = None
 
 
 def run_network(bundle: Bundle, call: Call) -> HookOutput:
@@ -138,9 +141,20 @@ def _check_output(bundle: Bundle, inputs: PolicyInputs, layout: HeadLayout, out:
 
 
 def masked(logits: torch.Tensor, call: Call) -> torch.Tensor:
-    """`[B, T, H, A_max]` logits masked by the call's `valid` (`categorical.mask_logits`)."""
-    layout = call.layout
-    return categorical.mask_logits(logits, call.inputs.valid, layout.fill, layout.minus_inf)
+    """`[B, T, H, A_max]` logits masked by the call's `valid` (`categorical.mask_logits`).
+
+    With probability floors, the floored distribution's log-probabilities in the same
+    convention: each row's largest valid entry 0, invalid ones at the layout's fill.
+    """
+    layout, valid = call.layout, call.inputs.valid
+    masked_logits = categorical.mask_logits(logits, valid, layout.fill, layout.minus_inf)
+    if call.floors is None:
+        return masked_logits
+    floored = categorical.floor_log_probs(
+        masked_logits.log_softmax(dim=-1), valid, call.floors.heads
+    )  # [B, T, H, A_max]
+    top = torch.where(valid, floored, layout.minus_inf).amax(dim=-1, keepdim=True).detach()
+    return torch.where(valid, floored - top, layout.fill)
 
 
 class Acted(NamedTuple):
@@ -184,14 +198,9 @@ def act(
     noise = None if deterministic else categorical.gumbel_noise(logits, generator)
     valid = inputs.valid
     if layout.hierarchical:
-        op = categorical.choose_valid(
-            logits.select(-2, PRIMARY),
-            valid.select(-2, PRIMARY),
-            None if noise is None else noise.select(-2, PRIMARY),
-            layout.minus_inf,
-        )  # [B, T]
+        op = _choose_op(logits, valid, noise, layout, call.floors)  # [B, T]
         logits, valid = _given_op(out, inputs, layout, op)  # [B, T, H, A_max] each
-    log_probs = _log_probs(logits, valid, layout)  # [B, T, H, A_max]
+    log_probs = _log_probs(logits, valid, layout, call.floors)  # [B, T, H, A_max]
     actions = categorical.choose(log_probs, noise)  # [B, T, H]
     if layout.hierarchical:
         actions.select(-1, PRIMARY).copy_(op)  # the op row's draw, rounded otherwise, can differ
@@ -215,12 +224,15 @@ def evaluate(bundle: Bundle, call: Call) -> Scored:
         logits, valid = _given_op(out, inputs, layout, op)
     masked_logits = categorical.mask_logits(logits, valid, layout.fill, layout.minus_inf)
     log_probs = masked_logits.log_softmax(dim=-1)  # [B, T, H, A_max]
+    if call.floors is not None:
+        log_probs = categorical.floor_log_probs(log_probs, valid, call.floors.heads)
+        masked_logits = log_probs  # the entropy's softmax: of the floored distribution
     chosen = categorical.log_prob_of(log_probs, actions)  # [B, T, H]
     entropy = categorical.normalized_entropy(
         masked_logits, log_probs, valid, layout.inv_log_count
     )  # [B, T, H]
     joint = (
-        _joint_entropy(out, inputs, layout, masked_logits, log_probs)
+        _joint_entropy(out, inputs, layout, masked_logits, log_probs, call.floors)
         if call.joint_entropy
         else None
     )
@@ -261,9 +273,45 @@ def _with_op_row(flat: torch.Tensor, given_op: torch.Tensor, layout: HeadLayout)
     return torch.where(layout.primary_row, flat, given_op)
 
 
-def _log_probs(logits: torch.Tensor, valid: torch.Tensor, layout: HeadLayout) -> torch.Tensor:
-    """Log-probabilities of every head under `valid`, on the last dimension."""
-    return categorical.mask_logits(logits, valid, layout.fill, layout.minus_inf).log_softmax(-1)
+def _log_probs(
+    logits: torch.Tensor, valid: torch.Tensor, layout: HeadLayout, floors: FloorTables | None
+) -> torch.Tensor:
+    """Log-probabilities of every head under `valid` and the floors, on the last dimension."""
+    masked_logits = categorical.mask_logits(logits, valid, layout.fill, layout.minus_inf)
+    log_probs = masked_logits.log_softmax(dim=-1)  # [B, T, H, A_max]
+    return (
+        log_probs if floors is None else categorical.floor_log_probs(log_probs, valid, floors.heads)
+    )
+
+
+def _choose_op(
+    logits: torch.Tensor,
+    valid: torch.Tensor,
+    noise: torch.Tensor | None,
+    layout: HeadLayout,
+    floors: FloorTables | None,
+) -> torch.Tensor:
+    """The first stage of a hierarchical `get_action`: `[B, T]` ops.
+
+    Without a floor on the op, a Gumbel argmax over its valid logits
+    (`categorical.choose_valid`, no normalization needed). With one, the op's floored
+    log-probabilities, the distribution the second stage scores the op under.
+    """
+    if floors is None or floors.op is None:
+        return categorical.choose_valid(
+            logits.select(-2, PRIMARY),
+            valid.select(-2, PRIMARY),
+            None if noise is None else noise.select(-2, PRIMARY),
+            layout.minus_inf,
+        )
+    rows = slice(PRIMARY, PRIMARY + 1)  # the op row, kept as a head dimension of 1
+    op_valid = valid[..., rows, :]  # [B, T, 1, A_max]
+    masked_logits = categorical.mask_logits(
+        logits[..., rows, :], op_valid, layout.fill[rows], layout.minus_inf
+    )
+    log_probs = categorical.floor_log_probs(masked_logits.log_softmax(dim=-1), op_valid, floors.op)
+    op_noise = None if noise is None else noise[..., rows, :]
+    return categorical.choose(log_probs, op_noise).squeeze(-1)  # [B, T]
 
 
 def availability(valid: torch.Tensor, layout: HeadLayout) -> torch.Tensor:
@@ -282,8 +330,9 @@ def _joint_entropy(
     layout: HeadLayout,
     masked_logits: torch.Tensor,
     log_probs: torch.Tensor,
+    floors: FloorTables | None,
 ) -> torch.Tensor:
-    """`[B, T]` exact entropy of the whole action, in nats.
+    """`[B, T]` exact entropy of the whole action, in nats, under the floors if any.
 
     Flat: the heads are independent, so the sum of their entropies. Hierarchical:
     `H(op) + sum_n pi(n) sum_{h != op} H(h | n)`, each head's conditional entropy under
@@ -297,7 +346,11 @@ def _joint_entropy(
     masked_by_op = categorical.mask_logits(
         _logits_given_op(out, layout), valid_every_op, layout.fill, layout.minus_inf
     )  # [B, T, N_op, H, A_max]
-    entropy_by_op = categorical.entropy_of(masked_by_op, masked_by_op.log_softmax(dim=-1))
+    log_probs_by_op = masked_by_op.log_softmax(dim=-1)
+    if floors is not None:
+        log_probs_by_op = categorical.floor_log_probs(log_probs_by_op, valid_every_op, floors.heads)
+        masked_by_op = log_probs_by_op
+    entropy_by_op = categorical.entropy_of(masked_by_op, log_probs_by_op)
     conditional = (entropy_by_op * layout.other_heads).sum(dim=-1)  # [B, T, N_op]
     op_log_probs = log_probs[..., PRIMARY, : layout.num_ops]  # [B, T, N_op]
     op_probs = op_log_probs.exp()

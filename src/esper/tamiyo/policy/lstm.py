@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -180,6 +182,8 @@ class LSTMPolicyBundle(PolicyBundle):
             hierarchy.
         op_conditioned_logits: Make every other head's logits depend on the op
             (`OpConditionedLogits`); needs a hierarchical `action_space`.
+        probability_floor: Per-head probability floors, e.g. `{"op": 0.15}`; `None`
+            (the default) floors nothing. See `PolicyBundle`.
     """
 
     is_recurrent = True
@@ -194,6 +198,7 @@ class LSTMPolicyBundle(PolicyBundle):
         num_layers: int = 1,
         action_space: ActionSpace = ActionSpace(),
         op_conditioned_logits: bool = False,
+        probability_floor: Mapping[str, float] | None = None,
     ) -> None:
         owner = type(self).__name__
         check_positive_int(feature_dim, "feature_dim", owner)
@@ -215,6 +220,7 @@ class LSTMPolicyBundle(PolicyBundle):
             feature_dim=feature_dim,
             action_space=action_space,
             hidden_shapes=((num_layers, hidden_dim), (num_layers, hidden_dim)),
+            probability_floor=probability_floor,
         )
         self.hidden_dim = hidden_dim
         self.embed_dim = embed_dim

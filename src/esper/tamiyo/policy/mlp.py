@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -69,6 +71,8 @@ class MLPPolicyBundle(PolicyBundle):
         hidden_dim: Width `D` of the two hidden layers; each head's hidden layer is
             `D // 2`.
         action_space: Head sizes.
+        probability_floor: Per-head probability floors, e.g. `{"op": 0.15}`; `None`
+            (the default) floors nothing. See `PolicyBundle`.
     """
 
     network: MLPPolicyNetwork
@@ -79,6 +83,7 @@ class MLPPolicyBundle(PolicyBundle):
         *,
         hidden_dim: int = 128,
         action_space: ActionSpace = ActionSpace(),
+        probability_floor: Mapping[str, float] | None = None,
     ) -> None:
         owner = type(self).__name__
         check_positive_int(feature_dim, "feature_dim", owner)
@@ -87,6 +92,7 @@ class MLPPolicyBundle(PolicyBundle):
             MLPPolicyNetwork(feature_dim, hidden_dim, action_space),
             feature_dim=feature_dim,
             action_space=action_space,
+            probability_floor=probability_floor,
         )
         self.hidden_dim = hidden_dim
 

@@ -37,6 +37,16 @@ that failed, in a sentence that says what to fix:
   the bundle's code (the finding this project started from); comprehensions and
   generator expressions are fine.
 
+When the factory takes a `probability_floor` keyword, with floors on three heads
+(`factory(feature_dim, probability_floor={"op": 0.15, "blueprint": 0.12, "tempo":
+0.12})`, plus the flat `action_space` when it takes one):
+
+* **probability floors**: the bundle passed the floors on to the base (its
+  `probability_floor` is what the factory was given); every valid action of a floored
+  head has at least its effective floor `min(floor, 0.99 / n)` in `forward`, masked
+  ones 0; and `get_action`'s log-probs are what `evaluate_actions` scores. A factory
+  without that keyword has this clause reported as not run, with how to enable it.
+
 Then the same bundle under Tamiyo's hierarchy (`ActionSpace.tamiyo()`: the op is
 sampled first and decides which other heads matter), with per-op masks
 (`<head>_by_op`) on every head:
@@ -76,8 +86,8 @@ Example:
     >>> from esper.tamiyo.policy import MLPPolicyBundle
     >>> from esper.tamiyo.policy.testing import check_bundle
     >>> report = check_bundle(lambda dim: MLPPolicyBundle(dim, hidden_dim=16))
-    >>> report.passed, len(report.results), len(report.not_run)  # no action_space
-    (True, 19, 4)
+    >>> report.passed, len(report.results), len(report.not_run)  # no keywords
+    (True, 20, 5)
     >>> report = check_bundle(partial(MLPPolicyBundle, hidden_dim=16))  # takes one
     >>> report.passed, len(report.not_run)
     (True, 0)
@@ -266,10 +276,10 @@ def check_bundle(
             f"conformance clauses{skipped}:"
         )
         lines = [f"- {failure.clause}: {failure.detail}" for failure in report.failed]
-        for group in (report.blocked, report.skipped):
-            if group:
-                names = ", ".join(result.clause for result in group)
-                lines.append(f"- not run: {names} ({group[0].detail.removeprefix(_NOT_RUN)})")
+        reasons: dict[str, list[str]] = {}  # why, in order, to the clauses not run for it
+        for result in (*report.blocked, *report.skipped):
+            reasons.setdefault(result.detail.removeprefix(_NOT_RUN), []).append(result.clause)
+        lines += [f"- not run: {', '.join(names)} ({why})" for why, names in reasons.items()]
         raise AssertionError("\n".join([heading, *lines]))
     return report
 
@@ -306,7 +316,8 @@ def run_checks(factory: BundleFactory, *, feature_dim: int = 7, seed: int = 0) -
             subject = plain if plan is None else plan.subject_for(clause)
             if subject is None:
                 assert plan is not None  # the plan says why the clause does not apply
-                results.append(ClauseResult(clause, True, f"{_NOT_RUN}{plan.skipped}", ran=False))
+                why = plan.why_not(clause)
+                results.append(ClauseResult(clause, True, f"{_NOT_RUN}{why}", ran=False))
                 continue
             result = _run_clause(clause, check, subject)
             results.append(result)
@@ -434,22 +445,33 @@ class _Subject:
     feature_dim: int
     seed: int
     action_space: ActionSpace | None = None
+    probability_floor: dict[str, float] | None = None
+
+    @property
+    def keywords(self) -> dict[str, object]:
+        """The keyword arguments the factory is called with."""
+        keywords: dict[str, object] = {}
+        if self.action_space is not None:
+            keywords["action_space"] = self.action_space
+        if self.probability_floor is not None:
+            keywords["probability_floor"] = self.probability_floor
+        return keywords
 
     @property
     def call(self) -> str:
-        """How the factory is called, for messages: `factory(7)`, or with the space."""
-        if self.action_space is None:
-            return f"factory({self.feature_dim})"
-        return f"factory({self.feature_dim}, action_space={_space_name(self.action_space)})"
+        """How the factory is called, for messages: `factory(7)`, or with its keywords."""
+        shown = [str(self.feature_dim)]
+        if self.action_space is not None:
+            shown.append(f"action_space={_space_name(self.action_space)}")
+        if self.probability_floor is not None:
+            shown.append(f"probability_floor={self.probability_floor}")
+        return f"factory({', '.join(shown)})"
 
     def build(self, offset: int = 0) -> PolicyBundle:
         """A fresh bundle, its weights seeded by `seed + offset`."""
         torch.manual_seed(self.seed + offset)
-        if self.action_space is None:
-            bundle: object = self.factory(self.feature_dim)
-        else:
-            factory: Callable[..., object] = self.factory
-            bundle = factory(self.feature_dim, action_space=self.action_space)
+        factory: Callable[..., object] = self.factory
+        bundle = factory(self.feature_dim, **self.keywords)
         if not isinstance(bundle, PolicyBundle):
             raise _ClauseError(
                 f"{self.call} returned {type(bundle).__name__}, not a "
@@ -482,13 +504,42 @@ class _Plan:
     flat: _Subject
     hierarchy: _Subject | None
     skipped: str = ""
+    floors: _Subject | None = None
+    floors_skipped: str = ""
 
     def subject_for(self, clause: str) -> _Subject | None:
         """The subject `clause` runs on; `None` when it does not apply."""
+        if clause == _FLOORS_CLAUSE:
+            return self.floors
         return self.hierarchy if clause in _HIERARCHY_NAMES else self.flat
+
+    def why_not(self, clause: str) -> str:
+        """Why `clause` does not apply, and how to make it."""
+        return self.floors_skipped if clause == _FLOORS_CLAUSE else self.skipped
 
 
 def _plan(plain: _Subject) -> _Plan:
+    """`_spaces_plan(plain)`, with the subject of the floors clause (see `_floors_plan`)."""
+    spaces = _spaces_plan(plain)
+    return _floors_plan(spaces)
+
+
+def _floors_plan(plan: _Plan) -> _Plan:
+    """Run the floors clause on the flat subject with `_KIT_FLOORS`, if the factory takes them."""
+    flat = plan.flat
+    if _takes_keyword(flat.factory, "probability_floor"):
+        return replace(plan, floors=replace(flat, probability_floor=dict(_KIT_FLOORS)))
+    return replace(
+        plan,
+        floors_skipped=(
+            "the factory takes no probability_floor keyword; to check that floors reach "
+            "the base, let it take probability_floor (factory(feature_dim, "
+            "probability_floor={...})) and pass it on to PolicyBundle.__init__"
+        ),
+    )
+
+
+def _spaces_plan(plain: _Subject) -> _Plan:
     """The flat and hierarchical subjects, from the space `factory(feature_dim)` builds.
 
     With an `action_space` keyword: the hierarchy clauses run under Tamiyo's table over
@@ -498,7 +549,7 @@ def _plan(plain: _Subject) -> _Plan:
     only if that bundle is hierarchical.
     """
     space = plain.build().action_space
-    takes_space = _takes_action_space(plain.factory)
+    takes_space = _takes_keyword(plain.factory, "action_space")
     if space.is_hierarchical:
         flat = replace(space, hierarchy=None)
         return _Plan(replace(plain, action_space=flat) if takes_space else plain, plain)
@@ -516,8 +567,8 @@ def _plan(plain: _Subject) -> _Plan:
     )
 
 
-def _takes_action_space(factory: BundleFactory) -> bool:
-    """Whether `factory` can be called with an `action_space` keyword.
+def _takes_keyword(factory: BundleFactory, keyword: str) -> bool:
+    """Whether `factory` can be called with `keyword` (`action_space`, `probability_floor`).
 
     A class is read through its `__init__` (`PolicyBundle.__new__` takes anything); a
     callable whose signature cannot be read (a builtin) is taken not to.
@@ -529,7 +580,7 @@ def _takes_action_space(factory: BundleFactory) -> bool:
         parameters = inspect.signature(target).parameters
     except (TypeError, ValueError):
         return False
-    given = parameters.get("action_space")
+    given = parameters.get(keyword)
     if given is not None:
         return given.kind in (
             inspect.Parameter.POSITIONAL_OR_KEYWORD,
@@ -1745,6 +1796,52 @@ def _check_hierarchy_rollout(subject: _Subject) -> str:
     return ""
 
 
+_KIT_FLOORS = {"op": 0.15, "blueprint": 0.12, "tempo": 0.12}
+"""The floors the kit builds with: the defaults of the system Tamiyo comes from."""
+
+
+def _check_floors(subject: _Subject) -> str:
+    bundle = subject.build()
+    given = subject.probability_floor
+    assert given is not None  # the plan gives this clause floors
+    if bundle.probability_floor != given:
+        raise _ClauseError(
+            f"{subject.call} built a bundle whose probability_floor is "
+            f"{bundle.probability_floor}; pass the probability_floor the factory is given "
+            "on to PolicyBundle.__init__"
+        )
+    x, masks = _inputs(bundle, subject.generator(), (_SAMPLED_ROWS,), subject.feature_dim)
+    logits = bundle.forward(x, masks).logits
+    for name, floor in given.items():
+        mask = getattr(masks, name)
+        assert mask is not None  # random_masks masks every head
+        probs = logits[name].double().softmax(dim=-1)  # [B, A_h]
+        count = mask.sum(dim=-1, keepdim=True).double()
+        effective = torch.where(count > 1, (0.99 / count).clamp(max=floor), 0.0)
+        short = mask & (probs < effective * (1 - 1e-5))
+        if bool(short.any()):
+            row, action = (int(i) for i in short.nonzero()[0])
+            raise _ClauseError(
+                f"forward gives valid action {action} of head {name!r} (row {row}) probability "
+                f"{float(probs[row, action]):.4g}, under its floor "
+                f"{float(effective[row, 0]):.4g}; leave masking and normalization to the base"
+            )
+        if bool((probs[~mask] != 0).any()):
+            raise _ClauseError(
+                f"forward gives a masked action of head {name!r} a probability above 0"
+            )
+    step = bundle.get_action(x, masks)
+    scored = bundle.evaluate_actions(x, step.action, masks)
+    for name in HEAD_NAMES:
+        _expect_close(
+            f"evaluate_actions log-probs of head {name!r} under floors and get_action's",
+            scored.log_prob[name].detach(),
+            step.log_prob[name],
+            "both must score the floored distribution",
+        )
+    return ""
+
+
 _GATES: tuple[tuple[str, _Check], ...] = (
     ("builds", _check_builds),
     ("shapes", _check_shapes),
@@ -1787,11 +1884,14 @@ _CLAUSES: tuple[tuple[str, _Check], ...] = (
     ("float64", _check_float64),
     ("bad inputs refused", _check_bad_inputs),
     ("no per-call closures", _check_no_closures),
+    ("probability floors", _check_floors),
     (_HIERARCHY_GATE, _check_hierarchy_shapes),
     ("hierarchy: masks respected", _check_hierarchy_masks),
     ("hierarchy: ignored heads canonical", _check_hierarchy_canonical),
     ("hierarchy: rollout and update agree", _check_hierarchy_rollout),
 )
+
+_FLOORS_CLAUSE = "probability floors"
 
 _HIERARCHY_NAMES = frozenset(name for name, _ in _CLAUSES if name.startswith("hierarchy: "))
 """The clauses run under a hierarchical space (see `_plan`)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import nn
 
 from esper.tamiyo.policy.action_space import ActionSpace
@@ -36,12 +38,23 @@ class UniformPolicyBundle(PolicyBundle):
             inputs a learned bundle built with that width would; `None` (the default)
             accepts any width.
         action_space: Head sizes.
+        probability_floor: Accepted like every bundle's (see `PolicyBundle`); a
+            uniform distribution already meets any floor, so it changes nothing but rounding.
     """
 
     def __init__(
-        self, feature_dim: int | None = None, *, action_space: ActionSpace = ActionSpace()
+        self,
+        feature_dim: int | None = None,
+        *,
+        action_space: ActionSpace = ActionSpace(),
+        probability_floor: Mapping[str, float] | None = None,
     ) -> None:
-        super().__init__(nn.Module(), feature_dim=feature_dim, action_space=action_space)
+        super().__init__(
+            nn.Module(),
+            feature_dim=feature_dim,
+            action_space=action_space,
+            probability_floor=probability_floor,
+        )
 
     def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
         batch, steps = inputs.batch_size, inputs.seq_len
