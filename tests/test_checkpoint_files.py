@@ -216,15 +216,16 @@ class _PositionalBundle(TinyStatelessBundle):
 
 
 def test_keyword_extras_and_nested_values_round_trip(tmp_path: Path) -> None:
-    """`**extra` arguments, tuples, lists and ActionSpace inside them come back as given."""
+    """`**extra` arguments, tuples, lists, str-keyed dicts and ActionSpace come back as given."""
     register_policy("test_configured")(_ConfiguredBundle)
+    table = {"op": 0.15, "nested": {"x": (1, None)}, "__esper_type__": "not a tag here"}
     bundle = _ConfiguredBundle(
-        scale=(1, 2.5, None, [True, "x"]), spaces=[ActionSpace(op=3)], note="n"
+        scale=(1, 2.5, None, [True, "x"]), spaces=[ActionSpace(op=3)], note="n", table=table
     )
     loaded = load_policy(save_policy(bundle, tmp_path / "p.pt"))
     assert isinstance(loaded, _ConfiguredBundle)
     assert loaded.scale == (1, 2.5, None, [True, "x"])
-    assert loaded.extra == {"spaces": [ActionSpace(op=3)], "note": "n"}
+    assert loaded.extra == {"spaces": [ActionSpace(op=3)], "note": "n", "table": table}
     assert loaded.config == bundle.config
 
 
@@ -232,7 +233,7 @@ def test_keyword_extras_and_nested_values_round_trip(tmp_path: Path) -> None:
     ("scale", "where"),
     [
         (torch.float16, r"config\['scale'\] = torch\.float16 \(dtype\)"),
-        ({"a": 1}, r"config\['scale'\] = \{'a': 1\} \(dict\)"),
+        ({1: "a"}, r"config\['scale'\] = \{1: 'a'\} \(dict\)"),
         ((1, date(2024, 1, 1)), r"config\['scale'\]\[1\] = datetime\.date.* \(date\)"),
     ],
 )

@@ -516,6 +516,11 @@ def _decode(file: Path, value: object, where: str) -> object:
         return tuple(_decode(file, item, f"{where}[{i}]") for i, item in enumerate(value))
     if not isinstance(value, dict):
         return value
+    items = value.get("items")
+    if value.get(TYPE_TAG) == "dict" and isinstance(items, dict) and len(value) == 2:
+        if not all(isinstance(key, str) for key in items):
+            raise CheckpointError(f"{file}: {where} is a dict whose keys are not all strs")
+        return {key: _decode(file, item, f"{where}[{key!r}]") for key, item in items.items()}
     if value.get(TYPE_TAG) != "ActionSpace" or not isinstance(value.get("sizes"), dict):
         raise CheckpointError(
             f"{file}: {where} is a dict this version cannot decode ({repr(value)[:200]}); "

@@ -200,7 +200,7 @@ def _target(path: str | os.PathLike[str]) -> Path:
 
 
 def _encode(value: object, where: str, depth: int) -> object:
-    """A config value as plain data; an `ActionSpace` becomes a tagged dict."""
+    """A config value as plain data; a dict (str keys) and an `ActionSpace` become tagged dicts."""
     if type(value) in PLAIN_SCALARS:
         return value
     if type(value) in (list, tuple):
@@ -212,6 +212,17 @@ def _encode(value: object, where: str, depth: int) -> object:
             )
         items = [_encode(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value)]
         return items if isinstance(value, list) else tuple(items)
+    if type(value) is dict and all(type(key) is str for key in value):
+        assert isinstance(value, dict)
+        if depth >= MAX_NESTING:
+            raise TypeError(
+                f"cannot save {where}: containers nest more than {MAX_NESTING} deep in it, "
+                "deeper than a checkpoint stores; flatten it"
+            )
+        entries = {
+            key: _encode(item, f"{where}[{key!r}]", depth + 1) for key, item in value.items()
+        }
+        return {TYPE_TAG: "dict", "items": entries}
     if type(value) is ActionSpace:
         encoded: dict[str, object] = {
             TYPE_TAG: "ActionSpace",
@@ -227,8 +238,8 @@ def _encode(value: object, where: str, depth: int) -> object:
         return encoded
     raise TypeError(
         f"cannot save {where} = {value!r} ({type(value).__name__}): a checkpoint stores "
-        "only ints, floats, strs, bools, None, lists and tuples of them, and ActionSpace; "
-        "make the constructor take one of those"
+        "only ints, floats, strs, bools, None, lists, tuples and str-keyed dicts of them, "
+        "and ActionSpace; make the constructor take one of those"
     )
 
 
