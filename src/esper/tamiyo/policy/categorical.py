@@ -186,10 +186,10 @@ def floor_log_probs(
     Returns:
         `[..., H, A_max]` floored log-probabilities; differentiable in `log_probs`.
     """
-    rows = valid.sum(dim=-1) + table.offsets  # [..., H]: the table row of each head's count
-    coefficients = torch.nn.functional.embedding(rows, table.coefficients)  # [..., H, 2]
-    log_scale, log_floor = coefficients.unsqueeze(-2).unbind(-1)  # [..., H, 1] each
-    floored = torch.logaddexp(log_probs + log_scale, log_floor)  # [..., H, A_max]
+    entry = valid.sum(dim=-1, keepdim=True) + table.offsets  # [..., H, 1]: (head, count)
+    floored = torch.logaddexp(
+        log_probs + table.log_scale.take(entry), table.log_floor.take(entry)
+    )  # [..., H, A_max]
     return torch.where(valid, floored, log_probs)
 
 

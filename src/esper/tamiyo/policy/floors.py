@@ -86,27 +86,35 @@ class FloorTable(NamedTuple):
     which leaves `log p` exactly as it is.
 
     Attributes:
-        coefficients: `[H * (A_max + 1), 2]` float32, row `h * (A_max + 1) + n` holds
-            `(log(1 - n f), log f)`.
-        offsets: `[H]` int64, `h * (A_max + 1)`: a head's first row.
+        log_scale: `[H * (A_max + 1)]` float32, entry `h * (A_max + 1) + n` is
+            `log(1 - n f)`.
+        log_floor: Laid out alike, `log f`.
+        offsets: `[H, 1]` int64, `h * (A_max + 1)`: a head's first entry.
     """
 
-    coefficients: torch.Tensor
+    log_scale: torch.Tensor
+    log_floor: torch.Tensor
     offsets: torch.Tensor
 
 
 def _table(floors: tuple[float, ...], padded_size: int, device: torch.device) -> FloorTable:
-    rows: list[tuple[float, float]] = []
+    scales: list[float] = []
+    lows: list[float] = []
     for floor in floors:
         for count in range(padded_size + 1):
             if floor <= 0.0 or count <= 1:
-                rows.append((0.0, -math.inf))
+                scales.append(0.0)
+                lows.append(-math.inf)
                 continue
             effective = min(floor, MAX_SHARE / count)
-            rows.append((math.log1p(-count * effective), math.log(effective)))
-    coefficients = torch.tensor(rows, dtype=torch.float32, device=device)
+            scales.append(math.log1p(-count * effective))
+            lows.append(math.log(effective))
     offsets = torch.arange(len(floors), dtype=torch.long, device=device) * (padded_size + 1)
-    return FloorTable(coefficients, offsets)
+    return FloorTable(
+        torch.tensor(scales, dtype=torch.float32, device=device),
+        torch.tensor(lows, dtype=torch.float32, device=device),
+        offsets.unsqueeze(-1),
+    )
 
 
 class FloorTables(NamedTuple):
