@@ -52,6 +52,10 @@ QUICK_ROWS = {
     "hierarchy/get_action/B=32/flat_masks",
     "hierarchy/evaluate/B=8,T=16",
     "memory/B=8,T=16",
+    "floors/get_action/B=1",
+    "floors/get_action/B=1/tamiyo",
+    "floors/get_action/B=32",
+    "floors/get_action/B=32/tamiyo",
 }
 TARGETS = {
     "get_action/B=1",
@@ -66,6 +70,10 @@ TARGETS = {
     "hierarchy/get_action/B=32",
     "hierarchy/get_action/B=32/flat_masks",
     "hierarchy/evaluate/B=8,T=16",
+    "floors/get_action/B=1",
+    "floors/get_action/B=1/tamiyo",
+    "floors/get_action/B=32",
+    "floors/get_action/B=32/tamiyo",
 }
 THREADS_BEFORE = 2
 
@@ -175,6 +183,25 @@ def test_the_network_rows_run_the_network_that_get_action_runs() -> None:
         bundles.new.action_space.num_heads,
         bundles.new.action_space.padded_size,
     )
+
+
+def test_the_floored_bundle_has_the_weights_and_the_floors() -> None:
+    """Section 7 compares the same network with and without floors: only the floors differ."""
+    torch.manual_seed(0)
+    bundles = suite.build_bundles(16, torch.device("cpu"))
+    for plain in (bundles.new, suite.hierarchical_bundle(bundles.new)):
+        floored = suite.floored_bundle(plain)
+        assert floored.probability_floor == suite.BENCH_FLOORS
+        assert floored.action_space == plain.action_space
+        theirs = floored.state_dict()
+        for name, value in plain.state_dict().items():  # weights, and the heads' sizes
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, theirs[name]), name
+            else:
+                assert value == theirs[name], name
+        x = torch.randn(3, 16)
+        hidden = plain.initial_hidden(3)
+        assert torch.equal(plain.get_value(x, hidden), floored.get_value(x, hidden))
 
 
 def test_the_network_training_step_reaches_every_weight() -> None:
@@ -320,7 +347,7 @@ def test_json_path_folder_is_created(tmp_path: Path) -> None:
     "ignore:The .grad attribute of a Tensor that is not a leaf Tensor:UserWarning"
 )
 def test_the_compiled_section_times_old_eager_and_compiled_side_by_side() -> None:
-    """With compile on (the eager backend here: no C++ toolchain needed), section 6 fills."""
+    """With compile on (the eager backend here: no C++ toolchain needed), section 8 fills."""
     options = suite.BenchOptions(quick=True, repeats=2, compile=True)
     options.compile_kwargs["backend"] = "eager"
     report = suite.run_suite(options)

@@ -14,7 +14,8 @@ inputs, with one torch thread, interleaved within every repeat (`harness`). Meas
 4. the share of a new `get_action` step at B=1 spent in `_normalize_inputs`, the
    value checks and shaping the results;
 5. the peak memory of the training step (`memory`);
-6. with `compile=True`, a new bundle compiled with `PolicyBundle.compile`.
+6. probability floors on two heads against none, same weights and inputs (`floors`);
+7. with `compile=True`, a new bundle compiled with `PolicyBundle.compile`.
 
 Sections 2 and 3 also time the seed design with `torch.distributions` validation
 off, and the new bundle's network alone (`network_step`, `network_training_step`):
@@ -97,7 +98,9 @@ SECTIONS: dict[str, str] = {
     "   flat masks alone (the two stages and the rule, without the per-op masks' checks)",
     "share": "5. Share of a new get_action step at B=1 (µs, % of the step)",
     "memory": "6. Peak memory of the training step of section 3",
-    "compile": "7. New bundle compiled with PolicyBundle.compile (--compile)",
+    "floors": "7. Probability floors; old: the new bundle without floors; new: the same weights\n"
+    "   with floors on two heads (op 0.15, blueprint 0.12), flat and on ActionSpace.tamiyo()",
+    "compile": "8. New bundle compiled with PolicyBundle.compile (--compile)",
 }
 """Section key to the title printed above its table, in print order."""
 
@@ -647,6 +650,53 @@ def measure_hierarchy(ctx: Context, cases: Mapping[tuple[int, int], Case]) -> li
     return rows
 
 
+FLOORS_LIMIT = 1.05
+"""The most floors on two heads may cost against none (issue 15)."""
+
+BENCH_FLOORS = {"op": 0.15, "blueprint": 0.12}
+"""The floors of section 7: the defaults of the system Tamiyo comes from, on two heads."""
+
+
+def floored_bundle(bundle: LSTMPolicyBundle) -> LSTMPolicyBundle:
+    """`bundle`'s weights and space, with `BENCH_FLOORS`."""
+    floored = LSTMPolicyBundle(
+        bundle.feature_dim or 1,
+        hidden_dim=bundle.hidden_dim,
+        embed_dim=bundle.embed_dim,
+        num_layers=bundle.num_layers,
+        action_space=bundle.action_space,
+        probability_floor=BENCH_FLOORS,
+    ).to(bundle.device)
+    floored.load_state_dict(bundle.state_dict())
+    return floored
+
+
+def measure_floors(ctx: Context) -> list[Comparison]:
+    """Section 7: `get_action` at B=1 and B=32 with floors on two heads against none.
+
+    Flat (the bundle of section 2) and hierarchical (section 4's, per-op slot masks),
+    where a floor on the op also changes the op's own stage.
+    """
+    rows: list[Comparison] = []
+    flat = ctx.bundles.new
+    tiered = hierarchical_bundle(flat)
+    bundles = {"flat": (flat, floored_bundle(flat)), "tamiyo": (tiered, floored_bundle(tiered))}
+    for batch in (1, 32):
+        case = make_case(flat, (batch,), ctx.options.feature_dim, ctx.generator)
+        cases = {"flat": case, "tamiyo": hierarchical_case(case, ctx.generator)}
+        calls: dict[str, Callable[[], object]] = {}
+        for space, (plain, floored) in bundles.items():
+            calls[f"{space}/plain"] = functools.partial(new_get_action, plain, cases[space])
+            calls[f"{space}/floored"] = functools.partial(new_get_action, floored, cases[space])
+        timings = time_interleaved(calls, ctx.settings, ctx.sync)
+        for space in bundles:
+            key = f"floors/get_action/B={batch}" + ("" if space == "flat" else "/tamiyo")
+            name = f"get_action, B={batch}" + ("" if space == "flat" else ", ActionSpace.tamiyo()")
+            old, new = timings[f"{space}/plain"], timings[f"{space}/floored"]
+            rows.append(_timed_row(key, "floors", name, old, new))
+    return rows
+
+
 def training_cases(ctx: Context) -> dict[tuple[int, int], Case]:
     """One case per `(B, T)` of the training sections, with sampled valid actions."""
     cases: dict[tuple[int, int], Case] = {}
@@ -700,7 +750,7 @@ _SHARE_PARTS = (
 
 
 def measure_shares(ctx: Context) -> list[Share]:
-    """Section 4: a B=1 step and what it spends before and after the compute path.
+    """Section 5: a B=1 step and what it spends before and after the compute path.
 
     `_normalize_inputs` (with the mask packing) and the value checks are what
     `_prepare` runs before the compute path; the checks are timed as the difference
@@ -743,7 +793,7 @@ def measure_shares(ctx: Context) -> list[Share]:
 
 
 def measure_memory(ctx: Context, cases: Mapping[tuple[int, int], Case]) -> list[Comparison]:
-    """Section 5: peak bytes of one training step, above what existed before it."""
+    """Section 6: peak bytes of one training step, above what existed before it."""
     rows: list[Comparison] = []
     old, new = ctx.bundles.old, ctx.bundles.new
     for (batch, steps), case in cases.items():
@@ -784,7 +834,7 @@ def compile_new_bundle(
 
 
 def measure_compiled(ctx: Context, cases: Mapping[tuple[int, int], Case]) -> list[Comparison]:
-    """Section 6: old, new eager and new compiled, interleaved; a failure is a failed row."""
+    """Section 8: old, new eager and new compiled, interleaved; a failure is a failed row."""
     bundles = ctx.bundles
     compiled = compile_new_bundle(bundles.old, ctx.device, ctx.options.compile_kwargs)
     specs: list[tuple[str, str, Callable[[], object], Callable[[], object], Case]] = []
@@ -900,7 +950,24 @@ def evaluate_targets(rows: list[Comparison], shares: list[Share]) -> list[Target
         _normalization_target(rows),
         _share_target(shares),
         *_hierarchy_targets(rows),
+        *_floors_targets(rows),
     ]
+
+
+def _floors_targets(rows: list[Comparison]) -> list[Target]:
+    """Each floors row within `FLOORS_LIMIT` of the same bundle without floors."""
+    targets: list[Target] = []
+    for row in rows:
+        if row.section == "floors":
+            target = _ratio_target(rows, row.key, f"floors on two heads, {row.name}", FLOORS_LIMIT)
+            targets.append(
+                replace(
+                    target,
+                    goal=f"floored/unfloored <= {FLOORS_LIMIT:.2f}",
+                    detail=target.detail.replace("new/old", "floored/unfloored"),
+                )
+            )
+    return targets
 
 
 def _hierarchy_targets(rows: list[Comparison]) -> list[Target]:
@@ -980,6 +1047,7 @@ def run_suite(options: BenchOptions) -> Report:
         report.rows += measure_hierarchy(ctx, cases)
         report.shares += measure_shares(ctx)
         report.rows += measure_memory(ctx, cases)
+        report.rows += measure_floors(ctx)
         if options.compile:
             report.rows += measure_compiled(ctx, cases)
     report.targets = evaluate_targets(report.rows, report.shares)
