@@ -30,7 +30,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -127,6 +127,7 @@ def build_policy(
     action_space: ActionSpace = ActionSpace.tamiyo(),
     *,
     op_conditioned_logits: bool = False,
+    probability_floor: Mapping[str, float] | None = None,
 ) -> PolicyBundle:
     """The demo's `"lstm"` or `"mlp"` bundle: 64 wide, so training takes seconds.
 
@@ -136,16 +137,19 @@ def build_policy(
         action_space: The task's action space (`TaskConfig.action_space`).
         op_conditioned_logits: Give the LSTM op-conditioned logits (a hierarchical
             space only); the demo does not.
+        probability_floor: Per-head probability floors (see `PolicyBundle`); none by
+            default.
     """
     if name == "lstm":
-        if op_conditioned_logits:
-            return LSTMPolicyBundle(
-                feature_dim, hidden_dim=64, embed_dim=64, action_space=action_space,
-                op_conditioned_logits=True,
-            )  # fmt: skip
-        return LSTMPolicyBundle(feature_dim, hidden_dim=64, embed_dim=64, action_space=action_space)
+        return LSTMPolicyBundle(
+            feature_dim, hidden_dim=64, embed_dim=64, action_space=action_space,
+            op_conditioned_logits=op_conditioned_logits, probability_floor=probability_floor,
+        )  # fmt: skip
     if name == "mlp":
-        return MLPPolicyBundle(feature_dim, hidden_dim=64, action_space=action_space)
+        return MLPPolicyBundle(
+            feature_dim, hidden_dim=64, action_space=action_space,
+            probability_floor=probability_floor,
+        )  # fmt: skip
     raise ValueError(f"the demo trains {' and '.join(TRAINED)}, not {name!r}")
 
 
