@@ -1,9 +1,9 @@
 """Train the demo's LSTM with and without probability floors (the runs of ADR 0009).
 
 The demo's default design (`ActionSpace.tamiyo()`, the op first, masks per op), on the
-demo's task, for each seed, once without floors and once with `FLOORS` (the defaults of
-the system Tamiyo comes from: op 0.15, blueprint and tempo 0.12). It reports, per run
-and as means over the seeds:
+demo's task, for each seed, once without floors and once with each set of floors given
+(by default `FLOORS`, the defaults of the system Tamiyo comes from: op 0.15, blueprint
+and tempo 0.12). It reports, per run and as means over the seeds:
 
 - the greedy evaluation on 1000 seeded episodes: success on the memory decision;
 - the first training step at which the training episodes' success reached 90%;
@@ -13,8 +13,8 @@ and as means over the seeds:
   last quarters of the updates (availability-masked, as the PPO bonus uses it);
 - the training time.
 
-Usage: `python benchmarks/demo_floors.py [--seeds 0 1 2] [--steps 120000] [--json
-PATH]`. Prints Markdown tables and writes the runs, with their success and entropy
+Usage: `python benchmarks/demo_floors.py [--seeds 0 1 2] [--steps 120000] [--floors
+op=0.15,blueprint=0.12,tempo=0.12 ...] [--json PATH]`. Prints Markdown tables and writes the runs, with their success and entropy
 curves, as JSON (default `demo_floors.json`). One thread, so runs repeat exactly on one
 machine.
 """
@@ -37,7 +37,7 @@ from esper.tamiyo.policy.demo import IterationStats, TaskConfig, evaluate_policy
 from esper.tamiyo.policy.demo.run import EVAL_SEED_OFFSET, build_policy
 
 FLOORS = {"op": 0.15, "blueprint": 0.12, "tempo": 0.12}
-"""The floors compared with none."""
+"""The floors compared with none by default; their heads' entropies are reported."""
 
 COLLAPSE_BELOW = 0.8
 """Training success under this, after first reaching 90%, counts as a collapse."""
@@ -105,6 +105,20 @@ def run(seed: int, steps: int, floors: dict[str, float] | None) -> dict[str, Any
     }
 
 
+def parse_floors(text: str) -> dict[str, float]:
+    """`op=0.15,tempo=0.12` as a dict, for `--floors`."""
+    floors: dict[str, float] = {}
+    for item in text.split(","):
+        head, _, value = item.partition("=")
+        floors[head.strip()] = float(value)
+    return floors
+
+
+def label_of(floors: dict[str, float] | None) -> str:
+    """`none`, or the floors as `op 0.15, tempo 0.12`."""
+    return "none" if not floors else ", ".join(f"{h} {v:g}" for h, v in floors.items())
+
+
 def _mean(values: list[float]) -> str:
     return "-" if not values else f"{statistics.fmean(values):.2f}"
 
@@ -136,12 +150,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=120_000)
+    parser.add_argument(
+        "--floors", type=parse_floors, nargs="+", default=[FLOORS], help="head=value,..."
+    )
     parser.add_argument("--json", type=Path, default=Path("demo_floors.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(
         f"LSTM (64 wide), ActionSpace.tamiyo(), 64 environments, {args.steps:,} steps, "
-        f"floors {FLOORS}, torch {torch.__version__}, "
+        f"torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}\n"
     )
     heads = " | ".join(f"{h} entropy (first -> last quarter)" for h in FLOORS)
@@ -152,8 +169,10 @@ def main() -> None:
     separator = "|---" * (header.count("|") - 1) + "|"
     print(header)
     print(separator)
-    results: dict[str, list[dict[str, Any]]] = {"none": [], "floors": []}
-    for label, floors in (("none", None), ("floors", FLOORS)):
+    results: dict[str, list[dict[str, Any]]] = {}
+    for floors in (None, *args.floors):
+        label = label_of(floors)
+        results[label] = []
         for seed in args.seeds:
             figures = run(seed, args.steps, floors)
             results[label].append(figures)
@@ -168,7 +187,7 @@ def main() -> None:
             {
                 "steps": args.steps,
                 "seeds": args.seeds,
-                "floors": FLOORS,
+                "floors": [label_of(floors) for floors in args.floors],
                 "collapse_below": COLLAPSE_BELOW,
                 "torch": torch.__version__,
                 "runs": results,

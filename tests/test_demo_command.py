@@ -24,10 +24,12 @@ from esper.tamiyo.policy import (
     LSTMPolicyBundle,
     MLPPolicyBundle,
     UniformPolicyBundle,
+    load_policy,
     registrations,
 )
 from esper.tamiyo.policy.cli import main
 from esper.tamiyo.policy.demo import PPOTrainer, TaskConfig
+from esper.tamiyo.policy.demo.run import DemoOptions
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ACCEPTANCE_STEPS = "80000"  # the default is 120000; at 45000 one seed in 8 fell short
@@ -386,3 +388,46 @@ def test_logdir_without_tensorboard_says_how_to_install_it(
     err = _error_of(["demo", "--steps", "1", "--logdir", str(tmp_path)], capsys)
     assert "--logdir needs tensorboard: install the demo extra" in err
     assert trained == []
+
+
+def test_probability_floors_reach_both_trained_policies_and_the_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--probability-floor` builds both policies with the floors, saved and recorded."""
+    code = main(
+        ["demo", "--steps", "1024", "--envs", "8", "--eval-episodes", "64", "--output",
+         str(tmp_path), "--no-progress", "--probability-floor", "op=0.02",
+         "--probability-floor", "tempo=0.05"]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code in (0, 1)  # too few steps to learn; the floors are what is checked
+    floors = {"op": 0.02, "tempo": 0.05}
+    assert f"probability floors {floors}" in printed
+    assert results_of(tmp_path)["options"]["probability_floor"] == floors
+    for name in ("lstm", "mlp"):
+        assert load_policy(tmp_path / f"{name}.pt").probability_floor == floors
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--probability-floor", "op"], "expected HEAD=VALUE such as op=0.02, got 'op'"),
+        (["--probability-floor", "op=x"], "expected HEAD=VALUE such as op=0.02, got 'op=x'"),
+        (["--probability-floor", "opp=0.1"], "unknown head 'opp'"),
+        (["--probability-floor", "op=1.5"], "probability_floor['op'] must lie in [0, 1), got 1.5"),
+        (["--probability-floor", "op=0.1", "--probability-floor", "op=0.2"], "given twice"),
+        (
+            ["--load", "x.pt", "--probability-floor", "op=0.1"],
+            "trains nothing: --probability-floor",
+        ),
+    ],
+)
+def test_a_bad_probability_floor_is_refused_before_training(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert says in _error_of(["demo", *argv], capsys)
+
+
+def test_demo_options_refuse_a_bad_floor_by_name() -> None:
+    with pytest.raises(ValueError, match=r"DemoOptions: probability_floor\['op'\] must lie in"):
+        DemoOptions(probability_floor={"op": 2.0})

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from esper.tamiyo.policy.floors import check_probability_floor
 from esper.tamiyo.policy.loader import TargetError, import_module_or_file, load_bundle_class
 from esper.tamiyo.policy.registry import create_policy, get_policy, list_policies
 from esper.tamiyo.policy.testing import run_checks
@@ -90,6 +91,18 @@ def run_check(target: str, feature_dim: int = 7, seed: int = 0) -> int:
 
 class CommandError(Exception):
     """A bad command-line argument: printed as one line, exit status 2."""
+
+
+def _floor_item(text: str) -> tuple[str, float]:
+    head, sep, value = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return head.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected HEAD=VALUE such as op=0.02, got {text!r}"
+        ) from None
 
 
 def _seed(text: str) -> int:
@@ -178,6 +191,15 @@ def _add_demo_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     demo.add_argument("--threads", type=_positive_int, default=1, help="torch threads (1)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     demo.add_argument(
+        "--probability-floor",
+        type=_floor_item,
+        action="append",
+        default=[],
+        metavar="HEAD=VALUE",
+        help="keep every valid action of HEAD at probability VALUE or more, in both trained "
+        "policies (repeatable; see docs/adr/0009)",
+    )
+    demo.add_argument(
         "--logdir",
         type=Path,
         metavar="DIR",
@@ -199,6 +221,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         "--envs": args.envs,
         "--output": args.output,
         "--logdir": args.logdir,
+        "--probability-floor": args.probability_floor or None,
     }
     given = [flag for flag, value in training_only.items() if value is not None]
     if args.load is not None and given:
@@ -212,6 +235,13 @@ def _run_demo(args: argparse.Namespace) -> int:
             import_module_or_file(target)
         except TargetError as error:
             raise CommandError(f"--import: {error}") from None
+    floors = dict(args.probability_floor)
+    if len(floors) < len(args.probability_floor):
+        raise CommandError("--probability-floor: a head is given twice")
+    try:
+        check_probability_floor(floors, "--probability-floor")
+    except (TypeError, ValueError) as error:
+        raise CommandError(str(error)) from None
     defaults = DemoOptions()
     options = DemoOptions(
         steps=defaults.steps if args.steps is None else args.steps,
@@ -224,6 +254,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         load=args.load,
         logdir=args.logdir,
+        probability_floor=floors or None,
     )
     try:
         return run_demo(options)

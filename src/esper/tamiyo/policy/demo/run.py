@@ -48,6 +48,7 @@ from esper.tamiyo.policy.demo.ppo import (
     train_policy,
 )
 from esper.tamiyo.policy.demo.task import TaskConfig
+from esper.tamiyo.policy.floors import check_probability_floor
 from esper.tamiyo.policy.lstm import LSTMPolicyBundle
 from esper.tamiyo.policy.mlp import MLPPolicyBundle
 from esper.tamiyo.policy.registry import name_of
@@ -88,6 +89,8 @@ class DemoOptions:
         load: Evaluate this checkpoint instead of training.
         logdir: Write each trained policy's scalars for TensorBoard in
             `logdir/<policy>` (needs the `tensorboard` package, in the demo extra).
+        probability_floor: Per-head probability floors for both trained policies
+            (see `PolicyBundle`), e.g. `{"op": 0.02}`; none by default.
     """
 
     steps: int = 120_000
@@ -100,10 +103,12 @@ class DemoOptions:
     progress: bool = True
     load: Path | None = None
     logdir: Path | None = None
+    probability_floor: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "envs", "eval_episodes", "threads"):
             check_positive_int(getattr(self, name), name, "DemoOptions")
+        check_probability_floor(self.probability_floor, "DemoOptions")
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,12 +209,16 @@ def _train_and_compare(options: DemoOptions, device: torch.device) -> int:
         f"Training on SeedLifecycleTask: {options.envs} environments, "
         f"{options.steps:,} steps per policy, seed {options.seed}, {device}, "
         f"{torch.get_num_threads()} thread(s), torch {torch.__version__}"
+        + (f", probability floors {options.probability_floor}" if options.probability_floor else "")
     )
     run = _Run()
     for name in TRAINED:
         started = time.perf_counter()
         torch.manual_seed(options.seed)
-        bundle = build_policy(name, config.feature_dim, config.action_space).to(device)
+        bundle = build_policy(
+            name, config.feature_dim, config.action_space,
+            probability_floor=options.probability_floor,
+        ).to(device)  # fmt: skip
         ppo = PPOConfig()
         per_iteration = options.envs * ppo.rollout_steps
         with contextlib.ExitStack() as stack:
