@@ -949,38 +949,26 @@ def evaluate_targets(rows: list[Comparison], shares: list[Share]) -> list[Target
         *(_ratio_target(rows, key, name, limit) for key, name, limit in RATIO_TARGETS),
         _normalization_target(rows),
         _share_target(shares),
-        *_hierarchy_targets(rows),
-        *_floors_targets(rows),
+        *_section_targets(rows, "hierarchy", "hierarchical ", "hierarchical/flat", HIERARCHY_LIMIT),
+        *_section_targets(
+            rows, "floors", "floors on two heads, ", "floored/unfloored", FLOORS_LIMIT
+        ),
     ]
 
 
-def _floors_targets(rows: list[Comparison]) -> list[Target]:
-    """Each floors row within `FLOORS_LIMIT` of the same bundle without floors."""
+def _section_targets(
+    rows: list[Comparison], section: str, prefix: str, ratio: str, limit: float
+) -> list[Target]:
+    """Each row of `section` within `limit` of its baseline, `ratio` naming new/old."""
     targets: list[Target] = []
     for row in rows:
-        if row.section == "floors":
-            target = _ratio_target(rows, row.key, f"floors on two heads, {row.name}", FLOORS_LIMIT)
+        if row.section == section:
+            target = _ratio_target(rows, row.key, f"{prefix}{row.name}", limit)
             targets.append(
                 replace(
                     target,
-                    goal=f"floored/unfloored <= {FLOORS_LIMIT:.2f}",
-                    detail=target.detail.replace("new/old", "floored/unfloored"),
-                )
-            )
-    return targets
-
-
-def _hierarchy_targets(rows: list[Comparison]) -> list[Target]:
-    """Each hierarchical row within `HIERARCHY_LIMIT` of the flat one."""
-    targets: list[Target] = []
-    for row in rows:
-        if row.section == "hierarchy":
-            target = _ratio_target(rows, row.key, f"hierarchical {row.name}", HIERARCHY_LIMIT)
-            targets.append(
-                replace(
-                    target,
-                    goal=f"hierarchical/flat <= {HIERARCHY_LIMIT:.2f}",
-                    detail=target.detail.replace("new/old", "hierarchical/flat"),
+                    goal=f"{ratio} <= {limit:.2f}",
+                    detail=target.detail.replace("new/old", ratio),
                 )
             )
     return targets
