@@ -215,6 +215,38 @@ class _PositionalBundle(TinyStatelessBundle):
         self.sizes = sizes
 
 
+def _nested(depth: int) -> object:
+    value: object = 0.5
+    for _ in range(depth):
+        value = {"k": value}
+    return value
+
+
+def _saves(value: object, path: Path) -> bool:
+    try:
+        save_policy(_ConfiguredBundle(scale=value), path)
+    except TypeError:
+        return False
+    return True
+
+
+def test_every_dict_nesting_that_saves_loads_and_the_deeper_ones_are_refused(
+    tmp_path: Path,
+) -> None:
+    """A dict is stored two levels deep (its tag, then its items): the writer counts both."""
+    register_policy("test_configured")(_ConfiguredBundle)
+    depth = 1
+    while _saves(_nested(depth), tmp_path / f"p{depth}.pt"):
+        loaded = load_policy(tmp_path / f"p{depth}.pt")
+        assert isinstance(loaded, _ConfiguredBundle)
+        assert loaded.scale == _nested(depth)
+        depth += 1
+    assert depth > 10  # the deepest that saved, and loaded, was depth - 1
+    with pytest.raises(TypeError, match=r"\(a dict counts twice\)"):
+        save_policy(_ConfiguredBundle(scale=_nested(depth)), tmp_path / "deep.pt")
+    assert not (tmp_path / "deep.pt").exists()
+
+
 def test_keyword_extras_and_nested_values_round_trip(tmp_path: Path) -> None:
     """`**extra` arguments, tuples, lists, str-keyed dicts and ActionSpace come back as given."""
     register_policy("test_configured")(_ConfiguredBundle)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from torch import Tensor, nn
 
 from esper.tamiyo.policy import (
     ActionSpace,
@@ -24,7 +23,7 @@ class GRUPolicyNetwork(nn.Module):
         self.gru = nn.GRU(hidden_dim, hidden_dim, batch_first=True)
         self.heads = PolicyHeads(hidden_dim, action_space)
 
-    def forward(self, features: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, features: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Returns logits `[B, T, H, A_max]`, value `[B, T]` and the new state `[1, B, D]`."""
         out, h = self.gru(self.embed(features), h)  # [B, T, D], [1, B, D]
         logits, value = self.heads(out)

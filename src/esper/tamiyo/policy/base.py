@@ -316,7 +316,9 @@ class PolicyBundle(ABC):
         Returns:
             Masked logits per head (`[B, A_h]` or `[B, T, A_h]`): each row shifted so
             its largest valid logit is 0 (softmax and argmax are unchanged), invalid
-            actions at -1e4; values (`[B]` or `[B, T]`) and the new hidden state.
+            actions at -1e4; values (`[B]` or `[B, T]`) and the new hidden state. With
+            probability floors, a floored head's entries are the floored distribution's
+            log-probabilities, shifted alike: their softmax is the floored distribution.
             Under a hierarchical space these are the hook's flat logits under the flat
             masks: what a head may take, and its logits, given an op are applied once
             an op is chosen (`get_action`, `evaluate_actions`).
@@ -677,11 +679,13 @@ class PolicyBundle(ABC):
 
     def _floors_for(self, device: torch.device) -> FloorTables | None:
         """The floors' tables on `device`, built on first use there; `None` without floors."""
-        if device not in self._floor_tables:
-            with torch.inference_mode(False):  # normal tensors, usable under autograd later
-                tables = FloorTables.build(self._probability_floor, self.action_space, device)
-            self._floor_tables[device] = tables
-        return self._floor_tables[device]
+        cache = self._floor_tables  # a live change swaps in a new dict: this one stays whole
+        if device in cache:
+            return cache[device]
+        with torch.inference_mode(False):  # normal tensors, usable under autograd later
+            tables = FloorTables.build(self._probability_floor, self.action_space, device)
+        cache[device] = tables
+        return tables
 
     # ------------------------------------------------------------------ the rest
 

@@ -214,13 +214,13 @@ def _encode(value: object, where: str, depth: int) -> object:
         return items if isinstance(value, list) else tuple(items)
     if type(value) is dict and all(type(key) is str for key in value):
         assert isinstance(value, dict)
-        if depth >= MAX_NESTING:
+        if depth + 1 >= MAX_NESTING:  # stored two levels deep: the tag, then its items
             raise TypeError(
-                f"cannot save {where}: containers nest more than {MAX_NESTING} deep in it, "
-                "deeper than a checkpoint stores; flatten it"
+                f"cannot save {where}: containers nest more than {MAX_NESTING} deep in it "
+                "(a dict counts twice), deeper than a checkpoint stores; flatten it"
             )
         entries = {
-            key: _encode(item, f"{where}[{key!r}]", depth + 1) for key, item in value.items()
+            key: _encode(item, f"{where}[{key!r}]", depth + 2) for key, item in value.items()
         }
         return {TYPE_TAG: "dict", "items": entries}
     if type(value) is ActionSpace:

@@ -48,9 +48,10 @@ def check_probability_floor(value: object, owner: str) -> dict[str, float]:
         Head name to floor, in `HEAD_NAMES` order; only the heads given.
 
     Raises:
-        TypeError: `value` is not a mapping, a key is not a str, or a floor is not a
-            float (a bool or an int is refused: write `0.1`, not `1` or `True`).
-        ValueError: An unknown head, or a floor outside [0, 1) or not finite.
+        TypeError: `value` is not a mapping, or a floor is not a float (a bool or an
+            int is refused: write `0.1`, not `1` or `True`).
+        ValueError: An unknown head (or a key that is not a head name at all), or a
+            floor outside [0, 1) or not finite.
     """
     if value is None:
         return {}

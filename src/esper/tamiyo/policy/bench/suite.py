@@ -11,11 +11,12 @@ inputs, with one torch thread, interleaved within every repeat (`harness`). Meas
    value checks `_prepare` adds before the compute path;
 2. `get_action` for one step at several batch sizes;
 3. `evaluate_actions` forward and backward, a PPO-like training step;
-4. the share of a new `get_action` step at B=1 spent in `_normalize_inputs`, the
+4. the op-first hierarchy against the flat space, same weights and inputs;
+5. the share of a new `get_action` step at B=1 spent in `_normalize_inputs`, the
    value checks and shaping the results;
-5. the peak memory of the training step (`memory`);
-6. probability floors on two heads against none, same weights and inputs (`floors`);
-7. with `compile=True`, a new bundle compiled with `PolicyBundle.compile`.
+6. the peak memory of the training step (`memory`);
+7. probability floors on two heads against none, same weights and inputs (`floors`);
+8. with `compile=True`, a new bundle compiled with `PolicyBundle.compile`.
 
 Sections 2 and 3 also time the seed design with `torch.distributions` validation
 off, and the new bundle's network alone (`network_step`, `network_training_step`):
