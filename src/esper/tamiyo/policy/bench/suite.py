@@ -590,17 +590,16 @@ def hierarchical_case(case: Case, generator: torch.Generator) -> Case:
     return replace(case, masks=replace(masks, slot_by_op=per_op))
 
 
+def rebuilt(bundle: LSTMPolicyBundle, **changes: Any) -> LSTMPolicyBundle:
+    """A bundle built from `bundle.config` with `changes`, holding `bundle`'s weights."""
+    twin = LSTMPolicyBundle(**{**bundle.config, **changes}).to(bundle.device)
+    twin.load_state_dict(bundle.state_dict())
+    return twin
+
+
 def hierarchical_bundle(flat: LSTMPolicyBundle) -> LSTMPolicyBundle:
     """`flat`'s weights on `ActionSpace.tamiyo()` (the layouts are the same)."""
-    bundle = LSTMPolicyBundle(
-        flat.feature_dim or 1,
-        hidden_dim=flat.hidden_dim,
-        embed_dim=flat.embed_dim,
-        num_layers=flat.num_layers,
-        action_space=ActionSpace.tamiyo(),
-    ).to(flat.device)
-    bundle.load_state_dict(flat.state_dict())
-    return bundle
+    return rebuilt(flat, action_space=ActionSpace.tamiyo())
 
 
 def measure_hierarchy(ctx: Context, cases: Mapping[tuple[int, int], Case]) -> list[Comparison]:
@@ -660,16 +659,7 @@ BENCH_FLOORS = {"op": 0.15, "blueprint": 0.12}
 
 def floored_bundle(bundle: LSTMPolicyBundle) -> LSTMPolicyBundle:
     """`bundle`'s weights and space, with `BENCH_FLOORS`."""
-    floored = LSTMPolicyBundle(
-        bundle.feature_dim or 1,
-        hidden_dim=bundle.hidden_dim,
-        embed_dim=bundle.embed_dim,
-        num_layers=bundle.num_layers,
-        action_space=bundle.action_space,
-        probability_floor=BENCH_FLOORS,
-    ).to(bundle.device)
-    floored.load_state_dict(bundle.state_dict())
-    return floored
+    return rebuilt(bundle, probability_floor=BENCH_FLOORS)
 
 
 def measure_floors(ctx: Context) -> list[Comparison]:
