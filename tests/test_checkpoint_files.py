@@ -1098,3 +1098,37 @@ def test_loading_leaves_the_callers_random_state_alone(tmp_path: Path) -> None:
     torch.manual_seed(3)
     load_policy(path)
     assert torch.equal(torch.rand(4), expected)
+
+
+@pytest.mark.parametrize(
+    ("tagged", "says"),
+    [
+        ({"__esper_type__": "dict", "items": {1: 0.1}}, "a dict whose keys are not all strs"),
+        (
+            {"__esper_type__": "dict", "items": {"op": 0.1}, "extra": 1},
+            "a dict this version cannot decode",
+        ),
+        ({"__esper_type__": "dict", "items": [("op", 0.1)]}, "a dict this version cannot decode"),
+    ],
+)
+def test_a_crafted_floor_dict_is_refused_naming_the_config_key(
+    tmp_path: Path, tagged: dict[str, Any], says: str
+) -> None:
+    """A signed file whose tagged dict is not what save_policy writes: a CheckpointError."""
+    path = save_policy(build("lstm"), tmp_path / "p.pt")
+
+    def craft(payload: dict[str, Any]) -> None:
+        payload["config"]["probability_floor"] = tagged
+
+    edit_payload(path, craft)
+    with pytest.raises(CheckpointError, match=rf"config\['probability_floor'\].*{says}|{says}"):
+        load_policy(path)
+
+
+def test_floors_round_trip_as_a_plain_dict_in_the_file(tmp_path: Path) -> None:
+    """The file holds the floors as a tagged dict of plain floats; they load as a dict."""
+    bundle = MLPPolicyBundle(FEATURE_DIM, hidden_dim=8, probability_floor={"op": 0.1})
+    path = save_policy(bundle, tmp_path / "p.pt")
+    stored = torch.load(path, weights_only=True)["config"]["probability_floor"]
+    assert stored == {"__esper_type__": "dict", "items": {"op": 0.1}}
+    assert load_policy(path).probability_floor == {"op": 0.1}
