@@ -1,1 +1,0 @@
-"""Esper: morphogenetic training of neural networks."""

@@ -1,1 +1,0 @@
-"""Tamiyo, Esper's controller: decides at every step what to do with each seed slot."""
