@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -44,6 +44,9 @@ class ActionMasks:
     masked may be all False.
 
     The fields follow `HEAD_NAMES` order, then the per-op masks in the same order.
+    Besides the constructor: `from_mapping` (head name to mask, strictly), `from_envs`
+    (one unbatched mapping per env, as Esper's `compute_action_masks` makes them) and
+    `stack` (consecutive steps to a sequence).
     Construction checks types and dtypes only: a non-tensor or non-bool mask is
     refused here, at the place it was made; a misspelt field is a `TypeError`.
 
@@ -103,16 +106,78 @@ class ActionMasks:
                 f"masks must be an ActionMasks, a mapping of head name to mask, or None; "
                 f"got {type(masks).__name__}"
             )
-        for key in masks:
-            if key not in HEAD_NAMES and key not in BY_OP_NAMES:
-                raise ValueError(f"masks has unknown head {key!r}; valid heads: {_VALID_NAMES}")
-        for name in HEAD_NAMES:
-            if name not in masks:
-                raise ValueError(
-                    f"masks is missing head {name!r}; pass {name}=None explicitly "
-                    f"if every {name} action is valid"
-                )
+        _check_keys(masks, "masks")
         return cls(**{name: masks[name] for name in HEAD_NAMES + BY_OP_NAMES if name in masks})
+
+    @classmethod
+    def from_envs(cls, envs: Sequence[Mapping[str, torch.Tensor | None]]) -> ActionMasks:
+        """Build one step's masks from one mapping per env, stacked along a new batch dim.
+
+        For masks made env by env, as Esper's `compute_action_masks` makes them: each
+        env's mapping holds unbatched masks, a head `[A_h]` and a per-op mask
+        `[N_op, A_h]`, and env `b` becomes batch row `b`. (A mapping already batched,
+        `[B, A_h]`, as `compute_batch_masks` returns, needs no conversion: pass it to
+        the bundle, or to `from_mapping`.)
+
+        Each mapping is strict, as for `from_mapping`: every head must be present
+        (`None` for an unmasked head), the per-op masks are optional, and every env
+        must give the same keys. A mask `None` in every env stays `None`; a mask `None`
+        in some envs and set in others gets all-True rows for the `None` envs (every
+        action valid, which is what `None` means), as `stack` does for steps.
+
+        Args:
+            envs: One mapping per env, in batch order: head name to a `[A_h]` bool
+                tensor or `None`, and optionally `<head>_by_op` to a `[N_op, A_h]` bool
+                tensor or `None`. The envs' masks for a key must agree in shape and
+                device.
+
+        Returns:
+            Masks for one step: heads `[B, A_h]`, per-op masks `[B, N_op, A_h]` (or
+            `None`), with `B = len(envs)`.
+
+        Raises:
+            TypeError: `envs` is a single mapping or not iterable, an env is not a
+                mapping, or a mask is not a bool tensor or `None`.
+            ValueError: `envs` is empty; or, naming the env and key, a key is unknown,
+                a head is missing, a per-op mask is given for some envs only, a mask
+                already has a batch dimension (or no action dimension), or a key's
+                masks differ in shape or device between envs.
+
+        Example:
+            >>> import torch
+            >>> envs = []
+            >>> for empty in ([True, False, True], [False, False, False]):  # per slot
+            ...     slot_by_op = torch.zeros(6, 3, dtype=torch.bool)  # [N_op, S]
+            ...     slot_by_op[0] = True  # WAIT
+            ...     slot_by_op[1] = torch.tensor(empty)  # GERMINATE: the empty slots
+            ...     envs.append(dict.fromkeys(HEAD_NAMES) | {
+            ...         "slot": torch.ones(3, dtype=torch.bool),
+            ...         "slot_by_op": slot_by_op,
+            ...         "op": slot_by_op.any(dim=-1)})  # [N_op]
+            >>> masks = ActionMasks.from_envs(envs)
+            >>> masks.slot.shape, masks.slot_by_op.shape, masks.blueprint
+            (torch.Size([2, 3]), torch.Size([2, 6, 3]), None)
+            >>> masks.op[:, 1].tolist()  # GERMINATE, per env
+            [True, False]
+        """
+        if isinstance(envs, Mapping) or not isinstance(envs, Iterable):
+            raise TypeError(
+                f"ActionMasks.from_envs takes a sequence of mappings, one per env, got "
+                f"{type(envs).__name__}; pass a mapping already batched ([B, A_h], as "
+                "compute_batch_masks returns) to the bundle or to ActionMasks.from_mapping"
+            )
+        frozen = tuple(envs)
+        if not frozen:
+            raise ValueError("ActionMasks.from_envs needs at least one env")
+        for index, env in enumerate(frozen):
+            _check_env(env, index, frozen[0])
+        names = [name for name in HEAD_NAMES + BY_OP_NAMES if name in frozen[0]]
+        return cls(
+            **{
+                name: _stack_columns([env[name] for env in frozen], name, "env", 0)
+                for name in names
+            }
+        )
 
     @classmethod
     def stack(cls, steps: Iterable[ActionMasks]) -> ActionMasks:
@@ -196,11 +261,16 @@ class ActionMasks:
         return any(mask is not None for mask in self.by_op_tuple())
 
 
-def check_mask_type(mask: object, head: str) -> None:
+def check_mask_type(mask: object, head: str, *, at: str = "") -> None:
     """Refuse a mask that is not a dense bool tensor (or `None`), naming the head.
 
     Run when `ActionMasks` is built, and again by the bundle on every call, since a
     frozen dataclass can still be changed with `object.__setattr__`.
+
+    Args:
+        mask: The mask to check.
+        head: Its field, `slot` or `slot_by_op` say, for messages.
+        at: Where it was found, appended to the field in messages (`" at env 2"`).
 
     Raises:
         TypeError: The mask is not a tensor, not bool, or not dense.
@@ -209,18 +279,62 @@ def check_mask_type(mask: object, head: str) -> None:
         return
     if not isinstance(mask, torch.Tensor):
         raise TypeError(
-            f"masks[{head!r}] must be a torch.bool tensor or None, got {type(mask).__name__}"
+            f"masks[{head!r}]{at} must be a torch.bool tensor or None, got {type(mask).__name__}"
         )
     if mask.dtype != torch.bool:
         raise TypeError(
-            f"masks[{head!r}] must have dtype torch.bool (True = valid action), "
+            f"masks[{head!r}]{at} must have dtype torch.bool (True = valid action), "
             f"got {mask.dtype}; convert it with `.bool()` or `mask != 0`"
         )
     if mask.layout != torch.strided:
         raise TypeError(
-            f"masks[{head!r}] must be a dense tensor, got layout {mask.layout}; convert it "
-            "with .to_dense()"
+            f"masks[{head!r}]{at} must be a dense tensor, got layout {mask.layout}; convert "
+            "it with .to_dense()"
         )
+
+
+def _check_keys(masks: Mapping[str, object], owner: str) -> None:
+    """Refuse a key that is not a field, or a missing head; `owner` names the mapping."""
+    for key in masks:
+        if key not in HEAD_NAMES and key not in BY_OP_NAMES:
+            raise ValueError(f"{owner} has unknown head {key!r}; valid heads: {_VALID_NAMES}")
+    for name in HEAD_NAMES:
+        if name not in masks:
+            raise ValueError(
+                f"{owner} is missing head {name!r}; pass {name}=None explicitly "
+                f"if every {name} action is valid"
+            )
+
+
+def _check_env(env: object, index: int, first: Mapping[str, object]) -> None:
+    """Refuse env `index`'s masks unless a strict mapping of unbatched bool masks.
+
+    Its keys must be `first`'s (env 0's, checked before it); `_stack_columns` compares
+    shapes and devices across envs.
+    """
+    if not isinstance(env, Mapping):
+        raise TypeError(
+            f"ActionMasks.from_envs: env {index} must be a mapping of head name to mask, "
+            f"got {type(env).__name__}"
+        )
+    _check_keys(env, f"masks at env {index}")
+    for name in BY_OP_NAMES:
+        if (name in env) != (name in first):
+            given, lacking = (index, 0) if name in env else (0, index)
+            raise ValueError(
+                f"masks[{name!r}] is given at env {given} but not at env {lacking}: give "
+                "it for every env (None where every action is valid) or for none"
+            )
+    for name, mask in env.items():
+        check_mask_type(mask, name, at=f" at env {index}")
+        rank = 1 if name in HEAD_NAMES else 2
+        if mask is not None and mask.dim() != rank:
+            shape = "[A]" if rank == 1 else "[N_op, A]"
+            raise ValueError(
+                f"masks[{name!r}] at env {index} has shape {tuple(mask.shape)}; "
+                f"ActionMasks.from_envs takes one env's masks, {shape}, without a batch "
+                "dimension (a mapping already batched goes to the bundle or from_mapping)"
+            )
 
 
 def _stack_field(steps: tuple[ActionMasks, ...], name: str, rank: int) -> torch.Tensor | None:
@@ -228,26 +342,33 @@ def _stack_field(steps: tuple[ActionMasks, ...], name: str, rank: int) -> torch.
 
     `rank` is the field's rank for one step: 2 for `[B, A]`, 3 for `[B, N_op, A]`.
     """
-    columns: list[torch.Tensor | None] = []
-    template: torch.Tensor | None = None
-    for index, step in enumerate(steps):
-        mask = _as_step_mask(getattr(step, name), name, index, rank)
-        if mask is not None and template is None:
-            template = mask
-        elif (
-            mask is not None
-            and template is not None
-            and (mask.shape != template.shape or mask.device != template.device)
-        ):
-            raise ValueError(
-                f"masks[{name!r}] is {tuple(mask.shape)} on {mask.device} at step "
-                f"{index} but {tuple(template.shape)} on {template.device} earlier"
-            )
-        columns.append(mask)
-    if template is None:
+    columns = [
+        _as_step_mask(getattr(step, name), name, index, rank) for index, step in enumerate(steps)
+    ]
+    return _stack_columns(columns, name, "step", 1)
+
+
+def _stack_columns(
+    columns: Sequence[torch.Tensor | None], name: str, unit: str, dim: int
+) -> torch.Tensor | None:
+    """One field's masks stacked along a new dimension `dim`; `None` if all are `None`.
+
+    A `None` becomes an all-True mask (every action valid). The masks must agree in
+    shape and device; `unit` (`"step"`, `"env"`) names what they are one of, in messages.
+    """
+    first = next((index for index, mask in enumerate(columns) if mask is not None), None)
+    if first is None:
         return None
+    template = columns[first]
+    assert template is not None  # found above
+    for index, mask in enumerate(columns):
+        if mask is not None and (mask.shape != template.shape or mask.device != template.device):
+            raise ValueError(
+                f"masks[{name!r}] is {tuple(mask.shape)} on {mask.device} at {unit} {index} "
+                f"but {tuple(template.shape)} on {template.device} at {unit} {first}"
+            )
     full = torch.ones_like(template)
-    return torch.stack([full if mask is None else mask for mask in columns], dim=1)
+    return torch.stack([full if mask is None else mask for mask in columns], dim=dim)
 
 
 def _as_step_mask(
