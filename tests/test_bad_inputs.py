@@ -117,7 +117,7 @@ class Case:
     kwargs: Callable[[], dict[str, Any]]
     error: type[Exception]
     match: str
-    bundles: str = "all"  # "all", "recurrent" (the small LSTM only) or "stateless"
+    bundles: str = "all"  # "all", "recurrent" (the small LSTM), "stateless" or "extras"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -127,6 +127,11 @@ def _x2() -> torch.Tensor:
 
 def _x3() -> torch.Tensor:
     return torch.randn(B, T, FEATURE_DIM)
+
+
+def _bp2() -> torch.Tensor:
+    """`[B, 3]` blueprint indices, some slots empty (-1)."""
+    return torch.tensor([[0, -1, 12], [3, 3, -1], [-1, -1, -1]])
 
 
 CASES = [
@@ -348,6 +353,44 @@ CASES = [
     Case("features made under inference_mode in an update", "evaluate_actions",
          lambda: {"features": _inference(_x3), "actions": _actions((B, T)), "masks": None},
          ValueError, r"features was made under torch.inference_mode, and autograd cannot record"),
+    # extra inputs: none declared
+    Case("extras not a mapping", "get_action",
+         lambda: {"features": _x2(), "masks": None, "extras": [torch.zeros(B, 3)]},
+         TypeError, r"extras must be a mapping of input name to tensor, or None; got list"),
+    Case("extras given to a bundle that declares none", "forward",
+         lambda: {"features": _x2(), "masks": None, "extras": {"blueprint_indices": _bp2()}},
+         ValueError, r"extras has 'blueprint_indices', but \w+ declares no extra inputs"),
+    # extra inputs: the LSTM's blueprint_indices [B, (T), 3] in [0, 13) or -1
+    Case("extra input missing", "get_action",
+         lambda: {"features": _x2(), "masks": None, "extras": {}},
+         ValueError, r"missing extra input 'blueprint_indices': LSTMPolicyBundle needs it at every call, \[B, \(T\), 3\] integer in \[0, 13\) or -1", bundles="extras"),
+    Case("extra input misspelt", "forward",
+         lambda: {"features": _x2(), "masks": None, "extras": {"blueprint_index": _bp2()}},
+         ValueError, r"unknown input 'blueprint_index'; LSTMPolicyBundle declares: blueprint_indices; did you mean 'blueprint_indices'\?", bundles="extras"),
+    Case("extra input unknown beside the declared one", "get_value",
+         lambda: {"features": _x2(), "extras": {"blueprint_indices": _bp2(), "stage": _bp2()}},
+         ValueError, r"unknown input 'stage'", bundles="extras"),
+    Case("extra input float", "get_action",
+         lambda: {"features": _x2(), "masks": None, "extras": {"blueprint_indices": _bp2().float()}},
+         TypeError, r"extra input 'blueprint_indices' must be an integer tensor \(int64\)", bundles="extras"),
+    Case("extra input wrong batch", "evaluate_actions",
+         lambda: {"features": _x2(), "actions": _actions(), "masks": None,
+                  "extras": {"blueprint_indices": _bp2()[:-1]}},
+         ValueError, rf"'blueprint_indices' has batch {B - 1} but the features have batch {B}", bundles="extras"),
+    Case("extra input wrong slot count", "get_action",
+         lambda: {"features": _x2(), "masks": None, "extras": {"blueprint_indices": _bp2()[:, :2]}},
+         ValueError, r"'blueprint_indices' has shape \(3, 2\); its trailing dimensions must be \(3,\)", bundles="extras"),
+    Case("extra input one step for a sequence", "evaluate_actions",
+         lambda: {"features": _x3(), "actions": _actions((B, T)), "masks": None,
+                  "extras": {"blueprint_indices": _bp2()}},
+         ValueError, rf"'blueprint_indices' has shape \({B}, 3\) \(\[B, 3\]\) but the features are a sequence of T={T}", bundles="extras"),
+    Case("extra input rank 4", "forward",
+         lambda: {"features": _x3(), "masks": None, "extras": {"blueprint_indices": _bp2()[:, None, None]}},
+         ValueError, r"'blueprint_indices' must be \[B, T, 3\]", bundles="extras"),
+    Case("extra input out of range", "get_action",
+         lambda: {"features": _x2(), "masks": None,
+                  "extras": {"blueprint_indices": torch.tensor([[0, 1, 2], [-1, 13, 5], [-2, 0, 0]])}},
+         ValueError, r"'blueprint_indices' has values outside \[0, 13\) or -1: -2, 13 \(first at batch row 1\)", bundles="extras"),
     Case("hidden made under inference_mode in forward", "forward",
          lambda: {"features": _x2(), "masks": None,
                   "hidden": (_inference(lambda: torch.zeros(1, B, 16)), torch.zeros(1, B, 16))},
@@ -358,7 +401,8 @@ CASES = [
 def _reference(bundle: PolicyBundle) -> torch.Tensor:
     torch.manual_seed(0)
     x = torch.randn(B, FEATURE_DIM, generator=torch.Generator().manual_seed(0))
-    return bundle.forward(x, None).value.detach()
+    extras = {"blueprint_indices": _bp2()} if bundle.extra_inputs else None
+    return bundle.forward(x, None, extras=extras).value.detach()
 
 
 def _call_with(bundle: PolicyBundle, case: Case, rng: list[torch.Tensor]) -> None:
@@ -373,11 +417,13 @@ BUNDLES: dict[str, Callable[[], PolicyBundle]] = {
     "mlp": lambda: MLPPolicyBundle(FEATURE_DIM, hidden_dim=8),
     "uniform": lambda: UniformPolicyBundle(FEATURE_DIM),
     "tiny stateless": TinyStatelessBundle,
+    "lstm with blueprints": lambda: small_lstm(blueprint_embed_dim=2),
 }
 _KINDS = {
-    "all": tuple(BUNDLES),
+    "all": ("lstm", "mlp", "uniform", "tiny stateless"),
     "recurrent": ("lstm",),
     "stateless": ("mlp", "uniform", "tiny stateless"),
+    "extras": ("lstm with blueprints",),
 }
 ROWS = [(case, name) for case in CASES for name in _KINDS[case.bundles]]
 

@@ -26,7 +26,11 @@ from esper.tamiyo.policy.validation import HookContractError
 
 
 class CountingBundle(TinyStatelessBundle):
-    """Counts `_normalize_inputs` and `_forward` calls; extends normalization via super()."""
+    """Counts `_normalize_inputs` and `_forward` calls; extends normalization via super().
+
+    Its override has the signature from before extra inputs (no `extras`), as a bundle
+    written then would: declaring none, it is called as before.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -34,7 +38,7 @@ class CountingBundle(TinyStatelessBundle):
         self.forwarded = 0
         self.seen: list[PolicyInputs] = []
 
-    def _normalize_inputs(
+    def _normalize_inputs(  # type: ignore[override]  # no extras: the signature before them
         self,
         features: torch.Tensor,
         masks: MaskArg,
@@ -263,6 +267,7 @@ def test_config_records_the_constructor_arguments_of_any_bundle() -> None:
         "action_space": space,
         "op_conditioned_logits": False,
         "probability_floor": None,
+        "blueprint_embed_dim": 0,
     }
     twin = type(bundle)(**bundle.config)
     assert twin.config == bundle.config
@@ -304,3 +309,14 @@ def test_a_value_that_is_a_view_of_a_parameter_comes_back_without_a_graph() -> N
     bundle = ParameterValue()
     assert not bundle.get_action(torch.randn(2, FEATURE_DIM), None).value.requires_grad
     assert not bundle.get_value(torch.randn(2, FEATURE_DIM)).requires_grad
+
+
+def test_an_override_without_extras_is_called_as_before_and_extras_are_refused() -> None:
+    bundle = CountingBundle()
+    x = torch.randn(2, FEATURE_DIM)
+    bundle.get_action(x, None, extras={})
+    bundle.get_action(x, None, extras=None)
+    assert bundle.normalized == 2
+    with pytest.raises(ValueError, match="CountingBundle declares no extra inputs"):
+        bundle.get_action(x, None, extras={"blueprint_indices": torch.zeros(2, 3)})
+    assert bundle.normalized == 2  # refused before the override ran

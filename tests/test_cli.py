@@ -62,13 +62,13 @@ def test_check_passes_a_registered_policy(capsys: pytest.CaptureFixture[str]) ->
     assert main(["check", "mlp", "--feature-dim", "3"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Conformance of MLPPolicyBundle:")
-    assert out.count("  PASS  ") == 20
+    assert out.count("  PASS  ") == 21
     assert "FAIL" not in out
 
 
 def test_check_by_module_and_class(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "esper.tamiyo.policy:UniformPolicyBundle"]) == 0
-    assert "20 clauses, all clauses pass." in capsys.readouterr().out
+    assert "21 clauses, all clauses pass." in capsys.readouterr().out
 
 
 def test_check_reports_the_broken_bundle_in_words(capsys: pytest.CaptureFixture[str]) -> None:
@@ -77,7 +77,7 @@ def test_check_reports_the_broken_bundle_in_words(capsys: pytest.CaptureFixture[
     assert "  FAIL  rows independent: row 0's values alone and in the batch differ" in out
     assert "  FAIL  float64: after to(torch.float64) forward returns torch.float32" in out
     assert "  FAIL  no per-call closures: a nested function or lambda is created on every" in out
-    assert out.rstrip().endswith("20 clauses, 3 failed, 5 not run.")
+    assert out.rstrip().endswith("21 clauses, 3 failed, 5 not run.")
 
 
 @pytest.mark.parametrize(
@@ -143,7 +143,7 @@ def test_checking_a_file_twice_in_one_process_imports_it_once(
         registry._REGISTRY.clear()
         registry._REGISTRY.update(saved)
     assert classes[0] is classes[1]
-    assert capsys.readouterr().out.count("20 clauses, all clauses pass.") == 2
+    assert capsys.readouterr().out.count("21 clauses, all clauses pass.") == 2
 
 
 def test_a_failed_import_is_reported_again_on_a_second_check(
@@ -175,7 +175,7 @@ def test_a_file_imports_its_siblings_and_leaves_sys_path_alone(
     finally:
         sys.modules.pop("sibling_widths", None)
     assert sys.path == path_before
-    assert "20 clauses, 15 pass, 5 not run." in capsys.readouterr().out
+    assert "21 clauses, 16 pass, 5 not run." in capsys.readouterr().out
 
 
 def test_a_file_of_the_package_itself_is_not_imported_twice(
@@ -183,7 +183,7 @@ def test_a_file_of_the_package_itself_is_not_imported_twice(
 ) -> None:
     mlp_file = Path(__file__).resolve().parents[1] / "src/esper/tamiyo/policy/mlp.py"
     assert main(["check", f"{mlp_file}:MLPPolicyBundle", "--feature-dim", "3"]) == 0
-    assert "20 clauses, all clauses pass." in capsys.readouterr().out
+    assert "21 clauses, all clauses pass." in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

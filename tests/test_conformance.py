@@ -12,6 +12,7 @@ import importlib.util
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -21,13 +22,21 @@ import torch
 from torch import nn
 
 from broken_bundle import BrokenBundle
-from conftest import FEATURE_DIM, TinyStatelessBundle, load_guide_example, small_lstm
+from conftest import (
+    FEATURE_DIM,
+    TinyNetwork,
+    TinyStatelessBundle,
+    load_guide_example,
+    small_lstm,
+)
 from esper.tamiyo.policy import (
     HEAD_NAMES,
     ActionHierarchy,
     ActionMasks,
     ActionResult,
     ActionSpace,
+    ExtraInput,
+    LSTMPolicyBundle,
     NetworkOutput,
     OpConditionedOutput,
     PolicyBundle,
@@ -63,6 +72,7 @@ CLAUSES = [
     "bad inputs refused",
     "no per-call closures",
     "probability floors",
+    "extra inputs",
     "hierarchy: shapes",
     "hierarchy: masks respected",
     "hierarchy: ignored heads canonical",
@@ -123,7 +133,7 @@ def test_check_bundle_raises_one_error_listing_every_failed_clause() -> None:
     with pytest.raises(AssertionError) as info:
         check_bundle(BrokenBundle)
     message = str(info.value)
-    assert message.startswith("BrokenBundle fails 3 of 20 conformance clauses (5 not run):")
+    assert message.startswith("BrokenBundle fails 3 of 21 conformance clauses (5 not run):")
     assert message.count("\n- ") == 5
     for clause in ("rows independent", "float64", "no per-call closures"):
         assert f"- {clause}: " in message
@@ -144,7 +154,7 @@ def test_the_report_formats_one_line_per_clause() -> None:
     assert any(line.startswith("  FAIL  float64: after to(torch.float64)") for line in text)
     assert text[-2].startswith("  SKIP  hierarchy: rollout and update agree: not run: ")
     assert f"  SKIP  {FLOORS_CLAUSE}: not run: {FLOORS_NOT_RUN}" in text
-    assert text[-1] == "20 clauses, 3 failed, 5 not run."
+    assert text[-1] == "21 clauses, 3 failed, 5 not run."
 
 
 def test_the_callers_random_state_is_left_alone() -> None:
@@ -198,10 +208,11 @@ class _IgnoresMappingMasks(TinyStatelessBundle):
         masks: MaskArg,
         hidden: HiddenState | None,
         actions: Mapping[str, torch.Tensor] | None = None,
+        extras: Mapping[str, torch.Tensor] | None = None,
     ) -> PolicyInputs:
         if isinstance(masks, dict):  # bug: only ActionMasks honoured
             masks = None
-        return super()._normalize_inputs(features, masks, hidden, actions)
+        return super()._normalize_inputs(features, masks, hidden, actions, extras)
 
 
 class _DropsMasks(TinyStatelessBundle):
@@ -211,8 +222,11 @@ class _DropsMasks(TinyStatelessBundle):
         masks: MaskArg,
         hidden: HiddenState | None,
         actions: Mapping[str, torch.Tensor] | None = None,
+        extras: Mapping[str, torch.Tensor] | None = None,
     ) -> PolicyInputs:
-        return super()._normalize_inputs(features, None, hidden, actions)  # bug: masks dropped
+        return super()._normalize_inputs(
+            features, None, hidden, actions, extras
+        )  # bug: masks dropped
 
 
 class _PrivateNoise(TinyStatelessBundle):
@@ -271,10 +285,11 @@ class _CleansNaN(TinyStatelessBundle):
         masks: MaskArg,
         hidden: HiddenState | None,
         actions: Mapping[str, torch.Tensor] | None = None,
+        extras: Mapping[str, torch.Tensor] | None = None,
     ) -> PolicyInputs:
         if isinstance(features, torch.Tensor) and features.is_floating_point():
             features = torch.nan_to_num(features)  # bug: hides bad inputs
-        return super()._normalize_inputs(features, masks, hidden, actions)
+        return super()._normalize_inputs(features, masks, hidden, actions, extras)
 
 
 class _Comprehension(TinyStatelessBundle):
@@ -323,6 +338,7 @@ class _PeeksBeforeChecking(TinyStatelessBundle):
         masks: MaskArg,
         hidden: HiddenState | None,
         actions: Mapping[str, torch.Tensor] | None = None,
+        extras: Mapping[str, torch.Tensor] | None = None,
     ) -> PolicyInputs:
         if (
             isinstance(features, torch.Tensor)
@@ -331,7 +347,7 @@ class _PeeksBeforeChecking(TinyStatelessBundle):
             and features.shape[-1] == self.feature_dim
         ):
             self.network(features.unsqueeze(1))  # bug: runs before the checks
-        return super()._normalize_inputs(features, masks, hidden, actions)
+        return super()._normalize_inputs(features, masks, hidden, actions, extras)
 
 
 class _DropsHidden(TinyStatelessBundle):
@@ -341,8 +357,9 @@ class _DropsHidden(TinyStatelessBundle):
         masks: MaskArg,
         hidden: HiddenState | None,
         actions: Mapping[str, torch.Tensor] | None = None,
+        extras: Mapping[str, torch.Tensor] | None = None,
     ) -> PolicyInputs:
-        return super()._normalize_inputs(features, masks, None, actions)  # bug: ignores it
+        return super()._normalize_inputs(features, masks, None, actions, extras)  # bug: ignores it
 
 
 class _IgnoresDtype(TinyStatelessBundle):
@@ -444,6 +461,58 @@ class _DropsFloors(TinyStatelessBundle):
         super().__init__(feature_dim, action_space)  # bug: the floors never reach the base
 
 
+class _WithLoad(TinyStatelessBundle):
+    """Declares a floating extra input `load` `[2]`, added to every feature."""
+
+    def __init__(self, feature_dim: int = FEATURE_DIM, action_space: ActionSpace | None = None):
+        space = action_space or ActionSpace()
+        PolicyBundle.__init__(
+            self,
+            TinyNetwork(feature_dim, space),
+            feature_dim=feature_dim,
+            action_space=space,
+            extra_inputs=(ExtraInput("load", "floating", (2,)),),
+        )
+
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        load = inputs.extras["load"]  # [B, T, 2]
+        shift = load.sum(dim=-1).view(load.shape[0], -1, 1)  # [B, T, 1]
+        logits, value = self.network(inputs.features + shift)
+        return NetworkOutput(logits, value, None)
+
+
+class _IgnoresItsExtraInput(_WithLoad):
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        return TinyStatelessBundle._forward(self, inputs)  # bug: declares load, never reads it
+
+
+class _SqueezesExtras(_WithLoad):
+    def _normalize_inputs(
+        self,
+        features: torch.Tensor,
+        masks: MaskArg,
+        hidden: HiddenState | None,
+        actions: Mapping[str, torch.Tensor] | None = None,
+        extras: Mapping[str, torch.Tensor] | None = None,
+    ) -> PolicyInputs:
+        inputs = super()._normalize_inputs(features, masks, hidden, actions, extras)
+        flat = {name: value.flatten(1) for name, value in inputs.extras.items()}
+        return replace(inputs, extras=flat)  # bug: not [B, T, ...] any more
+
+
+class _LosesExtras(_WithLoad):
+    def _normalize_inputs(
+        self,
+        features: torch.Tensor,
+        masks: MaskArg,
+        hidden: HiddenState | None,
+        actions: Mapping[str, torch.Tensor] | None = None,
+        extras: Mapping[str, torch.Tensor] | None = None,
+    ) -> PolicyInputs:
+        inputs = super()._normalize_inputs(features, masks, hidden, actions, extras)
+        return replace(inputs, extras={})  # bug: the hook never sees them
+
+
 class _DropsPerOpMasks(TinyStatelessBundle):
     def _normalize_inputs(
         self,
@@ -451,10 +520,11 @@ class _DropsPerOpMasks(TinyStatelessBundle):
         masks: MaskArg,
         hidden: HiddenState | None,
         actions: Mapping[str, torch.Tensor] | None = None,
+        extras: Mapping[str, torch.Tensor] | None = None,
     ) -> PolicyInputs:
         if isinstance(masks, ActionMasks):  # bug: rebuilt head by head, <head>_by_op lost
             masks = ActionMasks.from_mapping({head: getattr(masks, head) for head in HEAD_NAMES})
-        return super()._normalize_inputs(features, masks, hidden, actions)
+        return super()._normalize_inputs(features, masks, hidden, actions, extras)
 
 
 class _CanonicalizesStoredActions(TinyStatelessBundle):
@@ -464,6 +534,7 @@ class _CanonicalizesStoredActions(TinyStatelessBundle):
         masks: MaskArg,
         hidden: HiddenState | None,
         actions: Mapping[str, torch.Tensor] | None = None,
+        extras: Mapping[str, torch.Tensor] | None = None,
     ) -> PolicyInputs:
         table = self.action_space.hierarchy
         if actions is not None and table is not None:  # bug: hides a rollout's bad actions
@@ -472,7 +543,7 @@ class _CanonicalizesStoredActions(TinyStatelessBundle):
                 head: torch.where(used[..., h], taken, table.canonical[h])
                 for h, (head, taken) in enumerate(actions.items())
             }
-        return super()._normalize_inputs(features, masks, hidden, actions)
+        return super()._normalize_inputs(features, masks, hidden, actions, extras)
 
 
 class _LeaksIgnoredHeads(TinyStatelessBundle):
@@ -548,6 +619,13 @@ VIOLATIONS: list[tuple[str, Callable[[], Callable[[int], Any]], str]] = [
     ("bad inputs refused", lambda: _CleansNaN, "accepted NaN in the features"),
     ("no per-call closures", lambda: _LambdaPerCall, "_LambdaPerCall._forward: Lambda"),
     ("probability floors", lambda: _DropsFloors, "pass the probability_floor the factory"),
+    ("extra inputs", lambda: _IgnoresItsExtraInput, "do not depend on extra input 'load'"),
+    (
+        "extra inputs",
+        lambda: _SqueezesExtras,
+        "_forward got shape (3, 2) for extra input 'load' from (3,)-shaped features; "
+        "expected (3, 1, 2): pass extras on to super()._normalize_inputs",
+    ),
     (
         "no per-call closures",
         lambda: _NestedDefInAHelper,
@@ -799,7 +877,7 @@ def test_a_factory_without_action_space_passes_with_the_hierarchy_clauses_not_ru
         assert result.detail.startswith("not run: factory(6) builds a flat bundle and the ")
         assert "let the factory take action_space" in result.detail
     text = report.format().splitlines()
-    assert text[-1] == "20 clauses, 15 pass, 5 not run."
+    assert text[-1] == "21 clauses, 16 pass, 5 not run."
     assert text[-5].startswith("  SKIP  hierarchy: shapes: not run: factory(6) builds a flat")
 
 
@@ -840,7 +918,7 @@ def test_a_hierarchical_bundle_from_a_factory_without_action_space_runs_every_cl
         lambda dim: TinyStatelessBundle(dim, ActionSpace.tamiyo()), feature_dim=FEATURE_DIM
     )
     assert [r.clause for r in report.not_run] == [FLOORS_CLAUSE]
-    assert report.format().endswith("20 clauses, 19 pass, 1 not run.")
+    assert report.format().endswith("21 clauses, 20 pass, 1 not run.")
 
 
 def test_op_conditioned_logits_conform_flat_and_hierarchical() -> None:
@@ -901,3 +979,32 @@ def test_each_hierarchy_bug_fails_its_clause_alone() -> None:
         (_LogitsByOpWithoutTheOps, set(HIERARCHY_CLAUSES)),  # the gate, then 3 not run
     ):
         assert set(_failed(run_checks(factory, feature_dim=FEATURE_DIM))) == clauses, factory
+
+
+def test_an_lstm_with_blueprints_conforms_and_its_extra_inputs_are_checked() -> None:
+    report = check_bundle(
+        partial(LSTMPolicyBundle, hidden_dim=16, embed_dim=8, blueprint_embed_dim=2),
+        feature_dim=FEATURE_DIM,
+    )
+    assert _result(report, "extra inputs").detail == "blueprint_indices"
+    plain = check_bundle(partial(LSTMPolicyBundle, hidden_dim=16, embed_dim=8))
+    assert _result(plain, "extra inputs").detail == "the bundle declares no extra inputs"
+    refused = int(_result(report, "bad inputs refused").detail.split()[0])
+    assert refused == int(_result(plain, "bad inputs refused").detail.split()[0]) + 5
+
+
+def test_a_bundle_with_a_floating_extra_input_conforms() -> None:
+    report = check_bundle(_WithLoad, feature_dim=FEATURE_DIM)
+    assert _result(report, "extra inputs").detail == "load"
+
+
+def test_an_override_that_loses_an_extra_input_is_named_once() -> None:
+    report = run_checks(_LosesExtras, feature_dim=FEATURE_DIM)
+    (failed,) = report.failed
+    assert failed.clause == "shapes"
+    assert {result.clause for result in report.blocked} == set(CLAUSES[2:])
+    assert failed.detail.endswith(
+        "_LosesExtras._normalize_inputs returned inputs without the extra input 'load' it "
+        "declares: take extras, pass them on to super()._normalize_inputs and keep what it "
+        "returns in inputs.extras"
+    )

@@ -107,3 +107,17 @@ def test_the_guide_names_every_clause_of_the_kit() -> None:
     table = _section("What the conformance kit catches")
     for clause, _ in testing._CLAUSES:
         assert f"\n| {clause} | " in table
+
+
+def test_the_extra_inputs_section_runs_and_its_bundle_conforms() -> None:
+    blocks = _blocks("python", _section("Extra per-step inputs"))
+    assert len(blocks) == 1
+    namespace: dict[str, Any] = {"__name__": "guide_extras"}
+    exec(compile(blocks[0], "guide_extras", "exec"), namespace)
+    assert namespace["step"].value.shape == (4,)
+    assert namespace["ev"].log_prob["op"].shape == (4, 5)
+    bundle = namespace["bundle"]
+    with pytest.raises(ValueError, match="missing extra input 'slot_age'"):
+        bundle.get_action(torch.randn(4, 10), None)
+    report = testing.check_bundle(namespace["SlotAgeMLP"])
+    assert next(r for r in report.results if r.clause == "extra inputs").detail == "slot_age"

@@ -20,6 +20,7 @@ EXPECTED = [
     "ActionSpace",
     "CheckpointError",
     "EvalResult",
+    "ExtraInput",
     "ForwardResult",
     "HiddenState",
     "HookContractError",

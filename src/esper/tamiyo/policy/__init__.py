@@ -31,6 +31,7 @@ from esper.tamiyo.policy.checkpoint import (
     load_policy,
     save_policy,
 )
+from esper.tamiyo.policy.extra_inputs import ExtraInput
 from esper.tamiyo.policy.heads import OpConditionedLogits, PolicyHeads
 from esper.tamiyo.policy.inputs import HiddenState, PolicyInputs
 from esper.tamiyo.policy.layout import MASKED_LOGIT
@@ -59,6 +60,7 @@ __all__ = [
     "ActionSpace",
     "CheckpointError",
     "EvalResult",
+    "ExtraInput",
     "ForwardResult",
     "HiddenState",
     "HookContractError",

@@ -34,6 +34,12 @@ from esper.tamiyo.policy.action_space import ActionSpace
 from esper.tamiyo.policy.checkpoint_writer import write_checkpoint
 from esper.tamiyo.policy.compiled import EAGER, CompiledPaths, Paths
 from esper.tamiyo.policy.config import Arguments, bind, keyword_arguments, snapshot
+from esper.tamiyo.policy.extra_inputs import (
+    ExtraInput,
+    check_extra_declarations,
+    check_extras,
+    check_names,
+)
 from esper.tamiyo.policy.floors import FloorTables, check_probability_floor
 from esper.tamiyo.policy.inputs import HiddenState, PolicyInputs, reset_hidden, zero_hidden
 from esper.tamiyo.policy.layout import HeadLayout, split_heads
@@ -48,6 +54,7 @@ from esper.tamiyo.policy.outputs import (
 )
 from esper.tamiyo.policy.registrations import name_of
 from esper.tamiyo.policy.validation import (
+    HookContractError,
     allowed_dtypes,
     check_action_space,
     check_actions,
@@ -140,6 +147,11 @@ class PolicyBundle(ABC):
             public method (see `floors`). `None`, the default, floors nothing. A
             subclass that offers floors takes `probability_floor` in its own constructor
             and passes it here, so that `config` and checkpoints record it.
+        extra_inputs: The per-step inputs the network needs besides the features, one
+            `ExtraInput` each (name, dtype kind, shape after `[B, T]`, range): callers
+            pass them by name to every public method, and the base checks them and
+            brings them to `[B, T, ...]` with the features (`PolicyInputs.extras`).
+            Empty by default.
 
     Attributes:
         is_recurrent: Class flag: the bundle carries hidden state between calls.
@@ -178,6 +190,7 @@ class PolicyBundle(ABC):
         action_space: ActionSpace,
         hidden_shapes: Sequence[tuple[int, ...]] | None = None,
         probability_floor: Mapping[str, float] | None = None,
+        extra_inputs: Sequence[ExtraInput] = (),
     ) -> None:
         cls_name = type(self).__name__
         if not isinstance(network, nn.Module):
@@ -204,6 +217,7 @@ class PolicyBundle(ABC):
         self._paths: Paths = EAGER
         self._probability_floor = check_probability_floor(probability_floor, cls_name)
         self._floor_tables: dict[torch.device, FloorTables | None] = {}  # per device
+        self._extra_inputs = check_extra_declarations(extra_inputs, cls_name)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -248,6 +262,7 @@ class PolicyBundle(ABC):
         deterministic: bool = False,
         episode_start: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        extras: Mapping[str, torch.Tensor] | None = None,
     ) -> ActionResult:
         """Choose an action for every head, for a rollout. Do not override.
 
@@ -267,6 +282,10 @@ class PolicyBundle(ABC):
                 no-op for a stateless bundle.
             generator: Random source for sampling, on the bundle's device; torch's
                 global generator (seeded by `torch.manual_seed`) when `None`.
+            extras: The bundle's extra inputs (`extra_inputs`), name to tensor, shaped
+                like the masks: `[B, *shape]` (or `[B, 1, *shape]`) with `[B, F]`
+                features, `[B, T, *shape]` with `[B, T, F]`. Every declared input is
+                required; `None` (the default) for a bundle that declares none.
 
         Returns:
             Actions and their log-probabilities per head and values, `[B]` for `[B, F]`
@@ -277,7 +296,7 @@ class PolicyBundle(ABC):
             ValueError: An argument has the wrong shape, a wrong key, or bad values.
         """
         check_flag(deterministic, "deterministic")
-        call = self._prepare(features, masks, hidden, episode_start=episode_start)
+        call = self._prepare(features, masks, hidden, episode_start=episode_start, extras=extras)
         if generator is not None:
             check_generator(generator, call.layout.device)
         with torch.no_grad():
@@ -304,6 +323,7 @@ class PolicyBundle(ABC):
         hidden: HiddenState | None = None,
         *,
         episode_start: torch.Tensor | None = None,
+        extras: Mapping[str, torch.Tensor] | None = None,
     ) -> ForwardResult:
         """Masked logits of every head and values, with autograd. Do not override.
 
@@ -312,6 +332,7 @@ class PolicyBundle(ABC):
             masks: As for `get_action`.
             hidden: As for `get_action`.
             episode_start: As for `evaluate_actions`.
+            extras: As for `get_action`.
 
         Returns:
             Masked logits per head (`[B, A_h]` or `[B, T, A_h]`): each row shifted so
@@ -327,7 +348,9 @@ class PolicyBundle(ABC):
             TypeError: An argument has the wrong type or dtype.
             ValueError: An argument has the wrong shape, a wrong key, or bad values.
         """
-        call = self._prepare(features, masks, hidden, episode_start=episode_start, autograd=True)
+        call = self._prepare(
+            features, masks, hidden, episode_start=episode_start, autograd=True, extras=extras
+        )
         out = compute.run_network(self, call)  # [B, T, H, A_max], [B, T]
         self._check_output(call, out)
         masked, value, new_hidden = compute.masked(out.logits, call), out.value, out.hidden
@@ -345,6 +368,7 @@ class PolicyBundle(ABC):
         *,
         episode_start: torch.Tensor | None = None,
         joint_entropy: bool = False,
+        extras: Mapping[str, torch.Tensor] | None = None,
     ) -> EvalResult:
         """Log-probabilities and entropies of given actions, with autograd. Do not override.
 
@@ -366,6 +390,8 @@ class PolicyBundle(ABC):
             joint_entropy: Also compute the exact entropy of the whole action
                 (`EvalResult.joint_entropy`); under a hierarchy it scores every head
                 at every op, a few more kernels.
+            extras: As for `get_action`: the inputs the rollout passed, stacked
+                along `T` like the features.
 
         Returns:
             Log-probabilities and normalized entropies per head, values, the new hidden
@@ -381,7 +407,9 @@ class PolicyBundle(ABC):
                 action of a head the op does not use that is not its canonical one.
         """
         check_flag(joint_entropy, "joint_entropy")
-        call = self._prepare(features, masks, hidden, actions, episode_start, autograd=True)
+        call = self._prepare(
+            features, masks, hidden, actions, episode_start, autograd=True, extras=extras
+        )
         if joint_entropy:
             call = call._replace(joint_entropy=True)
         paths = self._paths if not call.resets else EAGER  # see get_action
@@ -404,6 +432,7 @@ class PolicyBundle(ABC):
         hidden: HiddenState | None = None,
         *,
         episode_start: torch.Tensor | None = None,
+        extras: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """State values only, without an autograd graph, to bootstrap a rollout.
 
@@ -413,6 +442,7 @@ class PolicyBundle(ABC):
             features: `[B, F]` or `[B, T, F]`.
             hidden: As for `get_action`.
             episode_start: As for `evaluate_actions`.
+            extras: As for `get_action`.
 
         Returns:
             `[B]` or `[B, T]` values.
@@ -421,7 +451,7 @@ class PolicyBundle(ABC):
             TypeError: An argument has the wrong type or dtype.
             ValueError: An argument has the wrong shape or bad values.
         """
-        call = self._prepare(features, None, hidden, episode_start=episode_start)
+        call = self._prepare(features, None, hidden, episode_start=episode_start, extras=extras)
         with torch.no_grad():
             out = compute.run_network(self, call)
         self._check_output(call, out)
@@ -462,6 +492,7 @@ class PolicyBundle(ABC):
         masks: MaskArg,
         hidden: HiddenState | None,
         actions: Mapping[str, torch.Tensor] | None = None,
+        extras: Mapping[str, torch.Tensor] | None = None,
     ) -> PolicyInputs:
         """Check every argument once and bring it to the `[B, T, ...]` layout.
 
@@ -475,11 +506,16 @@ class PolicyBundle(ABC):
             masks: `ActionMasks`, a mapping, or `None`.
             hidden: Hidden state, or `None`.
             actions: Head name to actions, for `evaluate_actions`.
+            extras: Name to extra input, as the caller passed them (`None`: none). A
+                bundle that declares extra inputs and overrides this takes `extras` and
+                passes it on to `super()`; for one that declares none, the base checks
+                that none were given and calls this without it, so an override written
+                before extra inputs existed keeps working.
 
         Returns:
             `PolicyInputs` with features `[B, T, F]`, the masks packed `[B, T, H, A_max]`,
-            hidden state (zeros if none was given) and, for `evaluate_actions`, the
-            actions packed `[B, T, H]`.
+            hidden state (zeros if none was given), the extra inputs `[B, T, ...]` and,
+            for `evaluate_actions`, the actions packed `[B, T, H]`.
 
         Raises:
             TypeError: An argument has the wrong type or dtype.
@@ -514,6 +550,16 @@ class PolicyBundle(ABC):
             action_index=action_index,
             single_step=single_step,
             valid_by_op=None if by_op is None else layout.pack_by_op(by_op, batch, steps),
+            extras=check_extras(
+                extras,
+                self._extra_inputs,
+                type(self).__name__,
+                batch,
+                steps,
+                single_step,
+                device,
+                dtypes,
+            ),
         )
 
     def _prepare(
@@ -525,6 +571,7 @@ class PolicyBundle(ABC):
         episode_start: torch.Tensor | None = None,
         *,
         autograd: bool = False,
+        extras: Mapping[str, torch.Tensor] | None = None,
     ) -> compute.Call:
         """What every public method does before computing: normalize, start episodes, check.
 
@@ -535,6 +582,7 @@ class PolicyBundle(ABC):
             hidden: See `features`.
             actions: See `features`.
             episode_start: See `features`.
+            extras: See `features`.
             autograd: The method records an autograd graph (`forward`,
                 `evaluate_actions`): tensors made under `torch.inference_mode` cannot
                 take part, so they are refused here.
@@ -544,7 +592,12 @@ class PolicyBundle(ABC):
             reset for the rows whose episode starts at the first step), the layout's
             tables, and the later steps where episodes start.
         """
-        inputs = self._normalize_inputs(features, masks, hidden, actions)
+        if self._extra_inputs:
+            inputs = self._normalize_inputs(features, masks, hidden, actions, extras)
+            self._check_extras_kept(inputs)
+        else:  # none declared: refuse any, and call an override that predates extras as before
+            check_names(extras, (), type(self).__name__)
+            inputs = self._normalize_inputs(features, masks, hidden, actions)
         if autograd and torch.is_grad_enabled():
             check_not_inference(inputs.features, inputs.hidden)
         resets: tuple[int, ...] = ()
@@ -553,8 +606,18 @@ class PolicyBundle(ABC):
         device = inputs.features.device
         layout = self._layout_for(device)
         if self.check_values:
-            check_input_values(inputs, layout, masked=masks is not None)
+            check_input_values(inputs, layout, masked=masks is not None, specs=self._extra_inputs)
         return compute.Call(inputs, layout, resets, floors=self._floors_for(device))
+
+    def _check_extras_kept(self, inputs: PolicyInputs) -> None:
+        """Refuse a `_normalize_inputs` override that lost a declared extra input."""
+        for spec in self._extra_inputs:
+            if spec.name not in inputs.extras:
+                raise HookContractError(
+                    f"{type(self).__name__}._normalize_inputs returned inputs without the "
+                    f"extra input {spec.name!r} it declares: take extras, pass them on to "
+                    "super()._normalize_inputs and keep what it returns in inputs.extras"
+                )
 
     def _check_output(self, call: compute.Call, out: HookOutput) -> None:
         """Refuse non-finite numbers out of the network, when `check_values` is on."""
@@ -690,6 +753,11 @@ class PolicyBundle(ABC):
     # ------------------------------------------------------------------ the rest
 
     @property
+    def extra_inputs(self) -> tuple[ExtraInput, ...]:
+        """The per-step inputs this bundle needs besides its features (empty: none)."""
+        return self._extra_inputs
+
+    @property
     def probability_floor(self) -> dict[str, float]:
         """The per-head probability floors, head name to float; empty when there are none."""
         return dict(self._probability_floor)
@@ -823,6 +891,7 @@ _FINAL_METHODS = (
     "save",
     "config",
     "probability_floor",
+    "extra_inputs",
     "compile",
     "get_action",
     "forward",

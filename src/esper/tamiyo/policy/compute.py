@@ -124,6 +124,11 @@ def _steps(inputs: PolicyInputs, begin: int, end: int, hidden: HiddenState | Non
         action_index=None if index is None else index[:, begin:end],
         episode_start=None if starts is None else starts[:, begin:end],
         valid_by_op=None if inputs.valid_by_op is None else inputs.valid_by_op[:, begin:end],
+        extras=(
+            {name: value[:, begin:end] for name, value in inputs.extras.items()}
+            if inputs.extras
+            else inputs.extras
+        ),
     )
 
 

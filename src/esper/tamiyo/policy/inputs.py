@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 from esper.tamiyo.policy.action_space import PRIMARY_HEAD, ActionSpace
+from esper.tamiyo.policy.extra_inputs import NO_EXTRAS
 from esper.tamiyo.policy.layout import per_head, split_heads
 from esper.tamiyo.policy.masks import ActionMasks, by_op_name
 
@@ -51,6 +53,9 @@ class PolicyInputs:
             `None`. The base has already zeroed `hidden` for the first step's resets
             and calls the hook once per stretch between later ones, so a hook needs
             it only to know episode boundaries (an attention mask, say).
+        extras: The bundle's extra inputs (`extra_inputs`), name to `[B, T, *shape]`:
+            int64 for integer inputs, the features' dtype for floating ones. Empty
+            (read-only) for a bundle that declares none.
     """
 
     features: torch.Tensor
@@ -61,6 +66,7 @@ class PolicyInputs:
     single_step: bool = False
     episode_start: torch.Tensor | None = None
     valid_by_op: torch.Tensor | None = None
+    extras: Mapping[str, torch.Tensor] = field(default_factory=lambda: NO_EXTRAS)
 
     @property
     def batch_size(self) -> int:

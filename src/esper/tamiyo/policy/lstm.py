@@ -5,17 +5,51 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from esper.tamiyo.policy.action_space import ActionSpace
 from esper.tamiyo.policy.base import PolicyBundle
+from esper.tamiyo.policy.extra_inputs import ExtraInput
 from esper.tamiyo.policy.heads import OpConditionedLogits, PolicyHeads, init_orthogonal_
 from esper.tamiyo.policy.inputs import HiddenState, PolicyInputs
 from esper.tamiyo.policy.outputs import NetworkOutput, OpConditionedOutput
 from esper.tamiyo.policy.registry import register_policy
 from esper.tamiyo.policy.validation import check_action_space, check_flag, check_positive_int
 
-__all__ = ["LSTMPolicyBundle", "LSTMPolicyNetwork"]
+__all__ = ["BLUEPRINT_INDICES", "BlueprintEmbedding", "LSTMPolicyBundle", "LSTMPolicyNetwork"]
+
+BLUEPRINT_INDICES = "blueprint_indices"
+"""The extra input of an LSTM bundle built with `blueprint_embed_dim`: per slot, the
+blueprint installed there, -1 for an empty slot."""
+
+
+class BlueprintEmbedding(nn.Module):
+    """A learned vector per blueprint, and a learned null vector for an empty slot.
+
+    Row 0 of the table is the null embedding and blueprint `i` is row `i + 1`, so an
+    empty slot (`-1`) needs no branch: one `add` (an integer `remainder`, to keep the
+    null row last as the host does, costs three times as much at batch 1). The indices
+    are checked by the bundle before they get here (`ExtraInput`), so any other
+    negative value never arrives. The table is a parameter of this module, read with
+    `F.embedding`: one module call per step rather than two.
+
+    Args:
+        num_blueprints: `N`, the blueprints `0 .. N-1`.
+        embed_dim: Width of each vector.
+
+    Shape:
+        `[..., S]` int64 indices in `[-1, N)` to `[..., S * embed_dim]`.
+    """
+
+    def __init__(self, num_blueprints: int, embed_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_blueprints + 1, embed_dim))  # [N + 1, E]
+        nn.init.normal_(self.weight, std=0.02)  # small: the features lead at first
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        """Embed each slot's blueprint and join the slots: `[..., S]` to `[..., S * E]`."""
+        return F.embedding(indices + 1, self.weight).flatten(-2)  # [..., S * E]; -1 -> row 0
 
 
 class LSTMPolicyNetwork(nn.Module):
@@ -36,11 +70,14 @@ class LSTMPolicyNetwork(nn.Module):
         num_layers: Stacked LSTM layers.
         action_space: Head sizes.
         op_conditioned: Also compute per-op logits (a hierarchical space only).
+        blueprint_embed_dim: `E_bp`; when above 0, each slot's blueprint is embedded
+            (`BlueprintEmbedding`) and the `S * E_bp` values are joined to the
+            features before the feature embedding.
 
     Shape:
-        `forward(features [B, T, F], (h, c) each [L, B, D])` returns logits
-        `[B, T, H, A_max]`, value `[B, T]`, the new `(h, c)`, and per-op logits
-        `[B, T, N_op, H, A_max]` or `None`.
+        `forward(features [B, T, F], (h, c) each [L, B, D], blueprints [B, T, S])`
+        returns logits `[B, T, H, A_max]`, value `[B, T]`, the new `(h, c)`, and per-op
+        logits `[B, T, N_op, H, A_max]` or `None`.
     """
 
     def __init__(
@@ -51,9 +88,16 @@ class LSTMPolicyNetwork(nn.Module):
         num_layers: int,
         action_space: ActionSpace,
         op_conditioned: bool = False,
+        blueprint_embed_dim: int = 0,
     ) -> None:
         super().__init__()
-        self.embed = nn.Linear(feature_dim, embed_dim)
+        self.blueprints = (
+            BlueprintEmbedding(action_space.blueprint, blueprint_embed_dim)
+            if blueprint_embed_dim
+            else None
+        )
+        joined = feature_dim + action_space.slot * blueprint_embed_dim
+        self.embed = nn.Linear(joined, embed_dim)
         self.embed_norm = nn.LayerNorm(embed_dim)
         self.lstm = nn.LSTM(embed_dim, hidden_dim, num_layers=num_layers, batch_first=True)
         self.lstm_norm = nn.LayerNorm(hidden_dim)
@@ -82,18 +126,30 @@ class LSTMPolicyNetwork(nn.Module):
                 param[hidden_dim : 2 * hidden_dim].fill_(1.0)
 
     def forward(
-        self, features: torch.Tensor, hidden: HiddenState
+        self,
+        features: torch.Tensor,
+        hidden: HiddenState,
+        blueprints: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, HiddenState, torch.Tensor | None]:
         """Run a step or a sequence.
 
         Args:
             features: `[B, T, F]`.
             hidden: `(h, c)`, each `[L, B, D]`.
+            blueprints: `[B, T, S]` int64, each slot's blueprint or -1; required with
+                a blueprint embedding, ignored without.
 
         Returns:
             `(logits [B, T, H, A_max], value [B, T], (h, c), logits_by_op)`, the last
             `[B, T, N_op, H, A_max]` or `None`.
         """
+        if self.blueprints is not None:
+            if blueprints is None:
+                raise ValueError(
+                    "LSTMPolicyNetwork: this network embeds blueprints; pass blueprints "
+                    "[B, T, S] (-1 for an empty slot)"
+                )
+            features = torch.cat((features, self.blueprints(blueprints)), dim=-1)  # [B, T, F']
         if features.shape[1] == 1:
             return self._single_step(features, hidden)
         x = torch.relu(self.embed_norm(self.embed(features)))  # [B, T, E]
@@ -184,6 +240,22 @@ class LSTMPolicyBundle(PolicyBundle):
             (`OpConditionedLogits`); needs a hierarchical `action_space`.
         probability_floor: Per-head probability floors, e.g. `{"op": 0.15}`; `None`
             (the default) floors nothing. See `PolicyBundle`.
+        blueprint_embed_dim: When above 0 (4 in the host system), the bundle takes the
+            extra input `blueprint_indices`, `[B, S]` (`[B, T, S]` for a sequence)
+            int64, the blueprint installed in each of the `S = action_space.slot`
+            slots, -1 for an empty one; each is embedded in this many values
+            (`BlueprintEmbedding`, -1 to a learned null vector) and joined to the
+            features. 0, the default, takes features alone.
+
+    Example:
+        With the blueprint in each slot as an input:
+
+        >>> bundle = LSTMPolicyBundle(feature_dim=16, blueprint_embed_dim=4)
+        >>> installed = torch.tensor([[3, -1, -1], [0, 12, -1]])  # [B, S]: -1 is empty
+        >>> extras = {"blueprint_indices": installed}
+        >>> step = bundle.get_action(torch.randn(2, 16), None, extras=extras)
+        >>> step.value.shape
+        torch.Size([2])
     """
 
     is_recurrent = True
@@ -199,12 +271,14 @@ class LSTMPolicyBundle(PolicyBundle):
         action_space: ActionSpace = ActionSpace(),
         op_conditioned_logits: bool = False,
         probability_floor: Mapping[str, float] | None = None,
+        blueprint_embed_dim: int = 0,
     ) -> None:
         owner = type(self).__name__
         check_positive_int(feature_dim, "feature_dim", owner)
         check_positive_int(hidden_dim, "hidden_dim", owner, minimum=2)
         check_positive_int(embed_dim, "embed_dim", owner)
         check_positive_int(num_layers, "num_layers", owner)
+        check_positive_int(blueprint_embed_dim, "blueprint_embed_dim", owner, minimum=0)
         check_flag(op_conditioned_logits, "op_conditioned_logits")
         check_action_space(action_space, owner)
         if op_conditioned_logits and action_space.hierarchy is None:
@@ -213,23 +287,44 @@ class LSTMPolicyBundle(PolicyBundle):
                 "(the op is chosen first); pass action_space=ActionSpace.tamiyo()"
             )
         network = LSTMPolicyNetwork(
-            feature_dim, hidden_dim, embed_dim, num_layers, action_space, op_conditioned_logits
+            feature_dim,
+            hidden_dim,
+            embed_dim,
+            num_layers,
+            action_space,
+            op_conditioned_logits,
+            blueprint_embed_dim,
         )
+        extra_inputs: tuple[ExtraInput, ...] = ()
+        if blueprint_embed_dim:
+            extra_inputs = (
+                ExtraInput(
+                    BLUEPRINT_INDICES,
+                    "integer",
+                    (action_space.slot,),
+                    low=0,
+                    high=action_space.blueprint,
+                    sentinels=(-1,),
+                ),
+            )
         super().__init__(
             network,
             feature_dim=feature_dim,
             action_space=action_space,
             hidden_shapes=((num_layers, hidden_dim), (num_layers, hidden_dim)),
             probability_floor=probability_floor,
+            extra_inputs=extra_inputs,
         )
         self.hidden_dim = hidden_dim
         self.embed_dim = embed_dim
         self.num_layers = num_layers
         self.op_conditioned_logits = op_conditioned_logits
+        self.blueprint_embed_dim = blueprint_embed_dim
 
     def _forward(self, inputs: PolicyInputs) -> NetworkOutput | OpConditionedOutput:
         assert inputs.hidden is not None  # the base fills in zeros for a recurrent bundle
-        logits, value, hidden, by_op = self.network(inputs.features, inputs.hidden)
+        blueprints = inputs.extras.get(BLUEPRINT_INDICES)  # [B, T, S] or None
+        logits, value, hidden, by_op = self.network(inputs.features, inputs.hidden, blueprints)
         if by_op is None:
             return NetworkOutput(logits, value, hidden)
         return OpConditionedOutput(logits, value, hidden, by_op)

@@ -37,6 +37,16 @@ that failed, in a sentence that says what to fix:
   the bundle's code (the finding this project started from); comprehensions and
   generator expressions are fine.
 
+A bundle that declares extra per-step inputs (`extra_inputs`, such as the blueprint in
+each slot) gets them in every clause, made from the features' values (each row and
+step alone, valid for the declaration), and, with some, the bad-input clause refuses
+bad ones too (missing, undeclared, wrong dtype, another batch size, out of range, NaN);
+then:
+
+* **extra inputs**: the hook gets each one as `[B, T, *shape]` from one step and from
+  a sequence, and the outputs depend on each. It passes without a note for a bundle
+  that declares none.
+
 When the factory takes a `probability_floor` keyword, with floors on three heads
 (`factory(feature_dim, probability_floor={"op": 0.15, "blueprint": 0.12, "tempo":
 0.12})`, plus the flat `action_space` when it takes one):
@@ -87,7 +97,7 @@ Example:
     >>> from esper.tamiyo.policy.testing import check_bundle
     >>> report = check_bundle(lambda dim: MLPPolicyBundle(dim, hidden_dim=16))
     >>> report.passed, len(report.results), len(report.not_run)  # no keywords
-    (True, 20, 5)
+    (True, 21, 5)
     >>> report = check_bundle(partial(MLPPolicyBundle, hidden_dim=16))  # takes one
     >>> report.passed, len(report.not_run)
     (True, 0)
@@ -103,7 +113,7 @@ import math
 import sys
 import textwrap
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -122,10 +132,16 @@ from esper.tamiyo.policy.action_space import (
     ActionSpace,
 )
 from esper.tamiyo.policy.base import PolicyBundle
-from esper.tamiyo.policy.inputs import HiddenState
+from esper.tamiyo.policy.extra_inputs import ExtraInput
+from esper.tamiyo.policy.inputs import HiddenState, PolicyInputs
 from esper.tamiyo.policy.layout import MASKED_LOGIT
 from esper.tamiyo.policy.masks import ActionMasks, by_op_name
-from esper.tamiyo.policy.outputs import ActionResult, EvalResult
+from esper.tamiyo.policy.outputs import (
+    ActionResult,
+    EvalResult,
+    NetworkOutput,
+    OpConditionedOutput,
+)
 from esper.tamiyo.policy.validation import HookContractError
 
 __all__ = [
@@ -640,6 +656,57 @@ def _inputs(
     return _Inputs(features, masks.to(bundle.device))
 
 
+def _outside(spec: ExtraInput) -> int | None:
+    """An integer just outside `spec`'s range and sentinels; `None` when it has no bound."""
+    if spec.high is not None and spec.high not in spec.sentinels:
+        return spec.high
+    if spec.low is not None and spec.low - 1 not in spec.sentinels:
+        return spec.low - 1
+    return None
+
+
+def _extras(bundle: PolicyBundle, features: object) -> dict[str, torch.Tensor] | None:
+    """Valid extra inputs for `features`, made from their values alone; `None` without any.
+
+    Each value is a function of its own row and step of the features, so a sequence
+    gets step by step what it gets whole, and a row alone what it gets in a batch: the
+    clauses that compare calls need no bookkeeping. Integer inputs take values from
+    their range (the first 8 of it) and sentinels; floating ones lie in (-1, 1).
+    Not a tensor of rank 2 or 3 (a bad-input call): `None`, left for the base to refuse.
+    """
+    specs = bundle.extra_inputs
+    if not specs or not isinstance(features, torch.Tensor) or features.dim() not in (2, 3):
+        return None
+    if features.layout != torch.strided or features.shape[-1] == 0:
+        return None
+    values = features.detach().double().abs()  # [B, (T), F]
+    dtype = features.dtype if features.is_floating_point() else bundle.dtype
+    extras: dict[str, torch.Tensor] = {}
+    for k, spec in enumerate(specs):
+        count = math.prod(spec.shape)
+        columns = (torch.arange(count, device=values.device) + k) % values.shape[-1]
+        raw = values.index_select(-1, columns).reshape(*values.shape[:-1], *spec.shape)
+        if spec.kind == "floating":
+            extras[spec.name] = torch.tanh(raw).to(dtype)
+            continue
+        choices = torch.tensor(_integer_choices(spec), device=values.device)
+        code = (raw * 1000).floor().long() % choices.numel()
+        extras[spec.name] = choices[code]
+    return extras
+
+
+def _integer_choices(spec: ExtraInput) -> list[int]:
+    """Up to 8 values of an integer input's range, then its sentinels."""
+    if spec.low is not None:
+        top = spec.low + 8 if spec.high is None else min(spec.high, spec.low + 8)
+        start = spec.low
+    elif spec.high is not None:
+        start, top = spec.high - 8, spec.high
+    else:
+        start, top = 0, 8
+    return [*range(start, top), *spec.sentinels]
+
+
 def _rows(masks: ActionMasks, rows: slice) -> ActionMasks:
     return ActionMasks.from_mapping(
         {name: None if mask is None else mask[rows] for name, mask in masks.as_dict().items()}
@@ -808,10 +875,10 @@ def _expect_result_shapes(
 ) -> tuple[ActionResult, EvalResult]:
     """Every public method's results on `x` have the shapes the contract documents."""
     call = "[B, F]" if len(lead) == 1 else "[B, T, F]"
-    act = bundle.get_action(x, masks)
-    fwd = bundle.forward(x, masks)
-    ev = bundle.evaluate_actions(x, act.action, masks)
-    value = bundle.get_value(x)
+    act = bundle.get_action(x, masks, extras=_extras(bundle, x))
+    fwd = bundle.forward(x, masks, extras=_extras(bundle, x))
+    ev = bundle.evaluate_actions(x, act.action, masks, extras=_extras(bundle, x))
+    value = bundle.get_value(x, extras=_extras(bundle, x))
     for name, size in zip(HEAD_NAMES, bundle.action_space.sizes, strict=True):
         _expect_shape(f"get_action({call}).action[{name!r}]", act.action[name], lead)
         if act.action[name].dtype != torch.int64:
@@ -841,8 +908,8 @@ def _check_mask_forms(subject: _Subject) -> str:
     x, masks = _inputs(bundle, subject.generator(), (_BATCH, _STEPS), subject.feature_dim)
     partial = ActionMasks.from_mapping({**masks.as_dict(), "style": None, "op": None})
     for label, given in (("all heads", masks), ("some heads None", partial)):
-        from_dataclass = bundle.forward(x, given)
-        from_mapping = bundle.forward(x, given.as_dict())
+        from_dataclass = bundle.forward(x, given, extras=_extras(bundle, x))
+        from_mapping = bundle.forward(x, given.as_dict(), extras=_extras(bundle, x))
         for name in HEAD_NAMES:
             if not torch.equal(from_dataclass.logits[name], from_mapping.logits[name]):
                 raise _ClauseError(
@@ -857,9 +924,9 @@ def _check_masks_respected(subject: _Subject) -> str:
     bundle = subject.build()
     gen = subject.generator()
     x, masks = _inputs(bundle, gen, (_SAMPLED_ROWS,), subject.feature_dim)
-    sampled = bundle.get_action(x, masks, deterministic=False)
-    mode = bundle.get_action(x, masks, deterministic=True)
-    logits = bundle.forward(x, masks).logits
+    sampled = bundle.get_action(x, masks, deterministic=False, extras=_extras(bundle, x))
+    mode = bundle.get_action(x, masks, deterministic=True, extras=_extras(bundle, x))
+    logits = bundle.forward(x, masks, extras=_extras(bundle, x)).logits
     table = bundle.action_space.hierarchy  # a factory's own hierarchical space
     for name in HEAD_NAMES:
         mask = getattr(masks, name)
@@ -895,7 +962,7 @@ def _check_reproducible(subject: _Subject) -> str:
     runs: list[Any] = []
     for _ in range(2):
         torch.manual_seed(subject.seed + 17)
-        runs.append(bundle.get_action(x, masks))
+        runs.append(bundle.get_action(x, masks, extras=_extras(bundle, x)))
     first, second = runs
     hint = "draw randomness from torch's global generator (or a generator= you are given)"
     for name in HEAD_NAMES:
@@ -920,8 +987,8 @@ def _check_reproducible(subject: _Subject) -> str:
 def _check_deterministic(subject: _Subject) -> str:
     bundle = subject.build()
     x, masks = _inputs(bundle, subject.generator(), (_BATCH, _STEPS), subject.feature_dim)
-    first = bundle.forward(x, masks)
-    second = bundle.forward(x, masks)
+    first = bundle.forward(x, masks, extras=_extras(bundle, x))
+    second = bundle.forward(x, masks, extras=_extras(bundle, x))
     same = torch.equal(first.value, second.value) and all(
         torch.equal(first.logits[name], second.logits[name]) for name in HEAD_NAMES
     )
@@ -944,20 +1011,33 @@ def _check_rollout_matches_update(subject: _Subject) -> str:
     steps: list[tuple[_Inputs, Any]] = []
     for _ in range(_STEPS):
         step_inputs = _inputs(bundle, gen, (_BATCH,), subject.feature_dim)
-        result = bundle.get_action(step_inputs.features, step_inputs.masks, hidden)
+        result = bundle.get_action(
+            step_inputs.features,
+            step_inputs.masks,
+            hidden,
+            extras=_extras(bundle, step_inputs.features),
+        )
         steps.append((step_inputs, result))
         hidden = result.hidden
     features = torch.stack([s[0].features for s in steps], dim=1)  # [B, T, F]
     masks = ActionMasks.stack([s[0].masks for s in steps])  # [B, T, A_h]
     actions = {h: torch.stack([s[1].action[h] for s in steps], dim=1) for h in HEAD_NAMES}
-    replay = bundle.evaluate_actions(features, actions, masks, start)
+    replay = bundle.evaluate_actions(
+        features, actions, masks, start, extras=_extras(bundle, features)
+    )
     why = (
         "the rollout's log-probs must be reproduced by the PPO update, so a [B, T, F] "
         "sequence must give what T single steps threading the hidden state gave"
     )
     _expect_replay(replay, [out for _, out in steps], hidden, why)
     first = steps[0][1]
-    one = bundle.evaluate_actions(steps[0][0].features, first.action, steps[0][0].masks, start)
+    one = bundle.evaluate_actions(
+        steps[0][0].features,
+        first.action,
+        steps[0][0].masks,
+        start,
+        extras=_extras(bundle, steps[0][0].features),
+    )
     for name in HEAD_NAMES:
         _expect_close(
             f"single-step evaluate_actions log-probs of head {name!r} and get_action's",
@@ -971,10 +1051,14 @@ def _check_rollout_matches_update(subject: _Subject) -> str:
 def _check_rows_independent(subject: _Subject) -> str:
     bundle = subject.build()
     x, masks = _inputs(bundle, subject.generator(), (_BATCH, _STEPS), subject.feature_dim)
-    together = bundle.forward(x, masks)
+    together = bundle.forward(x, masks, extras=_extras(bundle, x))
     why = "one environment's decision must not depend on the others in the batch"
     for row in range(_BATCH):
-        alone = bundle.forward(x[row : row + 1], _rows(masks, slice(row, row + 1)))
+        alone = bundle.forward(
+            x[row : row + 1],
+            _rows(masks, slice(row, row + 1)),
+            extras=_extras(bundle, x[row : row + 1]),
+        )
         _expect_close(
             f"row {row}'s values alone and in the batch",
             alone.value,
@@ -997,7 +1081,7 @@ def _check_gradients(subject: _Subject) -> str:
     graphs: list[str] = []
     handle = bundle.network.register_forward_hook(_GraphWatcher(graphs))
     try:
-        act = bundle.get_action(x, masks)
+        act = bundle.get_action(x, masks, extras=_extras(bundle, x))
     finally:
         handle.remove()
     for label, tensor in (("value", act.value), ("log_prob['op']", act.log_prob["op"])):
@@ -1011,7 +1095,7 @@ def _check_gradients(subject: _Subject) -> str:
     params = _trainable(bundle)
     if not params:
         return "no trainable parameters"
-    ev = bundle.evaluate_actions(x, act.action, masks)
+    ev = bundle.evaluate_actions(x, act.action, masks, extras=_extras(bundle, x))
     loss = ev.value.square().mean()
     for name in HEAD_NAMES:
         loss = loss - ev.log_prob[name].mean() - 0.01 * ev.entropy[name].mean()
@@ -1036,10 +1120,10 @@ def _check_network_called(subject: _Subject) -> str:
     if not _trainable(bundle):
         return "no trainable parameters: nothing to synchronize"
     x, masks = _inputs(bundle, subject.generator(), (_BATCH,), subject.feature_dim)
-    act = bundle.get_action(x, masks)
+    act = bundle.get_action(x, masks, extras=_extras(bundle, x))
     counter, handle = _network_calls(bundle.network)
     try:
-        bundle.evaluate_actions(x, act.action, masks)
+        bundle.evaluate_actions(x, act.action, masks, extras=_extras(bundle, x))
     finally:
         handle.remove()
     if counter[0] == 0:
@@ -1058,7 +1142,12 @@ def _check_hidden_round_trip(subject: _Subject) -> str:
     if start is None:
         refused = False
         try:
-            bundle.get_action(x, masks, (torch.zeros(1, _BATCH, 4, dtype=bundle.dtype),))
+            bundle.get_action(
+                x,
+                masks,
+                (torch.zeros(1, _BATCH, 4, dtype=bundle.dtype),),
+                extras=_extras(bundle, x),
+            )
         except ValueError:
             refused = True
         if not refused:
@@ -1069,8 +1158,8 @@ def _check_hidden_round_trip(subject: _Subject) -> str:
             raise _ClauseError(
                 f"initial_hidden({_BATCH})[{index}] is not zeros with the batch in dimension 1"
             )
-    with_none = bundle.forward(x, masks, None)
-    with_zeros = bundle.forward(x, masks, start)
+    with_none = bundle.forward(x, masks, None, extras=_extras(bundle, x))
+    with_zeros = bundle.forward(x, masks, start, extras=_extras(bundle, x))
     _expect_close(
         "outputs from hidden=None and from initial_hidden",
         with_none.value,
@@ -1080,14 +1169,16 @@ def _check_hidden_round_trip(subject: _Subject) -> str:
     hidden: HiddenState | None = start
     for _ in range(3):
         step = _inputs(bundle, gen, (_BATCH,), subject.feature_dim)
-        result = bundle.get_action(step.features, step.masks, hidden)
+        result = bundle.get_action(
+            step.features, step.masks, hidden, extras=_extras(bundle, step.features)
+        )
         _expect_hidden(bundle, result.hidden, _BATCH, "get_action")
         assert result.hidden is not None
         for index, tensor in enumerate(result.hidden):
             if tensor.requires_grad:
                 raise _ClauseError(f"get_action returned hidden[{index}] requiring grad")
         hidden = result.hidden
-    carried = bundle.forward(x, masks, hidden)
+    carried = bundle.forward(x, masks, hidden, extras=_extras(bundle, x))
     changed = _max_gap(carried.value, with_zeros.value) > 0.0 or any(
         _max_gap(carried.logits[name], with_zeros.logits[name]) > 0.0 for name in HEAD_NAMES
     )
@@ -1096,7 +1187,13 @@ def _check_hidden_round_trip(subject: _Subject) -> str:
             "outputs are the same from a carried hidden state as from zeros: the hook "
             "ignores inputs.hidden"
         )
-    bundle.evaluate_actions(x, bundle.get_action(x, masks, hidden).action, masks, hidden)
+    bundle.evaluate_actions(
+        x,
+        bundle.get_action(x, masks, hidden, extras=_extras(bundle, x)).action,
+        masks,
+        hidden,
+        extras=_extras(bundle, x),
+    )
     return ""
 
 
@@ -1111,8 +1208,8 @@ def _check_state_dict(subject: _Subject) -> str:
     if list(target.state_dict()) != list(source.state_dict()):
         raise _ClauseError("state_dict keys change after a load")
     x, masks = _inputs(source, subject.generator(), (_BATCH, _STEPS), subject.feature_dim)
-    want = source.forward(x, masks)
-    got = target.forward(x, masks)
+    want = source.forward(x, masks, extras=_extras(source, x))
+    got = target.forward(x, masks, extras=_extras(target, x))
     if not torch.equal(got.value, want.value):
         raise _ClauseError(
             "a bundle loaded from another's state_dict gives different values; keep all "
@@ -1131,15 +1228,15 @@ def _check_float64(subject: _Subject) -> str:
     if bundle.dtype != torch.float64:
         raise _ClauseError(f"after to(torch.float64) the bundle's dtype is {bundle.dtype}")
     x, masks = _inputs(bundle, subject.generator(), (_BATCH, _STEPS), subject.feature_dim)
-    out = bundle.forward(x, masks)
+    out = bundle.forward(x, masks, extras=_extras(bundle, x))
     if out.value.dtype != torch.float64:
         raise _ClauseError(
             f"after to(torch.float64) forward returns {out.value.dtype} values; create "
             "tensors in _forward with the features' dtype, not a fixed one"
         )
     _expect_hidden(bundle, out.hidden, _BATCH, "forward in float64")
-    act = bundle.get_action(x, masks)
-    bundle.evaluate_actions(x, act.action, masks)
+    act = bundle.get_action(x, masks, extras=_extras(bundle, x))
+    bundle.evaluate_actions(x, act.action, masks, extras=_extras(bundle, x))
     return ""
 
 
@@ -1147,12 +1244,13 @@ class _BadCall(NamedTuple):
     what: str
     method: str
     args: tuple[Any, ...]
+    extras: dict[str, torch.Tensor] | None = None  # None: `_extras` of the features
 
 
 def _bad_calls(bundle: PolicyBundle, subject: _Subject) -> list[_BadCall]:
     x, masks = _inputs(bundle, subject.generator(), (_BATCH,), subject.feature_dim)
     m = masks.as_dict()
-    actions = bundle.get_action(x, masks).action
+    actions = bundle.get_action(x, masks, extras=_extras(bundle, x)).action
     slot = m["slot"]
     assert slot is not None
     void = slot.clone()
@@ -1229,6 +1327,61 @@ def _bad_calls(bundle: PolicyBundle, subject: _Subject) -> list[_BadCall]:
         poisoned = tuple(t.clone() for t in start)
         poisoned[0].view(-1)[0] = math.nan
         calls.append(_BadCall("NaN in the hidden state", "get_action", (x, masks, poisoned)))
+    return calls + _bad_extras(bundle, x, masks)
+
+
+def _bad_extras(bundle: PolicyBundle, x: torch.Tensor, masks: ActionMasks) -> list[_BadCall]:
+    """Bad extra inputs, when the bundle declares some: each refused by the base."""
+    good = _extras(bundle, x)
+    if good is None:
+        return []
+    first = bundle.extra_inputs[0]
+    value = good[first.name]
+    retyped = value.long() if first.kind == "floating" else value.to(bundle.dtype)
+    calls = [
+        _BadCall(
+            f"no {first.name!r}",
+            "get_action",
+            (x, masks),
+            {name: tensor for name, tensor in good.items() if name != first.name},
+        ),
+        _BadCall(
+            "an undeclared extra input", "get_action", (x, masks), {**good, "undeclared": value}
+        ),
+        _BadCall(
+            f"{first.name!r} of dtype {retyped.dtype}",
+            "forward",
+            (x, masks),
+            {**good, first.name: retyped},
+        ),
+        _BadCall(
+            f"{first.name!r} for another batch size",
+            "get_action",
+            (x, masks),
+            {**good, first.name: value[:-1]},
+        ),
+    ]
+    for spec in bundle.extra_inputs:
+        bad = good[spec.name].clone()
+        if spec.kind == "floating":
+            bad.view(-1)[0] = math.nan
+            calls.append(
+                _BadCall(
+                    f"NaN in {spec.name!r}", "get_action", (x, masks), {**good, spec.name: bad}
+                )
+            )
+        else:
+            outside = _outside(spec)
+            if outside is not None:
+                bad.view(-1)[0] = outside
+                calls.append(
+                    _BadCall(
+                        f"{spec.name!r} of {outside}, out of range",
+                        "get_action",
+                        (x, masks),
+                        {**good, spec.name: bad},
+                    )
+                )
     return calls
 
 
@@ -1236,13 +1389,18 @@ def _check_bad_inputs(subject: _Subject) -> str:
     bundle = subject.build()
     calls = _bad_calls(bundle, subject)
     x, masks = _inputs(bundle, subject.generator(), (_BATCH,), subject.feature_dim)
-    before = bundle.forward(x, masks)
+    before = bundle.forward(x, masks, extras=_extras(bundle, x))
     counter, handle = _network_calls(bundle.network)
     try:
         for call in calls:
             counter[0] = 0
+            keywords: dict[str, object] = {}
+            if call.method != "initial_hidden":
+                keywords["extras"] = (
+                    _extras(bundle, call.args[0]) if call.extras is None else call.extras
+                )
             try:
-                getattr(bundle, call.method)(*call.args)
+                getattr(bundle, call.method)(*call.args, **keywords)
             except (ValueError, TypeError):
                 pass
             except Exception as error:  # the wrong kind of refusal, reported
@@ -1260,7 +1418,7 @@ def _check_bad_inputs(subject: _Subject) -> str:
                 )
     finally:
         handle.remove()
-    after = bundle.forward(x, masks)
+    after = bundle.forward(x, masks, extras=_extras(bundle, x))
     if not torch.equal(before.value, after.value):
         raise _ClauseError("the bundle gives different outputs after refusing bad inputs")
     return f"{len(calls)} bad inputs refused"
@@ -1269,14 +1427,19 @@ def _check_bad_inputs(subject: _Subject) -> str:
 def _check_no_closures(subject: _Subject) -> str:
     bundle = subject.build()
     x, masks = _inputs(bundle, subject.generator(), (_BATCH, _STEPS), subject.feature_dim)
-    act = bundle.get_action(x, masks)
+    act = bundle.get_action(x, masks, extras=_extras(bundle, x))
     classes = _subject_classes(bundle)
     found = _hot_path_source_findings(classes)
     note = ""
     if sys.getprofile() is None:
         with _code_calls() as ran:
-            bundle.get_action(x[:, 0], _rows_step(masks), bundle.initial_hidden(_BATCH))
-            bundle.evaluate_actions(x, act.action, masks)
+            bundle.get_action(
+                x[:, 0],
+                _rows_step(masks),
+                bundle.initial_hidden(_BATCH),
+                extras=_extras(bundle, x[:, 0]),
+            )
+            bundle.evaluate_actions(x, act.action, masks, extras=_extras(bundle, x))
         found += _per_call_closures(ran, _code_files(classes))
     else:
         note = "a profiler is active: only the source of the hook methods was read"
@@ -1547,7 +1710,9 @@ def _check_hierarchy_shapes(subject: _Subject) -> str:
         call = "[B, F]" if len(lead) == 1 else "[B, T, F]"
         x, masks = _hierarchy_inputs(bundle, gen, lead, subject.feature_dim)
         act, ev = _expect_result_shapes(bundle, x, masks, lead)
-        joint = bundle.evaluate_actions(x, act.action, masks, joint_entropy=True).joint_entropy
+        joint = bundle.evaluate_actions(
+            x, act.action, masks, joint_entropy=True, extras=_extras(bundle, x)
+        ).joint_entropy
         _expect_shape(f"evaluate_actions({call}, joint_entropy=True).joint_entropy", joint, lead)
         for name in HEAD_NAMES:
             for what, flags in (("relevance", ev.relevance), ("availability", ev.availability)):
@@ -1634,7 +1799,9 @@ def _expect_masks_held(bundle: PolicyBundle, subject: _Subject, draw: _MaskDraw)
     )
     torch.manual_seed(draw.seed)
     for label, deterministic in (("sampled", False), ("deterministic", True)):
-        taken = bundle.get_action(x, masks, deterministic=deterministic).action
+        taken = bundle.get_action(
+            x, masks, deterministic=deterministic, extras=_extras(bundle, x)
+        ).action
         found = _first_violation(bundle.action_space, masks, taken)
         if found:
             raise _ClauseError(
@@ -1653,13 +1820,16 @@ def _check_hierarchy_canonical(subject: _Subject) -> str:
     gen = subject.generator()
     for lead in ((4 * space.op,), (4 * space.op, _STEPS)):
         x, masks = _hierarchy_inputs(bundle, gen, lead, subject.feature_dim, each_op=True)
-        sampled = bundle.get_action(x, masks)
+        sampled = bundle.get_action(x, masks, extras=_extras(bundle, x))
         for label, result in (
             ("sampled", sampled),
-            ("deterministic", bundle.get_action(x, masks, deterministic=True)),
+            (
+                "deterministic",
+                bundle.get_action(x, masks, deterministic=True, extras=_extras(bundle, x)),
+            ),
         ):
             _expect_canonical(table, result.action, f"get_action ({label})", result.log_prob)
-        ev = bundle.evaluate_actions(x, sampled.action, masks)
+        ev = bundle.evaluate_actions(x, sampled.action, masks, extras=_extras(bundle, x))
         _expect_canonical(table, sampled.action, "evaluate_actions", ev.log_prob, ev.entropy)
         op = sampled.action[PRIMARY_HEAD].cpu()
         op_mask = masks.op
@@ -1738,7 +1908,7 @@ def _expect_non_canonical_refused(
         other = (table.canonical[index] + 1) % size
         wrong[at] = other
         try:
-            bundle.evaluate_actions(x, {**actions, head: wrong}, masks)
+            bundle.evaluate_actions(x, {**actions, head: wrong}, masks, extras=_extras(bundle, x))
         except (ValueError, TypeError):
             return
         hint = "" if bundle.check_values else " (the factory set check_values=False)"
@@ -1766,14 +1936,20 @@ def _check_hierarchy_rollout(subject: _Subject) -> str:
             bundle, gen, (batch,), subject.feature_dim, each_op=step % 2 == 0
         )
         result = bundle.get_action(
-            step_inputs.features, step_inputs.masks, hidden, episode_start=starts[:, step]
+            step_inputs.features,
+            step_inputs.masks,
+            hidden,
+            episode_start=starts[:, step],
+            extras=_extras(bundle, step_inputs.features),
         )
         steps.append((step_inputs, result))
         hidden = result.hidden
     features = torch.stack([s[0].features for s in steps], dim=1)  # [B, T, F]
     masks = ActionMasks.stack([s[0].masks for s in steps])  # [B, T, (N_op,) A_h]
     actions = {h: torch.stack([s[1].action[h] for s in steps], dim=1) for h in HEAD_NAMES}
-    replay = bundle.evaluate_actions(features, actions, masks, start, episode_start=starts)
+    replay = bundle.evaluate_actions(
+        features, actions, masks, start, episode_start=starts, extras=_extras(bundle, features)
+    )
     why = (
         "under the hierarchy the update scores each step at the op the rollout took, so "
         "the hook must give a step the same logits alone and inside a sequence, "
@@ -1784,7 +1960,12 @@ def _check_hierarchy_rollout(subject: _Subject) -> str:
     _expect_replay(replay, [out for _, out in steps], hidden, why)
     first_inputs, first = steps[0]
     one = bundle.evaluate_actions(
-        first_inputs.features, first.action, first_inputs.masks, start, episode_start=starts[:, 0]
+        first_inputs.features,
+        first.action,
+        first_inputs.masks,
+        start,
+        episode_start=starts[:, 0],
+        extras=_extras(bundle, first_inputs.features),
     )
     for name in HEAD_NAMES:
         _expect_close(
@@ -1811,7 +1992,7 @@ def _check_floors(subject: _Subject) -> str:
             "on to PolicyBundle.__init__"
         )
     x, masks = _inputs(bundle, subject.generator(), (_SAMPLED_ROWS,), subject.feature_dim)
-    logits = bundle.forward(x, masks).logits
+    logits = bundle.forward(x, masks, extras=_extras(bundle, x)).logits
     for name, floor in given.items():
         mask = getattr(masks, name)
         assert mask is not None  # random_masks masks every head
@@ -1830,8 +2011,8 @@ def _check_floors(subject: _Subject) -> str:
             raise _ClauseError(
                 f"forward gives a masked action of head {name!r} a probability above 0"
             )
-    step = bundle.get_action(x, masks)
-    scored = bundle.evaluate_actions(x, step.action, masks)
+    step = bundle.get_action(x, masks, extras=_extras(bundle, x))
+    scored = bundle.evaluate_actions(x, step.action, masks, extras=_extras(bundle, x))
     for name in HEAD_NAMES:
         _expect_close(
             f"evaluate_actions log-probs of head {name!r} under floors and get_action's",
@@ -1840,6 +2021,63 @@ def _check_floors(subject: _Subject) -> str:
             "both must score the floored distribution",
         )
     return ""
+
+
+class _ExtrasSeen:
+    """Wraps a bundle's hook for one call: records the extras it was given, then runs it."""
+
+    def __init__(self, hook: Callable[[PolicyInputs], NetworkOutput | OpConditionedOutput]) -> None:
+        self.hook = hook
+        self.seen: list[Mapping[str, torch.Tensor]] = []
+
+    def __call__(self, inputs: PolicyInputs) -> NetworkOutput | OpConditionedOutput:
+        self.seen.append(inputs.extras)
+        return self.hook(inputs)
+
+
+def _check_extra_inputs(subject: _Subject) -> str:
+    bundle = subject.build()
+    specs = bundle.extra_inputs
+    if not specs:
+        return "the bundle declares no extra inputs"
+    gen = subject.generator()
+    for lead in ((_BATCH,), (_BATCH, _STEPS)):
+        x, masks = _inputs(bundle, gen, lead, subject.feature_dim)
+        extras = _extras(bundle, x)
+        assert extras is not None  # the bundle declares some
+        spy = _ExtrasSeen(bundle._forward)
+        bundle._forward = spy  # type: ignore[method-assign]  # this bundle, this call only
+        try:
+            bundle.forward(x, masks, extras=extras)
+        finally:
+            del bundle._forward
+        steps = 1 if len(lead) == 1 else _STEPS
+        for spec in specs:
+            got = spy.seen[-1].get(spec.name) if spy.seen else None
+            want = (_BATCH, steps, *spec.shape)
+            if got is None or tuple(got.shape) != want:
+                shown = "nothing" if got is None else f"shape {tuple(got.shape)}"
+                raise _ClauseError(
+                    f"_forward got {shown} for extra input {spec.name!r} from {lead}-shaped "
+                    f"features; expected {want}: pass extras on to super()._normalize_inputs"
+                )
+    x, masks = _inputs(bundle, gen, (_BATCH, _STEPS), subject.feature_dim)
+    extras = _extras(bundle, x)
+    shifted = _extras(bundle, x + 0.371)
+    assert extras is not None  # the bundle declares some
+    assert shifted is not None
+    before = bundle.forward(x, masks, extras=extras)
+    for spec in specs:
+        after = bundle.forward(x, masks, extras={**extras, spec.name: shifted[spec.name]})
+        same = torch.equal(before.value, after.value) and all(
+            torch.equal(before.logits[name], after.logits[name]) for name in HEAD_NAMES
+        )
+        if same:
+            raise _ClauseError(
+                f"the outputs do not depend on extra input {spec.name!r}: read "
+                f"inputs.extras[{spec.name!r}] in _forward, or do not declare it"
+            )
+    return ", ".join(spec.name for spec in specs)
 
 
 _GATES: tuple[tuple[str, _Check], ...] = (
@@ -1885,6 +2123,7 @@ _CLAUSES: tuple[tuple[str, _Check], ...] = (
     ("bad inputs refused", _check_bad_inputs),
     ("no per-call closures", _check_no_closures),
     ("probability floors", _check_floors),
+    ("extra inputs", _check_extra_inputs),
     (_HIERARCHY_GATE, _check_hierarchy_shapes),
     ("hierarchy: masks respected", _check_hierarchy_masks),
     ("hierarchy: ignored heads canonical", _check_hierarchy_canonical),

@@ -35,6 +35,7 @@ __all__ = [
     "check_not_inference",
     "check_positive_int",
     "check_state_dict",
+    "check_step_layout",
 ]
 
 _VALID_NAMES = ", ".join(HEAD_NAMES)
@@ -364,25 +365,9 @@ def _check_mask_layout(
     """
     what = f"masks[{name!r}]"
     form = "A" if len(inner) == 1 else "N_op, A"
-    expected = (batch, steps, *inner)
     shape = tuple(mask.shape)
     rank = len(shape)
-    if rank == 1 + len(inner):
-        if steps != 1:
-            raise ValueError(
-                f"{what} has shape {shape} ([B, {form}]) but the features are a sequence of "
-                f"T={steps} steps; give it as [B, T, {form}] = {expected}"
-            )
-    elif rank != 2 + len(inner):
-        forms = f"[B, {form}] or [B, 1, {form}]" if single_step else f"[B, T, {form}]"
-        raise ValueError(f"{what} must be {forms}, got rank {rank} with shape {shape}")
-    elif shape[1] != steps:
-        raise ValueError(
-            f"{what} has {_steps(shape[1])} in dimension 1 but the features have T={steps}; "
-            f"expected {expected}"
-        )
-    if shape[0] != batch:
-        raise ValueError(f"{what} has batch {shape[0]} but the features have batch {batch}")
+    check_step_layout(shape, what, form, len(inner), batch, steps, single_step)
     if len(inner) == 2 and shape[-2] != inner[0]:
         raise ValueError(
             f"{what} has {shape[-2]} ops in dimension {rank - 2} (N_op); the op head has {inner[0]}"
@@ -393,6 +378,57 @@ def _check_mask_layout(
         )
     if mask.device != device:
         raise _device_error(what, mask.device, device)
+
+
+def check_step_layout(
+    shape: tuple[int, ...],
+    what: str,
+    form: str,
+    inner_rank: int,
+    batch: int,
+    steps: int,
+    single_step: bool,
+) -> None:
+    """Check the leading dimensions of a per-step tensor against the features.
+
+    The rule of masks, per-op masks and extra inputs alike: with `inner_rank` trailing
+    dimensions, one step is `[B, ...]` (when `T == 1`) or `[B, 1, ...]`, a sequence
+    `[B, T, ...]`. The trailing dimensions are the caller's to check.
+
+    Args:
+        shape: The tensor's shape.
+        what: Its name in messages (`masks['slot']`, `extra input 'x'`).
+        form: Its trailing dimensions in messages (`A`, `N_op, A`, `3`).
+        inner_rank: How many trailing dimensions it has.
+        batch: `B` of the features.
+        steps: `T` of the features (1 for a single step).
+        single_step: The features were `[B, F]`.
+
+    Raises:
+        ValueError: The rank, the number of steps or the batch is wrong; the message
+            names the tensor and what was expected.
+    """
+    rank = len(shape)
+    lead = "[B]" if not form else f"[B, {form}]"
+    sequence = "[B, T]" if not form else f"[B, T, {form}]"
+    if rank == 1 + inner_rank:
+        if steps != 1:
+            raise ValueError(
+                f"{what} has shape {shape} ({lead}) but the features are a sequence of "
+                f"T={steps} steps; give it as {sequence} = {(batch, steps, *shape[1:])}"
+            )
+    elif rank != 2 + inner_rank:
+        one = f"{lead} or {'[B, 1]' if not form else f'[B, 1, {form}]'}"
+        raise ValueError(
+            f"{what} must be {one if single_step else sequence}, got rank {rank} with shape {shape}"
+        )
+    elif shape[1] != steps:
+        raise ValueError(
+            f"{what} has {_steps(shape[1])} in dimension 1 but the features have T={steps}; "
+            f"expected {(batch, steps, *shape[2:])}"
+        )
+    if shape[0] != batch:
+        raise ValueError(f"{what} has batch {shape[0]} but the features have batch {batch}")
 
 
 def check_hidden(

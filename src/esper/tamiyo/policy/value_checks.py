@@ -15,6 +15,7 @@ import math
 import torch
 
 from esper.tamiyo.policy.action_space import HEAD_NAMES
+from esper.tamiyo.policy.extra_inputs import ExtraInput, inside_range
 from esper.tamiyo.policy.inputs import PolicyInputs
 from esper.tamiyo.policy.layout import PRIMARY, HeadLayout
 from esper.tamiyo.policy.outputs import HookOutput
@@ -35,7 +36,9 @@ def _sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.sum(dtype=_SUM_DTYPE.get(tensor.dtype))
 
 
-def check_input_values(inputs: PolicyInputs, layout: HeadLayout, masked: bool) -> None:
+def check_input_values(
+    inputs: PolicyInputs, layout: HeadLayout, masked: bool, specs: tuple[ExtraInput, ...] = ()
+) -> None:
     """Refuse NaN/Inf features or hidden state, void mask rows, bad actions; one sync.
 
     Under a hierarchical space a head that a valid op uses also needs a valid action
@@ -46,6 +49,8 @@ def check_input_values(inputs: PolicyInputs, layout: HeadLayout, masked: bool) -
         inputs: The normalized inputs.
         layout: The padded layout's tables (head sizes, hierarchy).
         masked: The caller gave masks (without them no row can be void).
+        specs: The bundle's extra inputs: an integer one outside its range and
+            sentinels, or a floating one with a NaN or Inf, is refused.
 
     Raises:
         ValueError: A value is bad; the message names the argument, head, op and row.
@@ -62,8 +67,15 @@ def check_input_values(inputs: PolicyInputs, layout: HeadLayout, masked: bool) -
             total = total / _usable_given_op(inputs, layout).all()
     if inputs.action_index is not None:
         total = total / _actions_allowed(inputs, layout).all()
+    for spec in specs:
+        value = inputs.extras[spec.name]
+        if spec.kind == "floating":
+            total = total + _sum(value)
+        elif spec.bounded:
+            total = total / inside_range(value, spec).all()
     if math.isfinite(total.item()):
         return
+    _explain_extras(inputs, specs)
     _explain_inputs(inputs, layout)
     _overflowed(inputs.features, *(inputs.hidden or ()))
 
@@ -120,6 +132,34 @@ def check_output_values(owner: str, out: HookOutput, layout: HeadLayout, single_
             f"{owner}: the value is NaN or Inf at {_where(bad[0], single_step)}; {_NETWORK_ADVICE}"
         )
     _overflowed(head_logits.detach(), value.detach(), *(() if by_op is None else (by_op,)))
+
+
+def _explain_extras(inputs: PolicyInputs, specs: tuple[ExtraInput, ...]) -> None:
+    """Raise naming the first extra input with a bad value, the values and a row."""
+    for spec in specs:
+        value = inputs.extras[spec.name]  # [B, T, *shape]
+        what = f"extra input {spec.name!r}"
+        if spec.kind == "floating":
+            bad = ~torch.isfinite(value)
+            if bad.any():
+                raise ValueError(f"{what} has NaN or Inf at {_first_row(bad, inputs.single_step)}")
+            continue
+        if not spec.bounded:
+            continue
+        bad = ~inside_range(value, spec)
+        if bad.any():
+            values = torch.unique(value[bad]).tolist()
+            shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
+            raise ValueError(
+                f"{what} has values outside {spec.allowed()}: {shown} (first at "
+                f"{_first_row(bad, inputs.single_step)})"
+            )
+
+
+def _first_row(bad: torch.Tensor, single_step: bool) -> str:
+    """Where the first True of `bad` `[B, T, ...]` is, as `_where` names it."""
+    per_step = bad.reshape(bad.shape[0], bad.shape[1], -1).any(dim=-1)  # [B, T]
+    return _where(per_step.nonzero()[0], single_step)
 
 
 def _usable_given_op(inputs: PolicyInputs, layout: HeadLayout) -> torch.Tensor:
