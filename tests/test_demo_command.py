@@ -29,7 +29,7 @@ from esper.tamiyo.policy import (
 )
 from esper.tamiyo.policy.cli import main
 from esper.tamiyo.policy.demo import PPOTrainer, TaskConfig
-from esper.tamiyo.policy.demo.run import DemoOptions
+from esper.tamiyo.policy.demo.run import DemoOptions, build_policy
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ACCEPTANCE_STEPS = "80000"  # the default is 120000; at 45000 one seed in 8 fell short
@@ -431,3 +431,41 @@ def test_a_bad_probability_floor_is_refused_before_training(
 def test_demo_options_refuse_a_bad_floor_by_name() -> None:
     with pytest.raises(ValueError, match=r"DemoOptions: probability_floor\['op'\] must lie in"):
         DemoOptions(probability_floor={"op": 2.0})
+
+
+def test_the_blueprint_embedding_reaches_the_lstm_and_the_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--blueprint-embed-dim` builds the LSTM with the embedding; the MLP has none."""
+    code = main(
+        ["demo", "--steps", "1024", "--envs", "8", "--eval-episodes", "64", "--output",
+         str(tmp_path), "--no-progress", "--blueprint-embed-dim", "2"]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code in (0, 1)  # too few steps to learn; the input is what is checked
+    assert "LSTM blueprint embedding 2" in printed
+    assert results_of(tmp_path)["options"]["blueprint_embed_dim"] == 2
+    lstm = load_policy(tmp_path / "lstm.pt")
+    assert [spec.name for spec in lstm.extra_inputs] == ["blueprint_indices"]
+    assert load_policy(tmp_path / "mlp.pt").extra_inputs == ()
+    assert main(["demo", "--load", str(tmp_path / "lstm.pt"), "--eval-episodes", "16"]) in (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--blueprint-embed-dim", "0"], "--blueprint-embed-dim"),
+        (["--load", "x.pt", "--blueprint-embed-dim", "4"], "trains nothing: --blueprint-embed-dim"),
+    ],
+)
+def test_a_bad_blueprint_embedding_is_refused_before_training(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert says in _error_of(["demo", *argv], capsys)
+
+
+def test_only_the_lstm_takes_a_blueprint_embedding() -> None:
+    with pytest.raises(ValueError, match="only the LSTM takes blueprint_embed_dim, not 'mlp'"):
+        build_policy("mlp", 10, blueprint_embed_dim=4)
+    with pytest.raises(ValueError, match="DemoOptions: blueprint_embed_dim must be at least 0"):
+        DemoOptions(blueprint_embed_dim=-1)

@@ -41,13 +41,18 @@ SPACE = TaskConfig().action_space  # ActionSpace.tamiyo()
 FLAT = TaskConfig(action_space=ActionSpace())
 
 
-def demo_lstm(seed: int = 0, *, op_conditioned_logits: bool = False) -> LSTMPolicyBundle:
+def demo_lstm(
+    seed: int = 0, *, op_conditioned_logits: bool = False, blueprint_embed_dim: int = 0
+) -> LSTMPolicyBundle:
     torch.manual_seed(seed)
-    if op_conditioned_logits:
-        return LSTMPolicyBundle(
-            FEATURES, hidden_dim=16, embed_dim=16, action_space=SPACE, op_conditioned_logits=True
-        )
-    return LSTMPolicyBundle(FEATURES, hidden_dim=16, embed_dim=16, action_space=SPACE)
+    return LSTMPolicyBundle(
+        FEATURES,
+        hidden_dim=16,
+        embed_dim=16,
+        action_space=SPACE,
+        op_conditioned_logits=op_conditioned_logits,
+        blueprint_embed_dim=blueprint_embed_dim,
+    )
 
 
 class PerHeadBias(PolicyBundle):
@@ -100,8 +105,13 @@ def _guide_gru() -> PolicyBundle:
 
 @pytest.mark.parametrize(
     "make",
-    [demo_lstm, lambda: demo_lstm(op_conditioned_logits=True), _guide_gru],
-    ids=["lstm", "lstm-op-conditioned", "guide-gru"],
+    [
+        demo_lstm,
+        lambda: demo_lstm(op_conditioned_logits=True),
+        _guide_gru,
+        lambda: demo_lstm(blueprint_embed_dim=4),
+    ],
+    ids=["lstm", "lstm-op-conditioned", "guide-gru", "lstm-blueprints"],
 )
 def test_updates_replay_the_rollout_across_episode_resets_inside_sequences(
     make: Callable[[], PolicyBundle],
@@ -128,6 +138,14 @@ def test_updates_replay_the_rollout_across_episode_resets_inside_sequences(
     assert second.masks.slot_by_op.shape == (8, 24, 6, 3)
     stats = trainer.update(second)
     assert stats.first_ratio_error < 1e-5
+    if bundle.extra_inputs:  # stored step by step, aligned with the features
+        assert set(second.extras) == {"blueprint_indices"}
+        stored = second.extras["blueprint_indices"]
+        assert stored.shape == (8, 24, 3)
+        assert bool((stored >= 0).any())  # seeds were germinated, and their blueprints seen
+        assert bool((stored[second.episode_start] == -1).all())  # a new episode: all empty
+    else:
+        assert second.extras == {}
 
 
 PUBLIC_SOURCES = {

@@ -14,6 +14,7 @@ from esper.tamiyo.policy import (
     ActionHierarchy,
     ActionMasks,
     ActionSpace,
+    ExtraInput,
     UniformPolicyBundle,
 )
 from esper.tamiyo.policy.demo import Op, SeedLifecycleTask, Stage, TaskConfig
@@ -623,3 +624,47 @@ def test_fewer_slots_and_cues_work_and_change_the_feature_width(space: ActionSpa
     assert slot.shape[-1] == 1
     trace = play(task, lambda t, m: oracle(t, m, t.right_blueprint()), config.episode_steps)
     torch.testing.assert_close(total_return(trace), torch.full((32,), config.best_return))
+
+
+def test_each_slot_shows_its_seeds_blueprint_until_the_slot_empties() -> None:
+    """`blueprint_indices`: -1 exactly where a slot is empty, else the germinated blueprint.
+
+    Random valid actions over two episodes germinate, prune, fossilize and discard.
+    """
+    task = SeedLifecycleTask(32, seed=0)
+    policy = UniformPolicyBundle(CONFIG.feature_dim, action_space=CONFIG.action_space)
+    features, masks = task.reset()
+    assert bool((task.blueprint_indices() == -1).all())
+    generator = torch.Generator().manual_seed(0)
+    germinated = torch.full((32, CONFIG.num_slots), -1)
+    pruned = 0
+    for _ in range(2 * CONFIG.episode_steps):
+        action = policy.get_action(features, masks, generator=generator).action
+        outcome = task.step(action)
+        shown = task.blueprint_indices()
+        rows = torch.arange(32)
+        acted = (action["op"] == Op.GERMINATE) & (
+            task.stage[rows, action["slot"]] == Stage.TRAINING
+        )
+        germinated[rows[acted], action["slot"][acted]] = action["blueprint"][acted]
+        pruned += int((task.stage == Stage.PRUNING).sum())
+        empty = task.stage == Stage.EMPTY
+        assert torch.equal(shown == -1, empty)
+        germinated[empty] = -1
+        assert torch.equal(shown, germinated)
+        features, masks = outcome.features, outcome.masks
+    assert pruned > 0  # prunes ran, and their slots emptied
+    shown[0, 0] = 99  # a copy: the caller cannot change the task
+    assert int(task.blueprint_indices()[0, 0]) != 99
+
+
+def test_the_task_gives_a_bundle_the_extra_inputs_it_declares() -> None:
+    task = SeedLifecycleTask(4, seed=0)
+    assert task.extra_inputs(()) == {}
+    spec = ExtraInput("blueprint_indices", "integer", (3,), low=0, high=13, sentinels=(-1,))
+    given = task.extra_inputs((spec,))
+    assert given["blueprint_indices"].shape == (4, 3)
+    with pytest.raises(
+        ValueError, match="provides the extra inputs blueprint_indices; the bundle also needs 'age'"
+    ):
+        task.extra_inputs((spec, ExtraInput("age", "floating")))

@@ -200,6 +200,13 @@ def _add_demo_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "policies (repeatable; see docs/adr/0009)",
     )
     demo.add_argument(
+        "--blueprint-embed-dim",
+        type=_positive_int,
+        metavar="N",
+        help="give the LSTM the blueprint in each slot as an extra input, embedded in N "
+        "values (docs/adr/0010)",
+    )
+    demo.add_argument(
         "--logdir",
         type=Path,
         metavar="DIR",
@@ -222,6 +229,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         "--output": args.output,
         "--logdir": args.logdir,
         "--probability-floor": args.probability_floor or None,
+        "--blueprint-embed-dim": args.blueprint_embed_dim,
     }
     given = [flag for flag, value in training_only.items() if value is not None]
     if args.load is not None and given:
@@ -255,6 +263,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         load=args.load,
         logdir=args.logdir,
         probability_floor=floors or None,
+        blueprint_embed_dim=args.blueprint_embed_dim or 0,
     )
     try:
         return run_demo(options)

@@ -82,7 +82,12 @@ def evaluate_policy(
     try:
         for _ in range(config.episode_steps):
             result = bundle.get_action(
-                features, masks, hidden, deterministic=deterministic, generator=generator
+                features,
+                masks,
+                hidden,
+                deterministic=deterministic,
+                generator=generator,
+                extras=task.extra_inputs(bundle.extra_inputs),
             )
             outcome = task.step(result.action)
             features, masks, hidden = outcome.features, outcome.masks, result.hidden

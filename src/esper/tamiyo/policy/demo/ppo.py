@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
@@ -142,6 +142,7 @@ class Rollout:
         episode_start: `[N, T]` bool, the flags `get_action` was given.
         hidden: The state the rollout started from (`None` when stateless).
         last_value: `[N]` value of the state after the last step, to bootstrap.
+        extras: The bundle's extra inputs, name to `[N, T, ...]` (empty without any).
     """
 
     features: torch.Tensor
@@ -154,6 +155,7 @@ class Rollout:
     episode_start: torch.Tensor
     hidden: HiddenState | None
     last_value: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +224,7 @@ class _RolloutState:
     masks: ActionMasks
     hidden: HiddenState | None
     episode_start: torch.Tensor
+    extras: dict[str, torch.Tensor]
 
 
 @dataclass(slots=True)
@@ -305,6 +308,7 @@ class PPOTrainer:
             masks=masks,
             hidden=bundle.initial_hidden(task.num_envs),
             episode_start=torch.ones(task.num_envs, dtype=torch.bool, device=task.device),
+            extras=task.extra_inputs(bundle.extra_inputs),
         )
 
     @property
@@ -369,6 +373,7 @@ class PPOTrainer:
             key: [] for key in ("features", "value", "reward", "done", "start")
         }
         masks: list[ActionMasks] = []
+        extras: list[dict[str, torch.Tensor]] = []
         actions: list[dict[str, torch.Tensor]] = []
         log_probs: list[dict[str, torch.Tensor]] = []
         totals = _EpisodeTotals()
@@ -379,6 +384,7 @@ class PPOTrainer:
                 state.hidden,
                 episode_start=state.episode_start,
                 generator=self._generator,
+                extras=state.extras,
             )
             outcome = task.step(result.action)
             columns["features"].append(state.features)  # [N, F]
@@ -387,13 +393,15 @@ class PPOTrainer:
             columns["done"].append(outcome.done)
             columns["start"].append(state.episode_start)
             masks.append(state.masks)
+            extras.append(state.extras)
             actions.append(result.action)
             log_probs.append(result.log_prob)
             totals.add(outcome.episodes)
             state.features, state.masks = outcome.features, outcome.masks
             state.hidden, state.episode_start = result.hidden, outcome.done
+            state.extras = task.extra_inputs(bundle.extra_inputs)
         last_value = bundle.get_value(
-            state.features, state.hidden, episode_start=state.episode_start
+            state.features, state.hidden, episode_start=state.episode_start, extras=state.extras
         )  # [N]
         stacked = {key: torch.stack(column, dim=1) for key, column in columns.items()}
         rollout = Rollout(
@@ -407,6 +415,7 @@ class PPOTrainer:
             episode_start=stacked["start"],
             hidden=start_hidden,
             last_value=last_value,
+            extras={name: torch.stack([e[name] for e in extras], dim=1) for name in state.extras},
         )
         return rollout, totals
 
@@ -471,6 +480,7 @@ class PPOTrainer:
             _select_rows(rollout.masks, rows),
             hidden,
             episode_start=rollout.episode_start[rows],
+            extras={name: value[rows] for name, value in rollout.extras.items()},
         )
         log_ratio = {h: result.log_prob[h] - rollout.log_prob[h][rows] for h in HEAD_NAMES}
         relevant = torch.stack([result.relevance[h] for h in HEAD_NAMES])  # [H, n, T] bool

@@ -91,6 +91,9 @@ class DemoOptions:
             `logdir/<policy>` (needs the `tensorboard` package, in the demo extra).
         probability_floor: Per-head probability floors for both trained policies
             (see `PolicyBundle`), e.g. `{"op": 0.02}`; none by default.
+        blueprint_embed_dim: Give the LSTM the blueprint in each slot as an extra
+            input, embedded in this many values (`LSTMPolicyBundle`); 0, the
+            default, gives it features alone. The MLP has no such option.
     """
 
     steps: int = 120_000
@@ -104,10 +107,12 @@ class DemoOptions:
     load: Path | None = None
     logdir: Path | None = None
     probability_floor: dict[str, float] | None = None
+    blueprint_embed_dim: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "envs", "eval_episodes", "threads"):
             check_positive_int(getattr(self, name), name, "DemoOptions")
+        check_positive_int(self.blueprint_embed_dim, "blueprint_embed_dim", "DemoOptions", 0)
         check_probability_floor(self.probability_floor, "DemoOptions")
 
 
@@ -133,6 +138,7 @@ def build_policy(
     *,
     op_conditioned_logits: bool = False,
     probability_floor: Mapping[str, float] | None = None,
+    blueprint_embed_dim: int = 0,
 ) -> PolicyBundle:
     """The demo's `"lstm"` or `"mlp"` bundle: 64 wide, so training takes seconds.
 
@@ -144,12 +150,20 @@ def build_policy(
             space only); the demo does not.
         probability_floor: Per-head probability floors (see `PolicyBundle`); none by
             default.
+        blueprint_embed_dim: The LSTM's blueprint embedding (its extra input
+            `blueprint_indices`); 0, the default, for none. The MLP has none.
+
+    Raises:
+        ValueError: An unknown name, or a blueprint embedding asked of the MLP.
     """
     if name == "lstm":
         return LSTMPolicyBundle(
             feature_dim, hidden_dim=64, embed_dim=64, action_space=action_space,
             op_conditioned_logits=op_conditioned_logits, probability_floor=probability_floor,
+            blueprint_embed_dim=blueprint_embed_dim,
         )  # fmt: skip
+    if blueprint_embed_dim:
+        raise ValueError(f"build_policy: only the LSTM takes blueprint_embed_dim, not {name!r}")
     if name == "mlp":
         return MLPPolicyBundle(
             feature_dim, hidden_dim=64, action_space=action_space,
@@ -210,6 +224,11 @@ def _train_and_compare(options: DemoOptions, device: torch.device) -> int:
         f"{options.steps:,} steps per policy, seed {options.seed}, {device}, "
         f"{torch.get_num_threads()} thread(s), torch {torch.__version__}"
         + (f", probability floors {options.probability_floor}" if options.probability_floor else "")
+        + (
+            f", LSTM blueprint embedding {options.blueprint_embed_dim}"
+            if options.blueprint_embed_dim
+            else ""
+        )
     )
     run = _Run()
     for name in TRAINED:
@@ -218,6 +237,7 @@ def _train_and_compare(options: DemoOptions, device: torch.device) -> int:
         bundle = build_policy(
             name, config.feature_dim, config.action_space,
             probability_floor=options.probability_floor,
+            blueprint_embed_dim=options.blueprint_embed_dim if name == "lstm" else 0,
         ).to(device)  # fmt: skip
         ppo = PPOConfig()
         per_iteration = options.envs * ppo.rollout_steps

@@ -60,7 +60,7 @@ episodes whatever the policy does.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from esper.tamiyo.policy.action_space import HEAD_NAMES, TAMIYO_HIERARCHY, ActionSpace
+from esper.tamiyo.policy.extra_inputs import ExtraInput
 from esper.tamiyo.policy.masks import ActionMasks
 from esper.tamiyo.policy.validation import check_positive_int
 
@@ -356,6 +357,7 @@ class SeedLifecycleTask:
         self.blend_curve = torch.zeros(n, s, dtype=torch.long, device=dev)
         self.shock = torch.zeros(n, device=dev)  # what prunes cost the host so far
         self.first_blueprint = torch.zeros(n, dtype=torch.long, device=dev)
+        self.blueprint = torch.full((n, s), -1, dtype=torch.long, device=dev)  # -1: empty
         self.episode_return = torch.zeros(n, device=dev)
         self.invalid_actions = torch.zeros(n, dtype=torch.long, device=dev)
         self.illegal_combinations = torch.zeros(n, dtype=torch.long, device=dev)
@@ -403,6 +405,40 @@ class SeedLifecycleTask:
     def masks(self) -> ActionMasks:
         """The valid actions of the current step (see the module docstring)."""
         return self._masks
+
+    def blueprint_indices(self) -> torch.Tensor:
+        """`[N, S]` int64: the blueprint of the seed in each slot, -1 for an empty slot.
+
+        What the host system passes its policy as `blueprint_indices` at every step; a
+        seed keeps its blueprint from germination until its slot empties (a prune
+        finished, or the episode's end discards it). Not in `features`: a bundle sees
+        it only as an extra input (`LSTMPolicyBundle(blueprint_embed_dim=...)`).
+        """
+        return self.blueprint.clone()
+
+    def extra_inputs(self, specs: Sequence[ExtraInput]) -> dict[str, torch.Tensor]:
+        """The current step's value of each extra input a bundle declares, by name.
+
+        Args:
+            specs: The bundle's `extra_inputs`.
+
+        Returns:
+            Name to `[N, ...]` tensor, to pass as `**extras` to the bundle's methods;
+            empty for a bundle that declares none.
+
+        Raises:
+            ValueError: The bundle needs an input the task does not provide.
+        """
+        provided = {"blueprint_indices": self.blueprint_indices}
+        extras: dict[str, torch.Tensor] = {}
+        for spec in specs:
+            if spec.name not in provided:
+                raise ValueError(
+                    f"SeedLifecycleTask provides the extra inputs {', '.join(provided)}; "
+                    f"the bundle also needs {spec.name!r}"
+                )
+            extras[spec.name] = provided[spec.name]()
+        return extras
 
     def legal_slots(self) -> torch.Tensor:
         """`[N, |Op|, S]` bool: op `n` is legal on slot `s` now (`WAIT` on none: no slot)."""
@@ -591,6 +627,7 @@ class SeedLifecycleTask:
         """Start a seed training in the `[N, S]` slots `where`."""
         fits = action["blueprint"] == self.right_blueprint()  # [N]
         fit = torch.where(fits, 1.0, self.config.wrong_blueprint_quality).unsqueeze(1)
+        self.blueprint = torch.where(where, action["blueprint"].unsqueeze(1), self.blueprint)
         first = where.any(dim=1) & (self.first_blueprint == 0)  # [N]
         self.first_blueprint = torch.where(first, action["blueprint"], self.first_blueprint)
         self._set_stage(where, Stage.TRAINING)
@@ -673,6 +710,7 @@ class SeedLifecycleTask:
             value = getattr(self, name)
             setattr(self, name, value.masked_fill(where, 0))
         self.blend_length = self.blend_length.masked_fill(where, 1)
+        self.blueprint = self.blueprint.masked_fill(where, -1)
 
     def _start_episodes(self, where: torch.Tensor) -> None:
         """Reset the `[N]` environments `where`: a fresh cue and cue delay, empty slots."""
