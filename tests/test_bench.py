@@ -56,6 +56,8 @@ QUICK_ROWS = {
     "floors/get_action/B=1/tamiyo",
     "floors/get_action/B=32",
     "floors/get_action/B=32/tamiyo",
+    "blueprints/get_action/B=1",
+    "blueprints/get_action/B=32",
 }
 TARGETS = {
     "get_action/B=1",
@@ -347,7 +349,7 @@ def test_json_path_folder_is_created(tmp_path: Path) -> None:
     "ignore:The .grad attribute of a Tensor that is not a leaf Tensor:UserWarning"
 )
 def test_the_compiled_section_times_old_eager_and_compiled_side_by_side() -> None:
-    """With compile on (the eager backend here: no C++ toolchain needed), section 8 fills."""
+    """With compile on (the eager backend here: no C++ toolchain needed), section 9 fills."""
     options = suite.BenchOptions(quick=True, repeats=2, compile=True)
     options.compile_kwargs["backend"] = "eager"
     report = suite.run_suite(options)
@@ -359,6 +361,10 @@ def test_the_compiled_section_times_old_eager_and_compiled_side_by_side() -> Non
         "compile/get_action/B=32/eager",
         "compile/evaluate/B=8,T=16",
         "compile/evaluate/B=8,T=16/eager",
+        "compile/floors/get_action/B=1",
+        "compile/floors/get_action/B=1/tamiyo",
+        "compile/floors/get_action/B=32",
+        "compile/floors/get_action/B=32/tamiyo",
     }
     for row in compiled.values():
         assert row.error is None, row.error

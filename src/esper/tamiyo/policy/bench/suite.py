@@ -16,7 +16,10 @@ inputs, with one torch thread, interleaved within every repeat (`harness`). Meas
    value checks and shaping the results;
 6. the peak memory of the training step (`memory`);
 7. probability floors on two heads against none, same weights and inputs (`floors`);
-8. with `compile=True`, a new bundle compiled with `PolicyBundle.compile`.
+8. the LSTM's blueprint embedding (the extra input `blueprint_indices`) against
+   features alone (`blueprints`);
+9. with `compile=True`, a new bundle compiled with `PolicyBundle.compile`, and
+   section 7's floors with both bundles compiled.
 
 Sections 2 and 3 also time the seed design with `torch.distributions` validation
 off, and the new bundle's network alone (`network_step`, `network_training_step`):
@@ -101,7 +104,9 @@ SECTIONS: dict[str, str] = {
     "memory": "6. Peak memory of the training step of section 3",
     "floors": "7. Probability floors; old: the new bundle without floors; new: the same weights\n"
     "   with floors on two heads (op 0.15, blueprint 0.12), flat and on ActionSpace.tamiyo()",
-    "compile": "8. New bundle compiled with PolicyBundle.compile (--compile)",
+    "blueprints": "8. Blueprint embedding; old: the new bundle on features alone; new: the same\n"
+    "   bundle with blueprint_embed_dim=4, taking blueprint_indices [B, 3] as an extra input",
+    "compile": "9. New bundle compiled with PolicyBundle.compile (--compile)",
 }
 """Section key to the title printed above its table, in print order."""
 
@@ -294,6 +299,7 @@ class Case:
         old_masks: The same masks as the seed design's keyword arguments.
         hidden: Zero `(h, c)` for `B` episodes.
         actions: Valid actions under `masks`, `[B, T]` per head, for training steps.
+        extras: The extra inputs of a bundle that declares some, shaped like the masks.
     """
 
     features: torch.Tensor
@@ -301,6 +307,7 @@ class Case:
     old_masks: MaskKwargs
     hidden: HiddenState
     actions: dict[str, torch.Tensor] | None = None
+    extras: dict[str, torch.Tensor] | None = None
 
 
 def matching_bundle(old: SeedLSTMBundle) -> LSTMPolicyBundle:
@@ -391,7 +398,7 @@ def old_get_action_unvalidated(bundle: SeedLSTMBundle, case: Case) -> object:
 
 def new_get_action(bundle: PolicyBundle, case: Case) -> object:
     """One `get_action` of a new bundle on `case`."""
-    return bundle.get_action(case.features, case.masks, case.hidden)
+    return bundle.get_action(case.features, case.masks, case.hidden, extras=case.extras)
 
 
 def network_step(
@@ -688,6 +695,39 @@ def measure_floors(ctx: Context) -> list[Comparison]:
     return rows
 
 
+BENCH_BLUEPRINT_EMBED_DIM = 4
+"""Section 8's embedding width per slot: the host system's."""
+
+
+def measure_blueprints(ctx: Context) -> list[Comparison]:
+    """Section 8: `get_action` at B=1 and B=32 with the blueprint embedding against none.
+
+    The same sizes (section 2's bundle, and its twin with `blueprint_embed_dim`), the
+    same features and masks; the twin also takes each slot's blueprint, random in
+    `[-1, 13)`, as its extra input: the embedding, its join to the features, and the
+    input's checks (with the value check, one more reduction in the same sync).
+    """
+    rows: list[Comparison] = []
+    plain = ctx.bundles.new
+    embedding = LSTMPolicyBundle(
+        **{**plain.config, "blueprint_embed_dim": BENCH_BLUEPRINT_EMBED_DIM}
+    ).to(ctx.device)
+    slots, blueprints = plain.action_space.slot, plain.action_space.blueprint
+    for batch in (1, 32):
+        case = make_case(plain, (batch,), ctx.options.feature_dim, ctx.generator)
+        indices = torch.randint(-1, blueprints, (batch, slots), generator=ctx.generator)
+        with_blueprints = replace(case, extras={"blueprint_indices": indices.to(ctx.device)})
+        calls: dict[str, Callable[[], object]] = {
+            "plain": functools.partial(new_get_action, plain, case),
+            "embedding": functools.partial(new_get_action, embedding, with_blueprints),
+        }
+        timings = time_interleaved(calls, ctx.settings, ctx.sync)
+        name = f"get_action, B={batch}"
+        key = f"blueprints/get_action/B={batch}"
+        rows.append(_timed_row(key, "blueprints", name, timings["plain"], timings["embedding"]))
+    return rows
+
+
 def training_cases(ctx: Context) -> dict[tuple[int, int], Case]:
     """One case per `(B, T)` of the training sections, with sampled valid actions."""
     cases: dict[tuple[int, int], Case] = {}
@@ -825,7 +865,7 @@ def compile_new_bundle(
 
 
 def measure_compiled(ctx: Context, cases: Mapping[tuple[int, int], Case]) -> list[Comparison]:
-    """Section 8: old, new eager and new compiled, interleaved; a failure is a failed row."""
+    """Section 9: old, new eager and new compiled, interleaved; a failure is a failed row."""
     bundles = ctx.bundles
     compiled = compile_new_bundle(bundles.old, ctx.device, ctx.options.compile_kwargs)
     specs: list[tuple[str, str, Callable[[], object], Callable[[], object], Case]] = []
@@ -867,6 +907,50 @@ def measure_compiled(ctx: Context, cases: Mapping[tuple[int, int], Case]) -> lis
             )
         )
         rows.append(_timed_row(key, "compile", f"{name}, compiled", timings["old"], timings["new"]))
+    return rows + measure_compiled_floors(ctx)
+
+
+def measure_compiled_floors(ctx: Context) -> list[Comparison]:
+    """Section 9, continued: section 7's floors, each bundle compiled; a failure is a row.
+
+    Old: the compiled bundle without floors; new: compiled with `BENCH_FLOORS`. The
+    floors' kernels fuse with the masking around them, so this is what floors cost a
+    bundle that runs compiled.
+    """
+    rows: list[Comparison] = []
+    flat = ctx.bundles.new
+    spaces = {"flat": flat, "tamiyo": hierarchical_bundle(flat)}
+    for batch in (1, 32):
+        case = make_case(flat, (batch,), ctx.options.feature_dim, ctx.generator)
+        cases = {"flat": case, "tamiyo": hierarchical_case(case, ctx.generator)}
+        for space, bundle in spaces.items():
+            key = f"compile/floors/get_action/B={batch}" + ("" if space == "flat" else "/tamiyo")
+            name = f"floors on two heads, get_action B={batch}" + (
+                "" if space == "flat" else ", ActionSpace.tamiyo()"
+            )
+            try:
+                plain = rebuilt(bundle).compile(**ctx.options.compile_kwargs)
+                floored = floored_bundle(bundle).compile(**ctx.options.compile_kwargs)
+                calls: dict[str, Callable[[], object]] = {
+                    "plain": functools.partial(new_get_action, plain, cases[space]),
+                    "floored": functools.partial(new_get_action, floored, cases[space]),
+                }
+                timings = time_interleaved(calls, ctx.settings, ctx.sync)
+            except Exception as error:  # compilation happens at the first calls
+                detail = describe_error(error, lines=40, limit=4000)
+                rows.append(
+                    _failed_row(key, "compile", f"{name}, compiled", describe_error(error), detail)
+                )
+                continue
+            rows.append(
+                _timed_row(
+                    key,
+                    "compile",
+                    f"{name}, compiled; old: no floors",
+                    timings["plain"],
+                    timings["floored"],
+                )
+            )
     return rows
 
 
@@ -1027,6 +1111,7 @@ def run_suite(options: BenchOptions) -> Report:
         report.shares += measure_shares(ctx)
         report.rows += measure_memory(ctx, cases)
         report.rows += measure_floors(ctx)
+        report.rows += measure_blueprints(ctx)
         if options.compile:
             report.rows += measure_compiled(ctx, cases)
     report.targets = evaluate_targets(report.rows, report.shares)
