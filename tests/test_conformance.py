@@ -1008,3 +1008,37 @@ def test_an_override_that_loses_an_extra_input_is_named_once() -> None:
         "declares: take extras, pass them on to super()._normalize_inputs and keep what it "
         "returns in inputs.extras"
     )
+
+
+class _OneKindOfSlot(_WithLoad):
+    """Declares an integer input with one allowed value, besides `load`."""
+
+    def __init__(self, feature_dim: int = FEATURE_DIM, action_space: ActionSpace | None = None):
+        space = action_space or ActionSpace()
+        PolicyBundle.__init__(
+            self,
+            TinyNetwork(feature_dim, space),
+            feature_dim=feature_dim,
+            action_space=space,
+            extra_inputs=(
+                ExtraInput("load", "floating", (2,)),
+                ExtraInput("kind", "integer", low=0, high=4, sentinels=(-1, 4)),
+                ExtraInput("version", "integer", low=5, high=6),
+            ),
+        )
+
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        kind = inputs.extras["kind"].unsqueeze(-1).to(inputs.features.dtype)  # [B, T, 1]
+        load = inputs.extras["load"].sum(dim=-1, keepdim=True)  # [B, T, 1]
+        logits, value = self.network(inputs.features + load + kind)
+        return NetworkOutput(logits, value, None)
+
+
+def test_every_kind_of_integer_declaration_gets_valid_and_out_of_range_inputs() -> None:
+    """Sentinels on both sides of the range, and a range of one value (nothing to vary)."""
+    report = check_bundle(_OneKindOfSlot, feature_dim=FEATURE_DIM)
+    assert _result(report, "extra inputs").detail == "load, kind, version"
+    plain = check_bundle(TinyStatelessBundle, feature_dim=FEATURE_DIM)
+    refused = int(_result(report, "bad inputs refused").detail.split()[0])
+    base = int(_result(plain, "bad inputs refused").detail.split()[0])
+    assert refused == base + 4 + 1 + 2  # 4 for the first input, NaN in load, kind and version

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -20,8 +22,11 @@ from esper.tamiyo.policy import (
     load_policy,
     save_policy,
 )
+from esper.tamiyo.policy.base import MaskArg
 from esper.tamiyo.policy.extra_inputs import inside_range
+from esper.tamiyo.policy.inputs import HiddenState
 from esper.tamiyo.policy.testing import random_masks
+from esper.tamiyo.policy.validation import HookContractError
 
 SLOTS = ActionSpace().slot
 BLUEPRINTS = ActionSpace().blueprint
@@ -74,7 +79,7 @@ def _blueprints(lead: tuple[int, ...], generator: torch.Generator | None = None)
         ({"name": "class", "kind": "integer"}, ValueError, "Python identifier"),
         ({"name": "x", "kind": "bool"}, ValueError, "'integer' or 'floating'"),
         ({"name": "x", "kind": "integer", "shape": (0,)}, ValueError, "positive ints"),
-        ({"name": "x", "kind": "integer", "shape": [3]}, ValueError, "tuple of positive"),
+        ({"name": "x", "kind": "integer", "shape": [3]}, TypeError, "got list"),
         ({"name": "x", "kind": "integer", "shape": (True,)}, ValueError, "positive ints"),
         ({"name": "x", "kind": "integer", "low": 3, "high": 3}, ValueError, "empty"),
         ({"name": "x", "kind": "integer", "low": 0.5}, TypeError, "must be ints"),
@@ -86,6 +91,11 @@ def _blueprints(lead: tuple[int, ...], generator: torch.Generator | None = None)
         ),
         ({"name": "x", "kind": "integer", "sentinels": [-1]}, TypeError, "tuple of ints"),
         ({"name": "x", "kind": "floating", "low": 0}, ValueError, "NaN and Inf only"),
+        ({"name": "x", "kind": "integer", "shape": None}, TypeError, "shape must be a tuple"),
+        ({"name": "x", "kind": "integer", "sentinels": None}, TypeError, "got NoneType"),
+        ({"name": "x", "kind": "integer", "high": 2**63}, ValueError, "fit in int64"),
+        ({"name": "x", "kind": "integer", "low": -(2**70)}, ValueError, "fit in int64"),
+        ({"name": "x", "kind": "integer", "sentinels": (-1,)}, ValueError, "give the range"),
     ],
 )
 def test_a_bad_declaration_is_refused_naming_what_is_wrong(
@@ -333,6 +343,62 @@ def test_extras_given_to_a_bundle_that_declares_none_are_refused() -> None:
         )
 
 
+class _SquashesLoad(_Recording):
+    def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
+        squashed = {**inputs.extras, "load": torch.tanh(inputs.extras["load"])}
+        return super()._forward(replace(inputs, extras=squashed))
+
+
+def test_finite_floating_extras_whose_sum_overflows_are_accepted() -> None:
+    """The value check sums them with the features; an overflowing sum alone is no error."""
+    bundle = _SquashesLoad()
+    huge = {"load": torch.full((2, 2), 3e38), "kind": torch.tensor([0, 1])}
+    assert torch.isinf(huge["load"].sum())
+    assert bundle.get_value(torch.zeros(2, FEATURE_DIM), extras=huge).shape == (2,)
+    huge["load"][1, 0] = float("inf")
+    with pytest.raises(ValueError, match="extra input 'load' has NaN or Inf at batch row 1"):
+        bundle.get_value(torch.zeros(2, FEATURE_DIM), extras=huge)
+
+
+class _DropsTheCallersExtras(_Recording):
+    def _normalize_inputs(
+        self,
+        features: torch.Tensor,
+        masks: MaskArg,
+        hidden: HiddenState | None,
+        actions: Mapping[str, torch.Tensor] | None = None,
+        extras: Mapping[str, torch.Tensor] | None = None,
+    ) -> PolicyInputs:
+        return super()._normalize_inputs(features, masks, hidden, actions)  # bug: no extras
+
+
+class _OverrideFromBeforeExtras(_Recording):
+    def _normalize_inputs(  # type: ignore[override]  # the signature before extras
+        self,
+        features: torch.Tensor,
+        masks: MaskArg,
+        hidden: HiddenState | None,
+        actions: Mapping[str, torch.Tensor] | None = None,
+    ) -> PolicyInputs:
+        return super()._normalize_inputs(features, masks, hidden, actions)
+
+
+def test_an_override_that_does_not_pass_extras_on_is_named_not_the_caller() -> None:
+    bundle = _DropsTheCallersExtras()
+    with pytest.raises(
+        HookContractError,
+        match=r"_DropsTheCallersExtras._normalize_inputs did not pass the caller's extras on",
+    ):
+        bundle.get_action(torch.randn(2, FEATURE_DIM), None, extras=_extras((2,)))
+    with pytest.raises(ValueError, match="missing extra input 'load'"):  # the caller's own
+        bundle.get_action(torch.randn(2, FEATURE_DIM), None, extras={"kind": torch.zeros(2)})
+
+
+def test_a_bundle_declaring_extras_needs_an_override_that_takes_them() -> None:
+    with pytest.raises(TypeError, match="its _normalize_inputs override takes no extras"):
+        _OverrideFromBeforeExtras()
+
+
 def test_without_value_checks_the_range_is_not_read() -> None:
     bundle = _Recording()
     bundle.check_values = False
@@ -443,6 +509,29 @@ def test_a_checkpoint_keeps_the_blueprint_embedding(tmp_path: Any) -> None:
     torch.testing.assert_close(
         loaded.get_value(x, extras=extras), bundle.get_value(x, extras=extras)
     )
+
+
+@pytest.mark.filterwarnings(  # dynamo reads .grad while tracing under autograd (torch's)
+    "ignore:The .grad attribute of a Tensor that is not a leaf Tensor:UserWarning"
+)
+def test_a_compiled_update_with_extras_and_resets_matches_the_eager_one() -> None:
+    eager = small_lstm(blueprint_embed_dim=2)
+    compiled = small_lstm(blueprint_embed_dim=2)
+    compiled.network.load_state_dict(eager.network.state_dict())
+    compiled.compile(backend="eager")
+    x = torch.randn(2, 5, FEATURE_DIM)
+    extras = {"blueprint_indices": _blueprints((2, 5))}
+    actions = {head: torch.zeros(2, 5, dtype=torch.long) for head in HEAD_NAMES}
+    starts = torch.zeros(2, 5, dtype=torch.bool)
+    starts[1, 3] = True
+    for episode_start in (None, starts):
+        want = eager.evaluate_actions(x, actions, None, episode_start=episode_start, extras=extras)
+        got = compiled.evaluate_actions(
+            x, actions, None, episode_start=episode_start, extras=extras
+        )
+        torch.testing.assert_close(got.value, want.value)
+        for head in HEAD_NAMES:
+            torch.testing.assert_close(got.log_prob[head], want.log_prob[head])
 
 
 def test_a_compiled_bundle_takes_extra_inputs_as_the_eager_one() -> None:

@@ -147,23 +147,28 @@ print(json.dumps({
 """
 
 
-def test_the_wheel_installs_beside_other_esper_portions(wheel: Path, tmp_path: Path) -> None:
-    """In a fresh venv, with another `esper` distribution and a portion on another path entry."""
+def _fresh_venv(tmp_path: Path, *wheels: Path, extra_path: Path | None = None) -> tuple[Path, Path]:
+    """A venv with `wheels` installed and the outer dependencies (torch) visible: python, site."""
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", "--without-pip", venv)
     python = venv / "bin" / "python"
     site = Path(
         _run(python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))").strip()
     )
-    _run(
-        *(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index"),
-        *("--disable-pip-version-check", "--quiet", wheel, _stand_in_wheel(tmp_path)),
-    )
+    pip: tuple[str | Path, ...] = (sys.executable, "-m", "pip", "--python", python, "install")
+    _run(*pip, "--no-deps", "--no-index", "--disable-pip-version-check", "--quiet", *wheels)
+    dependencies = _dependencies_without_us((tmp_path / "dependencies").resolve())
+    lines = [str(dependencies)] + ([] if extra_path is None else [str(extra_path)])
+    (site / "outer_dependencies.pth").write_text("\n".join(lines) + "\n")
+    return python, site
+
+
+def test_the_wheel_installs_beside_other_esper_portions(wheel: Path, tmp_path: Path) -> None:
+    """In a fresh venv, with another `esper` distribution and a portion on another path entry."""
     elsewhere = tmp_path / "elsewhere"  # as an editable install of esper-lite would add
     (elsewhere / "esper" / "elsewhere").mkdir(parents=True)
     (elsewhere / "esper" / "elsewhere" / "__init__.py").write_text("")
-    dependencies = _dependencies_without_us((tmp_path / "dependencies").resolve())
-    (site / "outer_dependencies.pth").write_text(f"{dependencies}\n{elsewhere}\n")
+    python, site = _fresh_venv(tmp_path, wheel, _stand_in_wheel(tmp_path), extra_path=elsewhere)
 
     seen = json.loads(_run(python, "-I", "-c", _PROBE, cwd=tmp_path))
 
@@ -189,3 +194,41 @@ def test_esper_and_esper_tamiyo_are_namespace_packages_in_the_dev_install() -> N
         assert module.__spec__.origin is None, module
     assert esper.tamiyo.policy.__file__ is not None
     assert Path(esper.tamiyo.policy.__file__).name == "__init__.py"
+
+
+# A host whose `esper` and `esper.tamiyo` are regular packages, first on the path, as
+# esper-lite's are when it runs from its source tree.
+_HOST_PROBE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+try:
+    import esper, esper.simic, esper.tamiyo.policy
+except ModuleNotFoundError as error:
+    print(json.dumps({"error": str(error)}))
+else:
+    print(json.dumps({"policy": esper.tamiyo.policy.__file__, "stage": esper.SeedStage}))
+"""
+
+
+@pytest.mark.parametrize("extends_path", [True, False], ids=["extend_path", "plain"])
+def test_a_host_with_regular_esper_packages_sees_ours_only_if_it_extends_its_path(
+    wheel: Path, tmp_path: Path, extends_path: bool
+) -> None:
+    """What the README says a host must do: `pkgutil.extend_path` in its `__init__` files."""
+    host = tmp_path / "host"
+    (host / "esper" / "simic").mkdir(parents=True)
+    (host / "esper" / "tamiyo").mkdir()
+    extend = "__path__ = __import__('pkgutil').extend_path(__path__, __name__)\n"
+    head = extend if extends_path else ""
+    (host / "esper" / "__init__.py").write_text(head + "SeedStage = 'GERMINATED'\n")
+    (host / "esper" / "tamiyo" / "__init__.py").write_text(head)
+    (host / "esper" / "simic" / "__init__.py").write_text("")
+    python, site = _fresh_venv(tmp_path, wheel)
+
+    seen = json.loads(_run(python, "-I", "-c", _HOST_PROBE, host, cwd=tmp_path))
+
+    if extends_path:
+        assert Path(seen["policy"]) == site / "esper" / "tamiyo" / "policy" / "__init__.py"
+        assert seen["stage"] == "GERMINATED"
+    else:
+        assert seen == {"error": "No module named 'esper.tamiyo.policy'"}

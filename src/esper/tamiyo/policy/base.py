@@ -17,6 +17,7 @@ file, one concern each: argument checks in `validation`, the padded layout in
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 from abc import ABC, abstractmethod
@@ -36,9 +37,11 @@ from esper.tamiyo.policy.compiled import EAGER, CompiledPaths, Paths
 from esper.tamiyo.policy.config import Arguments, bind, keyword_arguments, snapshot
 from esper.tamiyo.policy.extra_inputs import (
     ExtraInput,
+    MissingExtraInputError,
     check_extra_declarations,
     check_extras,
     check_names,
+    check_present,
 )
 from esper.tamiyo.policy.floors import FloorTables, check_probability_floor
 from esper.tamiyo.policy.inputs import HiddenState, PolicyInputs, reset_hidden, zero_hidden
@@ -218,6 +221,12 @@ class PolicyBundle(ABC):
         self._probability_floor = check_probability_floor(probability_floor, cls_name)
         self._floor_tables: dict[torch.device, FloorTables | None] = {}  # per device
         self._extra_inputs = check_extra_declarations(extra_inputs, cls_name)
+        if self._extra_inputs and not _takes_extras(type(self)._normalize_inputs):
+            raise TypeError(
+                f"{cls_name} declares extra inputs but its _normalize_inputs override takes "
+                "no extras: add `extras: Mapping[str, torch.Tensor] | None = None` and pass "
+                "it on to super()._normalize_inputs"
+            )
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -593,7 +602,17 @@ class PolicyBundle(ABC):
             tables, and the later steps where episodes start.
         """
         if self._extra_inputs:
-            inputs = self._normalize_inputs(features, masks, hidden, actions, extras)
+            owner = type(self).__name__
+            check_present(check_names(extras, self._extra_inputs, owner), self._extra_inputs, owner)
+            try:
+                inputs = self._normalize_inputs(features, masks, hidden, actions, extras)
+            except (
+                MissingExtraInputError
+            ) as error:  # the caller gave them all: an override lost one
+                raise HookContractError(
+                    f"{owner}._normalize_inputs did not pass the caller's extras on to "
+                    f"super()._normalize_inputs ({error})"
+                ) from None
             self._check_extras_kept(inputs)
         else:  # none declared: refuse any, and call an override that predates extras as before
             check_names(extras, (), type(self).__name__)
@@ -884,6 +903,15 @@ class PolicyBundle(ABC):
             f"{type(self).__name__}(feature_dim={self.feature_dim}, "
             f"action_space={self.action_space}, device={self.device})"
         )
+
+
+def _takes_extras(method: Any) -> bool:
+    """Whether a `_normalize_inputs` can be given `extras` (by name or as a fifth argument)."""
+    parameters = inspect.signature(method).parameters
+    if "extras" in parameters:
+        return True
+    kinds = [parameter.kind for parameter in parameters.values()]
+    return inspect.Parameter.VAR_POSITIONAL in kinds and inspect.Parameter.VAR_KEYWORD in kinds
 
 
 _FINAL_METHODS = (

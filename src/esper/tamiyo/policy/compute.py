@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import replace
+from types import MappingProxyType
 from typing import NamedTuple, Protocol
 
 import torch
@@ -125,7 +126,7 @@ def _steps(inputs: PolicyInputs, begin: int, end: int, hidden: HiddenState | Non
         episode_start=None if starts is None else starts[:, begin:end],
         valid_by_op=None if inputs.valid_by_op is None else inputs.valid_by_op[:, begin:end],
         extras=(
-            {name: value[:, begin:end] for name, value in inputs.extras.items()}
+            MappingProxyType({name: value[:, begin:end] for name, value in inputs.extras.items()})
             if inputs.extras
             else inputs.extras
         ),

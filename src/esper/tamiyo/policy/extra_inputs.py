@@ -31,9 +31,11 @@ __all__ = [
     "NO_EXTRAS",
     "ExtraInput",
     "ExtraKind",
+    "MissingExtraInputError",
     "check_extra_declarations",
     "check_extras",
     "check_names",
+    "check_present",
     "inside_range",
 ]
 
@@ -42,6 +44,10 @@ ExtraKind = Literal["integer", "floating"]
 
 NO_EXTRAS: Final[Mapping[str, torch.Tensor]] = MappingProxyType({})
 """The extras of a call that has none: one shared, read-only empty mapping."""
+
+
+class MissingExtraInputError(ValueError):
+    """A declared extra input was not given: the caller's, or an override's, omission."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,25 +91,39 @@ class ExtraInput:
             raise ValueError(
                 f"ExtraInput {name!r}: kind must be 'integer' or 'floating', got {self.kind!r}"
             )
-        shape = self.shape
-        if not isinstance(shape, tuple) or not all(
-            isinstance(size, int) and not isinstance(size, bool) and size >= 1 for size in shape
-        ):
+        if not isinstance(self.shape, tuple):
+            raise TypeError(
+                f"ExtraInput {name!r}: shape must be a tuple of positive ints (the shape "
+                f"after [B, T]), got {type(self.shape).__name__}"
+            )
+        if not all(_is_int(size) and size >= 1 for size in self.shape):
             raise ValueError(
                 f"ExtraInput {name!r}: shape must be a tuple of positive ints (the shape "
-                f"after [B, T]), got {shape!r}"
+                f"after [B, T]), got {self.shape!r}"
             )
-        bounds = (self.low, self.high, *self.sentinels)
+        self._check_bounds()
+
+    def _check_bounds(self) -> None:
+        name = self.name
         if not isinstance(self.sentinels, tuple):
-            raise TypeError(f"ExtraInput {name!r}: sentinels must be a tuple of ints")
-        if any(bound is not None and (isinstance(bound, bool) or not isinstance(bound, int))
-               for bound in bounds):  # fmt: skip
+            raise TypeError(
+                f"ExtraInput {name!r}: sentinels must be a tuple of ints, got "
+                f"{type(self.sentinels).__name__}"
+            )
+        bounds = [bound for bound in (self.low, self.high) if bound is not None]
+        bounds += self.sentinels
+        if not all(_is_int(bound) for bound in bounds):
             raise TypeError(
                 f"ExtraInput {name!r}: low, high and sentinels must be ints, got low="
                 f"{self.low!r}, high={self.high!r}, sentinels={self.sentinels!r}"
             )
+        if any(not _INT64_MIN <= bound <= _INT64_MAX for bound in bounds):
+            raise ValueError(
+                f"ExtraInput {name!r}: low, high and sentinels must fit in int64, got low="
+                f"{self.low!r}, high={self.high!r}, sentinels={self.sentinels!r}"
+            )
         if self.kind == "floating":
-            if self.low is not None or self.high is not None or self.sentinels:
+            if bounds:
                 raise ValueError(
                     f"ExtraInput {name!r}: low, high and sentinels are for integer inputs; "
                     "a floating input is checked for NaN and Inf only"
@@ -111,10 +131,15 @@ class ExtraInput:
             return
         if self.low is not None and self.high is not None and self.low >= self.high:
             raise ValueError(f"ExtraInput {name!r}: the range [{self.low}, {self.high}) is empty")
+        if self.sentinels and not self.bounded:
+            raise ValueError(
+                f"ExtraInput {name!r}: sentinels are values allowed outside the range; give "
+                "the range (low, high, or both) too"
+            )
         inside = [value for value in self.sentinels if self._in_range(value)]
         if inside:
             raise ValueError(
-                f"ExtraInput {name!r}: sentinels {inside} lie inside [{self.low}, {self.high}); "
+                f"ExtraInput {name!r}: sentinels {inside} lie inside {self.allowed_range()}; "
                 "a sentinel is a value allowed outside the range"
             )
 
@@ -143,16 +168,21 @@ class ExtraInput:
             for value in sorted(sentinels)
             if (low is not None and value < low) or (high is not None and value >= high)
         )
+        if high is not None and high > _INT64_MAX:  # widened past int64: no upper bound
+            high = None
         return low, high, lone
+
+    def allowed_range(self) -> str:
+        """The range alone, `[0, 13)`; `[-inf, inf)` without bounds."""
+        low = "-inf" if self.low is None else str(self.low)
+        high = "inf" if self.high is None else str(self.high)
+        return f"[{low}, {high})"
 
     def allowed(self) -> str:
         """The allowed values of an integer input, `[0, 13) or -1`; `""` when unbounded."""
         if not self.bounded:
             return ""
-        low = "-inf" if self.low is None else str(self.low)
-        high = "inf" if self.high is None else str(self.high)
-        sentinels = "".join(f" or {value}" for value in self.sentinels)
-        return f"[{low}, {high}){sentinels}"
+        return self.allowed_range() + "".join(f" or {value}" for value in self.sentinels)
 
     def describe(self) -> str:
         """`[B, (T), 3] integer in [0, 13) or -1`: what callers must pass, for messages."""
@@ -162,6 +192,13 @@ class ExtraInput:
 
     def __repr__(self) -> str:
         return f"ExtraInput({self.name!r}: {self.describe()})"
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_extra_declarations(declared: object, owner: str) -> tuple[ExtraInput, ...]:
@@ -223,13 +260,9 @@ def check_extras(
     given = check_names(given, specs, owner)
     if not specs:
         return NO_EXTRAS
+    check_present(given, specs, owner)
     checked: dict[str, torch.Tensor] = {}
     for spec in specs:
-        if spec.name not in given:
-            raise ValueError(
-                f"missing extra input {spec.name!r}: {owner} needs it at every call, "
-                f"{spec.describe()}; pass extras={{{spec.name!r}: ...}}"
-            )
         checked[spec.name] = _check_one(
             given[spec.name], spec, batch, steps, single_step, device, dtypes
         )
@@ -258,6 +291,20 @@ def check_names(given: object, specs: tuple[ExtraInput, ...], owner: str) -> Map
         if name not in known:
             raise ValueError(_unknown_message(name, specs, owner))
     return given
+
+
+def check_present(given: Mapping[str, object], specs: tuple[ExtraInput, ...], owner: str) -> None:
+    """Refuse extras that lack a declared input, naming it and what to pass.
+
+    Raises:
+        MissingExtraInputError: A declared input is not in `given`.
+    """
+    for spec in specs:
+        if spec.name not in given:
+            raise MissingExtraInputError(
+                f"missing extra input {spec.name!r}: {owner} needs it at every call, "
+                f"{spec.describe()}; pass extras={{{spec.name!r}: ...}}"
+            )
 
 
 def _unknown_message(name: object, specs: tuple[ExtraInput, ...], owner: str) -> str:

@@ -53,9 +53,11 @@ class PolicyInputs:
             `None`. The base has already zeroed `hidden` for the first step's resets
             and calls the hook once per stretch between later ones, so a hook needs
             it only to know episode boundaries (an attention mask, say).
-        extras: The bundle's extra inputs (`extra_inputs`), name to `[B, T, *shape]`:
-            int64 for integer inputs, the features' dtype for floating ones. Empty
-            (read-only) for a bundle that declares none.
+        extras: The bundle's extra inputs (`extra_inputs`), name to `[B, T, *shape]`,
+            read-only: int64 for integer inputs; for floating ones the dtype the caller
+            gave, one the features may have (the bundle's, or under autocast float32
+            or the autocast dtype, which need not be the features'). Empty for a
+            bundle that declares none.
     """
 
     features: torch.Tensor

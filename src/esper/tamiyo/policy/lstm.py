@@ -29,9 +29,10 @@ class BlueprintEmbedding(nn.Module):
 
     Row 0 of the table is the null embedding and blueprint `i` is row `i + 1`, so an
     empty slot (`-1`) needs no branch: one `add` (an integer `remainder`, to keep the
-    null row last as the host does, costs three times as much at batch 1). The indices
-    are checked by the bundle before they get here (`ExtraInput`), so any other
-    negative value never arrives. The table is a parameter of this module, read with
+    null row last as the host does, costs three times as much at batch 1). The bundle
+    checks the indices before they get here (`ExtraInput`, with `check_values` on);
+    with the checks off, an index outside `[-1, N)` fails in `F.embedding` (an
+    `IndexError` on a CPU, a device-side assert on CUDA). The table is a parameter of this module, read with
     `F.embedding`: one module call per step rather than two.
 
     Args:

@@ -44,8 +44,8 @@ bad ones too (missing, undeclared, wrong dtype, another batch size, out of range
 then:
 
 * **extra inputs**: the hook gets each one as `[B, T, *shape]` from one step and from
-  a sequence, and the outputs depend on each. It passes without a note for a bundle
-  that declares none.
+  a sequence, and the outputs depend on each (but an integer input with one allowed
+  value). For a bundle that declares none it passes, and says so.
 
 When the factory takes a `probability_floor` keyword, with floors on three heads
 (`factory(feature_dim, probability_floor={"op": 0.15, "blueprint": 0.12, "tempo":
@@ -657,11 +657,12 @@ def _inputs(
 
 
 def _outside(spec: ExtraInput) -> int | None:
-    """An integer just outside `spec`'s range and sentinels; `None` when it has no bound."""
-    if spec.high is not None and spec.high not in spec.sentinels:
-        return spec.high
-    if spec.low is not None and spec.low - 1 not in spec.sentinels:
-        return spec.low - 1
+    """An int64 just outside `spec`'s range and sentinels; `None` when there is none."""
+    low, high, _ = spec.span()
+    if high is not None:
+        return high
+    if low is not None and low > -(2**63):
+        return low - 1
     return None
 
 
@@ -698,10 +699,10 @@ def _extras(bundle: PolicyBundle, features: object) -> dict[str, torch.Tensor] |
 def _integer_choices(spec: ExtraInput) -> list[int]:
     """Up to 8 values of an integer input's range, then its sentinels."""
     if spec.low is not None:
-        top = spec.low + 8 if spec.high is None else min(spec.high, spec.low + 8)
         start = spec.low
+        top = min(spec.low + 8, 2**63 if spec.high is None else spec.high)
     elif spec.high is not None:
-        start, top = spec.high - 8, spec.high
+        start, top = max(spec.high - 8, -(2**63)), spec.high
     else:
         start, top = 0, 8
     return [*range(start, top), *spec.sentinels]
@@ -2068,6 +2069,8 @@ def _check_extra_inputs(subject: _Subject) -> str:
     assert shifted is not None
     before = bundle.forward(x, masks, extras=extras)
     for spec in specs:
+        if spec.kind == "integer" and len(_integer_choices(spec)) == 1:
+            continue  # one allowed value: nothing to vary
         after = bundle.forward(x, masks, extras={**extras, spec.name: shifted[spec.name]})
         same = torch.equal(before.value, after.value) and all(
             torch.equal(before.logits[name], after.logits[name]) for name in HEAD_NAMES

@@ -77,7 +77,8 @@ def check_input_values(
         return
     _explain_extras(inputs, specs)
     _explain_inputs(inputs, layout)
-    _overflowed(inputs.features, *(inputs.hidden or ()))
+    floating = (inputs.extras[spec.name] for spec in specs if spec.kind == "floating")
+    _overflowed(inputs.features, *(inputs.hidden or ()), *floating)
 
 
 def check_output_values(owner: str, out: HookOutput, layout: HeadLayout, single_step: bool) -> None:
