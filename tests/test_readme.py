@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from esper.tamiyo.policy import testing
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -20,3 +22,9 @@ def test_readme_opens_with_the_two_quick_start_commands() -> None:
     assert first_block is not None
     commands = [line.split("#")[0].strip() for line in first_block.group(1).splitlines()]
     assert commands == ["make demo", "make test"]
+
+
+def test_the_readme_counts_the_kits_clauses() -> None:
+    counted = re.search(r"checks (\d+)\s+clauses", README.read_text())
+    assert counted is not None
+    assert int(counted.group(1)) == len(testing._CLAUSES)

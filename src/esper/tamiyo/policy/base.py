@@ -615,7 +615,8 @@ class PolicyBundle(ABC):
                 ) from None
             self._check_extras_kept(inputs)
         else:  # none declared: refuse any, and call an override that predates extras as before
-            check_names(extras, (), type(self).__name__)
+            if extras is not None:
+                check_names(extras, (), type(self).__name__)
             inputs = self._normalize_inputs(features, masks, hidden, actions)
         if autograd and torch.is_grad_enabled():
             check_not_inference(inputs.features, inputs.hidden)

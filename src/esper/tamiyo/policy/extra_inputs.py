@@ -257,6 +257,8 @@ def check_extras(
             dtype kind.
         ValueError: An unknown, misspelt or missing input, or a wrong shape or device.
     """
+    if given is None and not specs:  # the usual case, decided without a call
+        return NO_EXTRAS
     given = check_names(given, specs, owner)
     if not specs:
         return NO_EXTRAS
