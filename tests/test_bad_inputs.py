@@ -498,11 +498,15 @@ def test_void_row_with_checks_off_still_samples_a_real_action() -> None:
     assert bool((out.action["slot"] < 3).all())
 
 
-def test_finite_features_whose_sum_overflows_are_accepted() -> None:
-    """The value check sums the features; an overflowing sum alone is not an error."""
+@pytest.mark.parametrize("signs", [(1.0, 1.0), (1.0, -1.0)], ids=["same sign", "cancelling"])
+def test_finite_features_whose_sum_overflows_are_accepted(signs: tuple[float, float]) -> None:
+    """The value check sums the features; an overflowing sum alone is not an error.
+
+    Cancelling rows overflow on the way to a small total: accepted too.
+    """
     bundle = UniformPolicyBundle(FEATURE_DIM)  # its outputs do not depend on the features
-    huge = torch.full((2, FEATURE_DIM), 3e38)
-    assert torch.isinf(huge.sum())
+    huge = torch.full((2, FEATURE_DIM), 3e38) * torch.tensor(signs).unsqueeze(1)
+    assert not torch.isfinite(huge.sum())
     step = bundle.get_action(huge, random_masks((2,)))
     assert step.value.shape == (2,)
     bundle.evaluate_actions(huge, step.action, None)

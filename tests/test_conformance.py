@@ -208,11 +208,12 @@ class _IgnoresMappingMasks(TinyStatelessBundle):
         masks: MaskArg,
         hidden: HiddenState | None,
         actions: Mapping[str, torch.Tensor] | None = None,
+        *,
         extras: Mapping[str, torch.Tensor] | None = None,
     ) -> PolicyInputs:
         if isinstance(masks, dict):  # bug: only ActionMasks honoured
             masks = None
-        return super()._normalize_inputs(features, masks, hidden, actions, extras)
+        return super()._normalize_inputs(features, masks, hidden, actions, extras=extras)
 
 
 class _DropsMasks(TinyStatelessBundle):
@@ -222,10 +223,11 @@ class _DropsMasks(TinyStatelessBundle):
         masks: MaskArg,
         hidden: HiddenState | None,
         actions: Mapping[str, torch.Tensor] | None = None,
+        *,
         extras: Mapping[str, torch.Tensor] | None = None,
     ) -> PolicyInputs:
         return super()._normalize_inputs(
-            features, None, hidden, actions, extras
+            features, None, hidden, actions, extras=extras
         )  # bug: masks dropped
 
 
@@ -285,11 +287,12 @@ class _CleansNaN(TinyStatelessBundle):
         masks: MaskArg,
         hidden: HiddenState | None,
         actions: Mapping[str, torch.Tensor] | None = None,
+        *,
         extras: Mapping[str, torch.Tensor] | None = None,
     ) -> PolicyInputs:
         if isinstance(features, torch.Tensor) and features.is_floating_point():
             features = torch.nan_to_num(features)  # bug: hides bad inputs
-        return super()._normalize_inputs(features, masks, hidden, actions, extras)
+        return super()._normalize_inputs(features, masks, hidden, actions, extras=extras)
 
 
 class _Comprehension(TinyStatelessBundle):
@@ -338,6 +341,7 @@ class _PeeksBeforeChecking(TinyStatelessBundle):
         masks: MaskArg,
         hidden: HiddenState | None,
         actions: Mapping[str, torch.Tensor] | None = None,
+        *,
         extras: Mapping[str, torch.Tensor] | None = None,
     ) -> PolicyInputs:
         if (
@@ -347,7 +351,7 @@ class _PeeksBeforeChecking(TinyStatelessBundle):
             and features.shape[-1] == self.feature_dim
         ):
             self.network(features.unsqueeze(1))  # bug: runs before the checks
-        return super()._normalize_inputs(features, masks, hidden, actions, extras)
+        return super()._normalize_inputs(features, masks, hidden, actions, extras=extras)
 
 
 class _DropsHidden(TinyStatelessBundle):
@@ -357,9 +361,12 @@ class _DropsHidden(TinyStatelessBundle):
         masks: MaskArg,
         hidden: HiddenState | None,
         actions: Mapping[str, torch.Tensor] | None = None,
+        *,
         extras: Mapping[str, torch.Tensor] | None = None,
     ) -> PolicyInputs:
-        return super()._normalize_inputs(features, masks, None, actions, extras)  # bug: ignores it
+        return super()._normalize_inputs(
+            features, masks, None, actions, extras=extras
+        )  # bug: ignores it
 
 
 class _IgnoresDtype(TinyStatelessBundle):
@@ -493,9 +500,10 @@ class _SqueezesExtras(_WithLoad):
         masks: MaskArg,
         hidden: HiddenState | None,
         actions: Mapping[str, torch.Tensor] | None = None,
+        *,
         extras: Mapping[str, torch.Tensor] | None = None,
     ) -> PolicyInputs:
-        inputs = super()._normalize_inputs(features, masks, hidden, actions, extras)
+        inputs = super()._normalize_inputs(features, masks, hidden, actions, extras=extras)
         flat = {name: value.flatten(1) for name, value in inputs.extras.items()}
         return replace(inputs, extras=flat)  # bug: not [B, T, ...] any more
 
@@ -507,9 +515,10 @@ class _LosesExtras(_WithLoad):
         masks: MaskArg,
         hidden: HiddenState | None,
         actions: Mapping[str, torch.Tensor] | None = None,
+        *,
         extras: Mapping[str, torch.Tensor] | None = None,
     ) -> PolicyInputs:
-        inputs = super()._normalize_inputs(features, masks, hidden, actions, extras)
+        inputs = super()._normalize_inputs(features, masks, hidden, actions, extras=extras)
         return replace(inputs, extras={})  # bug: the hook never sees them
 
 
@@ -520,11 +529,12 @@ class _DropsPerOpMasks(TinyStatelessBundle):
         masks: MaskArg,
         hidden: HiddenState | None,
         actions: Mapping[str, torch.Tensor] | None = None,
+        *,
         extras: Mapping[str, torch.Tensor] | None = None,
     ) -> PolicyInputs:
         if isinstance(masks, ActionMasks):  # bug: rebuilt head by head, <head>_by_op lost
             masks = ActionMasks.from_mapping({head: getattr(masks, head) for head in HEAD_NAMES})
-        return super()._normalize_inputs(features, masks, hidden, actions, extras)
+        return super()._normalize_inputs(features, masks, hidden, actions, extras=extras)
 
 
 class _CanonicalizesStoredActions(TinyStatelessBundle):
@@ -534,6 +544,7 @@ class _CanonicalizesStoredActions(TinyStatelessBundle):
         masks: MaskArg,
         hidden: HiddenState | None,
         actions: Mapping[str, torch.Tensor] | None = None,
+        *,
         extras: Mapping[str, torch.Tensor] | None = None,
     ) -> PolicyInputs:
         table = self.action_space.hierarchy
@@ -543,7 +554,7 @@ class _CanonicalizesStoredActions(TinyStatelessBundle):
                 head: torch.where(used[..., h], taken, table.canonical[h])
                 for h, (head, taken) in enumerate(actions.items())
             }
-        return super()._normalize_inputs(features, masks, hidden, actions, extras)
+        return super()._normalize_inputs(features, masks, hidden, actions, extras=extras)
 
 
 class _LeaksIgnoredHeads(TinyStatelessBundle):

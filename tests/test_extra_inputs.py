@@ -234,6 +234,12 @@ def _bad_calls() -> list[tuple[str, dict[str, object], type[Exception], str]]:
         ),
         ("not a tensor", {**good, "kind": [1, 2, 3, 0]}, TypeError, "'kind' must be a torch"),
         (
+            "uint64 for an integer input",
+            {**good, "kind": torch.tensor([2**64 - 1, 0, 0, 0], dtype=torch.uint64)},
+            TypeError,
+            r"'kind' has dtype torch.uint64, which int64 cannot hold",
+        ),
+        (
             "float for an integer input",
             {**good, "kind": good["kind"].float()},
             TypeError,
@@ -355,6 +361,8 @@ def test_finite_floating_extras_whose_sum_overflows_are_accepted() -> None:
     huge = {"load": torch.full((2, 2), 3e38), "kind": torch.tensor([0, 1])}
     assert torch.isinf(huge["load"].sum())
     assert bundle.get_value(torch.zeros(2, FEATURE_DIM), extras=huge).shape == (2,)
+    cancelling = {"load": torch.tensor([[3e38, 3e38], [-3e38, -3e38]]), "kind": huge["kind"]}
+    assert bundle.get_value(torch.zeros(2, FEATURE_DIM), extras=cancelling).shape == (2,)
     huge["load"][1, 0] = float("inf")
     with pytest.raises(ValueError, match="extra input 'load' has NaN or Inf at batch row 1"):
         bundle.get_value(torch.zeros(2, FEATURE_DIM), extras=huge)
@@ -367,6 +375,7 @@ class _DropsTheCallersExtras(_Recording):
         masks: MaskArg,
         hidden: HiddenState | None,
         actions: Mapping[str, torch.Tensor] | None = None,
+        *,
         extras: Mapping[str, torch.Tensor] | None = None,
     ) -> PolicyInputs:
         return super()._normalize_inputs(features, masks, hidden, actions)  # bug: no extras
@@ -394,9 +403,45 @@ def test_an_override_that_does_not_pass_extras_on_is_named_not_the_caller() -> N
         bundle.get_action(torch.randn(2, FEATURE_DIM), None, extras={"kind": torch.zeros(2)})
 
 
+class _KeywordOnlyExtras(_Recording):
+    def _normalize_inputs(
+        self,
+        features: torch.Tensor,
+        masks: MaskArg,
+        hidden: HiddenState | None,
+        actions: Mapping[str, torch.Tensor] | None = None,
+        scale: float = 1.0,
+        *,
+        extras: Mapping[str, torch.Tensor] | None = None,
+    ) -> PolicyInputs:
+        return super()._normalize_inputs(features, masks, hidden, actions, extras=extras)
+
+
+class _PositionalOnly(_Recording):
+    def _normalize_inputs(self, *args: Any) -> PolicyInputs:  # type: ignore[override]
+        return super()._normalize_inputs(*args)
+
+
+class _Forwards(_Recording):
+    def _normalize_inputs(self, *args: Any, **kwargs: Any) -> PolicyInputs:
+        return super()._normalize_inputs(*args, **kwargs)
+
+
 def test_a_bundle_declaring_extras_needs_an_override_that_takes_them() -> None:
     with pytest.raises(TypeError, match="its _normalize_inputs override takes no extras"):
         _OverrideFromBeforeExtras()
+    with pytest.raises(TypeError, match="its _normalize_inputs override takes no extras"):
+        _PositionalOnly()  # the base passes extras by name
+
+
+@pytest.mark.parametrize("bundle_class", [_KeywordOnlyExtras, _Forwards])
+def test_an_override_taking_extras_by_name_or_forwarding_everything_works(
+    bundle_class: type[_Recording],
+) -> None:
+    bundle = bundle_class()
+    extras = _extras((3,))
+    bundle.get_action(torch.randn(3, FEATURE_DIM), None, extras=extras)
+    torch.testing.assert_close(bundle.seen[-1]["load"][:, 0], extras["load"])
 
 
 def test_without_value_checks_the_range_is_not_read() -> None:

@@ -391,9 +391,10 @@ class _NarrowsSlots(LSTMPolicyBundle):
         masks: object,
         hidden: object,
         actions: object = None,
+        *,
         extras: object = None,
     ) -> PolicyInputs:
-        inputs = super()._normalize_inputs(features, masks, hidden, actions, extras)  # type: ignore[arg-type]
+        inputs = super()._normalize_inputs(features, masks, hidden, actions, extras=extras)  # type: ignore[arg-type]
         valid = inputs.valid.clone()
         valid[..., HEAD_NAMES.index("slot"), 2] = False
         return dataclasses.replace(inputs, valid=valid)

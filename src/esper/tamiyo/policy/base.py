@@ -501,6 +501,7 @@ class PolicyBundle(ABC):
         masks: MaskArg,
         hidden: HiddenState | None,
         actions: Mapping[str, torch.Tensor] | None = None,
+        *,
         extras: Mapping[str, torch.Tensor] | None = None,
     ) -> PolicyInputs:
         """Check every argument once and bring it to the `[B, T, ...]` layout.
@@ -516,8 +517,8 @@ class PolicyBundle(ABC):
             hidden: Hidden state, or `None`.
             actions: Head name to actions, for `evaluate_actions`.
             extras: Name to extra input, as the caller passed them (`None`: none). A
-                bundle that declares extra inputs and overrides this takes `extras` and
-                passes it on to `super()`; for one that declares none, the base checks
+                bundle that declares extra inputs and overrides this takes `extras` (by
+                name: the base passes it so) and passes it on to `super()`; for one that declares none, the base checks
                 that none were given and calls this without it, so an override written
                 before extra inputs existed keeps working.
 
@@ -605,7 +606,7 @@ class PolicyBundle(ABC):
             owner = type(self).__name__
             check_present(check_names(extras, self._extra_inputs, owner), self._extra_inputs, owner)
             try:
-                inputs = self._normalize_inputs(features, masks, hidden, actions, extras)
+                inputs = self._normalize_inputs(features, masks, hidden, actions, extras=extras)
             except (
                 MissingExtraInputError
             ) as error:  # the caller gave them all: an override lost one
@@ -907,12 +908,21 @@ class PolicyBundle(ABC):
 
 
 def _takes_extras(method: Any) -> bool:
-    """Whether a `_normalize_inputs` can be given `extras` (by name or as a fifth argument)."""
-    parameters = inspect.signature(method).parameters
-    if "extras" in parameters:
+    """Whether a `_normalize_inputs` can be called with `extras=...`, as `_prepare` calls it.
+
+    A signature that cannot be read is taken to: the call itself will say if not.
+    """
+    try:
+        parameters = inspect.signature(method).parameters
+    except (TypeError, ValueError):
         return True
-    kinds = [parameter.kind for parameter in parameters.values()]
-    return inspect.Parameter.VAR_POSITIONAL in kinds and inspect.Parameter.VAR_KEYWORD in kinds
+    given = parameters.get("extras")
+    if given is not None and given.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.KEYWORD_ONLY,
+    ):
+        return True
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 _FINAL_METHODS = (

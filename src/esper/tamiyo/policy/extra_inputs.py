@@ -356,6 +356,10 @@ def _check_type(value: object, spec: ExtraInput, dtypes: tuple[torch.dtype, ...]
                 f"{what} must be an integer tensor (int64), {spec.describe()}; got dtype "
                 f"{value.dtype}"
             )
+        if value.dtype == torch.uint64:  # values past 2**63 would wrap to negatives in int64
+            raise TypeError(
+                f"{what} has dtype torch.uint64, which int64 cannot hold; give it as int64"
+            )
     elif value.dtype not in dtypes:
         allowed = ", ".join(str(dtype) for dtype in dtypes)
         raise TypeError(

@@ -290,10 +290,12 @@ def _non_finite_rows(hidden: torch.Tensor) -> torch.Tensor:
 def _overflowed(*tensors: torch.Tensor) -> None:
     """After a slow path found no bad value, the sum must have overflowed; else a bug.
 
-    Every value is finite then, so their total in float64 is exact enough to tell.
+    Every value is finite then. The fast sum can overflow on the way even where large
+    values cancel in the end, so the float64 total of their magnitudes tells: under
+    half float32's largest value, no partial sum could have overflowed.
     """
-    total = sum(float(tensor.sum(dtype=torch.float64)) for tensor in tensors)
-    if abs(total) > torch.finfo(torch.float32).max / 2:
+    total = sum(float(tensor.abs().sum(dtype=torch.float64)) for tensor in tensors)
+    if total > torch.finfo(torch.float32).max / 2:
         return  # finite values whose sum is too large for the fast check: accepted
     raise AssertionError(
         "esper.tamiyo.policy: the value check flagged values its slow path finds valid; "
