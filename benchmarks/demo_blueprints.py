@@ -22,7 +22,6 @@ machine.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -31,7 +30,13 @@ from typing import Any
 
 import torch
 
-from demo_floors import COLLAPSE_BELOW, REACHED, collapses
+from demo_floors import (
+    COLLAPSE_BELOW,
+    REACHED,
+    collapses,
+    print_means_and_save,
+    separator_of,
+)
 from esper.tamiyo.policy import ActionSpace
 from esper.tamiyo.policy.demo import TaskConfig, evaluate_policy, train_policy
 from esper.tamiyo.policy.demo.run import EVAL_SEED_OFFSET, build_policy
@@ -103,9 +108,8 @@ def main() -> None:
         f"| collapses < {COLLAPSE_BELOW:.0%} after | lowest success in them | last-quarter "
         "success | last-quarter return | train time |"
     )
-    separator = "|---" * (header.count("|") - 1) + "|"
     print(header)
-    print(separator)
+    print(separator_of(header))
     results: dict[str, list[dict[str, Any]]] = {}
     for dim in (0, args.dim):
         label = "none" if dim == 0 else f"{dim} per slot"
@@ -114,25 +118,8 @@ def main() -> None:
             figures = run(seed, args.steps, dim)
             results[label].append(figures)
             print(row(label, str(seed), [figures]), flush=True)
-    print("\nMeans over the seeds (collapses: mean count; lowest: over all runs):\n")
-    print(header)
-    print(separator)
-    for label, runs in results.items():
-        print(row(label, "mean", runs))
-    args.json.write_text(
-        json.dumps(
-            {
-                "steps": args.steps,
-                "seeds": args.seeds,
-                "dim": args.dim,
-                "torch": torch.__version__,
-                "runs": results,
-            },
-            indent=1,
-        )
-        + "\n"
-    )
-    print(f"\nWrote {args.json}")
+    meta = {"steps": args.steps, "seeds": args.seeds, "dim": args.dim}
+    print_means_and_save(header, results, row, args.json, meta)
 
 
 if __name__ == "__main__":

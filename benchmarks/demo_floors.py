@@ -27,6 +27,7 @@ import math
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,33 @@ def row(label: str, seed: str, runs: list[dict[str, Any]]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+Row = Callable[[str, str, list[dict[str, Any]]], str]
+"""Formats a Markdown row: `row(label, seed, runs)`, one run or the mean of several."""
+
+
+def separator_of(header: str) -> str:
+    """The Markdown separator line under `header`."""
+    return "|---" * (header.count("|") - 1) + "|"
+
+
+def print_means_and_save(
+    header: str,
+    results: dict[str, list[dict[str, Any]]],
+    row: Row,
+    path: Path,
+    meta: dict[str, Any],
+) -> None:
+    """Print the table of means over the seeds, then write `meta` and every run to `path`."""
+    print("\nMeans over the seeds (collapses: mean count; lowest: over all runs):\n")
+    print(header)
+    print(separator_of(header))
+    for label, runs in results.items():
+        print(row(label, "mean", runs))
+    document = {**meta, "torch": torch.__version__, "runs": results}
+    path.write_text(json.dumps(document, indent=1) + "\n")
+    print(f"\nWrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -166,9 +194,8 @@ def main() -> None:
         f"| floors | seed | eval success | first >= 90% (steps) | collapses < "
         f"{COLLAPSE_BELOW:.0%} after | lowest success in them | {heads} | train time |"
     )
-    separator = "|---" * (header.count("|") - 1) + "|"
     print(header)
-    print(separator)
+    print(separator_of(header))
     results: dict[str, list[dict[str, Any]]] = {}
     for floors in (None, *args.floors):
         label = label_of(floors)
@@ -177,26 +204,13 @@ def main() -> None:
             figures = run(seed, args.steps, floors)
             results[label].append(figures)
             print(row(label, str(seed), [figures]), flush=True)
-    print("\nMeans over the seeds (collapses: mean count; lowest: over all runs):\n")
-    print(header)
-    print(separator)
-    for label, runs in results.items():
-        print(row(label, "mean", runs))
-    args.json.write_text(
-        json.dumps(
-            {
-                "steps": args.steps,
-                "seeds": args.seeds,
-                "floors": [label_of(floors) for floors in args.floors],
-                "collapse_below": COLLAPSE_BELOW,
-                "torch": torch.__version__,
-                "runs": results,
-            },
-            indent=1,
-        )
-        + "\n"
-    )
-    print(f"\nWrote {args.json}")
+    meta = {
+        "steps": args.steps,
+        "seeds": args.seeds,
+        "floors": [label_of(floors) for floors in args.floors],
+        "collapse_below": COLLAPSE_BELOW,
+    }
+    print_means_and_save(header, results, row, args.json, meta)
 
 
 if __name__ == "__main__":
