@@ -471,6 +471,8 @@ class _DropsFloors(TinyStatelessBundle):
 class _WithLoad(TinyStatelessBundle):
     """Declares a floating extra input `load` `[2]`, added to every feature."""
 
+    DECLARED: tuple[ExtraInput, ...] = (ExtraInput("load", "floating", (2,)),)
+
     def __init__(self, feature_dim: int = FEATURE_DIM, action_space: ActionSpace | None = None):
         space = action_space or ActionSpace()
         PolicyBundle.__init__(
@@ -478,7 +480,7 @@ class _WithLoad(TinyStatelessBundle):
             TinyNetwork(feature_dim, space),
             feature_dim=feature_dim,
             action_space=space,
-            extra_inputs=(ExtraInput("load", "floating", (2,)),),
+            extra_inputs=self.DECLARED,
         )
 
     def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
@@ -1024,19 +1026,11 @@ def test_an_override_that_loses_an_extra_input_is_named_once() -> None:
 class _OneKindOfSlot(_WithLoad):
     """Declares an integer input with one allowed value, besides `load`."""
 
-    def __init__(self, feature_dim: int = FEATURE_DIM, action_space: ActionSpace | None = None):
-        space = action_space or ActionSpace()
-        PolicyBundle.__init__(
-            self,
-            TinyNetwork(feature_dim, space),
-            feature_dim=feature_dim,
-            action_space=space,
-            extra_inputs=(
-                ExtraInput("load", "floating", (2,)),
-                ExtraInput("kind", "integer", low=0, high=4, sentinels=(-1, 4)),
-                ExtraInput("version", "integer", low=5, high=6),
-            ),
-        )
+    DECLARED = (
+        ExtraInput("load", "floating", (2,)),
+        ExtraInput("kind", "integer", low=0, high=4, sentinels=(-1, 4)),
+        ExtraInput("version", "integer", low=5, high=6),
+    )
 
     def _forward(self, inputs: PolicyInputs) -> NetworkOutput:
         kind = inputs.extras["kind"].unsqueeze(-1).to(inputs.features.dtype)  # [B, T, 1]
